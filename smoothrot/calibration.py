@@ -1,0 +1,114 @@
+"""Capture the inputs of smoothing sites with forward pre-hooks.
+
+One pass over a split feeds streaming observers (max and exact top-k quantiles of |X|) and keeps a
+fixed, seeded subset of token rows per site on the CPU, so memory is bounded by the token budget,
+not by the amount of calibration text. Hooks are owned by a context manager and always removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from smoothrot.mappings import ResolvedSite
+from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the last site's hook: nothing after it is needed for calibration."""
+
+
+@dataclass
+class SiteRecord:
+    """What one pass recorded for one site."""
+
+    absmax: AbsMaxObserver | None = None
+    quantiles: AbsQuantileObserver | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def tokens(self) -> torch.Tensor:
+        """The kept input rows, [tokens, in_features] float32 on CPU."""
+        return torch.cat(self.rows) if self.rows else torch.empty(0)
+
+
+def token_subset(total: int, keep: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted, seeded indices of ``keep`` token rows out of ``total`` (None keeps all)."""
+    if keep is None or keep >= total:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=gen)[:keep].sort().values
+
+
+@contextmanager
+def capture_sites(
+    sites: Sequence[ResolvedSite],
+    *,
+    total_tokens: int,
+    keep_index: torch.Tensor | None = None,
+    keep_rows: bool = True,
+    quantiles: Sequence[float] | None = None,
+) -> Iterator[dict[str, SiteRecord]]:
+    """Attach pre-hooks recording each site's input; yields ``{site name: SiteRecord}``.
+
+    Rows are counted in the order tokens reach the hook (batch-major, then position), so
+    ``keep_index`` selects the same tokens at every site.
+    """
+    records: dict[str, SiteRecord] = {}
+    handles = []
+    last = sites[-1].name if sites else None
+    for rs in sites:
+        n = rs.linear.in_features
+        rec = SiteRecord()
+        if quantiles:
+            rec.absmax = AbsMaxObserver(n)
+            rec.quantiles = AbsQuantileObserver(n, quantiles, total_tokens)
+        records[rs.name] = rec
+        offset = [0]
+
+        def hook(_mod: nn.Module, args: tuple, rec: SiteRecord = rec, name: str = rs.name,
+                 offset: list[int] = offset) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            start = offset[0]
+            offset[0] += x.shape[0]
+            if rec.absmax is not None:
+                try:
+                    rec.absmax.update(x)
+                    rec.quantiles.update(x)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+            if keep_rows:
+                if keep_index is None:
+                    rec.rows.append(x.clone())
+                else:
+                    lo, hi = torch.searchsorted(keep_index, torch.tensor([start, offset[0]]))
+                    if hi > lo:
+                        rec.rows.append(x[keep_index[lo:hi] - start].clone())
+            if name == last:
+                raise _StopForward
+
+        handles.append(rs.linear.register_forward_pre_hook(hook))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str) -> None:
+    """Forward ``windows`` [samples, seq_len] through the model batch by batch (outputs dropped)."""
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass

@@ -1,0 +1,69 @@
+"""Held-out measurements: per-site output error and model perplexity.
+
+Both are computed on data no choice was made on (held-out tokens for layer errors, a disjoint
+evaluation text for perplexity), so the report never scores a method on its own selection data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics import MeanSquaredError
+from tqdm.auto import tqdm
+
+from smoothrot.config import QuantScheme
+from smoothrot.fake_quant import quantize_weight
+from smoothrot.losses import quantized_output, transform_weight
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Held-out error of one site under one method."""
+
+    mse: float
+    relative: float  # ||Y − Ŷ||² / ||Y||²
+
+
+@torch.no_grad()
+def layer_error(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    rotate: bool,
+    scheme: QuantScheme,
+    batch_tokens: int = 4096,
+) -> LayerError:
+    """MSE of the fake-quantized output against X·Wᵀ, over all tokens and output channels."""
+    w = weight.float()
+    s = None if scales is None else scales.float()
+    w_q = quantize_weight(transform_weight(w, s, rotate), scheme.w_bits, scheme.w_clip)
+    err, ref = MeanSquaredError(), MeanSquaredError()
+    for start in range(0, x.shape[0], batch_tokens):
+        xb = x[start : start + batch_tokens].float()
+        y = xb @ w.T
+        err.update(quantized_output(xb, w, s, rotate, scheme, weight_q=w_q), y)
+        ref.update(torch.zeros_like(y), y)
+    mse = float(err.compute())
+    return LayerError(mse=mse, relative=mse / max(float(ref.compute()), 1e-30))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "ppl") -> float:
+    """exp(mean next-token NLL) over ``windows`` [samples, seq_len]."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    value = math.exp(total_nll / total_tokens)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{desc}: perplexity is not finite (NLL {total_nll})")
+    return value

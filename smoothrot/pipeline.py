@@ -1,0 +1,241 @@
+"""The fit_scales job: calibrate, search, train, evaluate — for every scheme and method.
+
+I/O stays at the edges (models.py/data.py in, report.py/export out); this module only wires the
+pure pieces together and times each stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from smoothrot.calibration import capture_sites, run_model, token_subset
+from smoothrot.config import FitConfig, get_scheme
+from smoothrot.data import load_documents, split_documents, text_hash, token_windows
+from smoothrot.evaluate import LayerError, layer_error, perplexity
+from smoothrot.hadamard import hadamard_matrix
+from smoothrot.lightning_module import fit_scales
+from smoothrot.mappings import ResolvedSite, resolve_sites
+from smoothrot.models import load_model, model_fingerprint
+from smoothrot.policies import smoothing_scales
+from smoothrot.search import Choice, grid_losses, select_policies
+from smoothrot.stats import weight_absmax
+from smoothrot.surgery import SitePlan, transformed
+
+log = logging.getLogger(__name__)
+
+POLICY_METHODS = ("smoothrot_max", "quantile", "joint_global", "joint")
+
+
+@dataclass
+class SiteData:
+    """Calibration statistics and token sets of one site (CPU, float32)."""
+
+    act_stats: dict[float, torch.Tensor]
+    weight_stat: torch.Tensor
+    train_x: torch.Tensor
+    selection_x: torch.Tensor
+    heldout_x: torch.Tensor
+
+
+@dataclass
+class SchemeResult:
+    """Everything measured for one quantization scheme."""
+
+    scheme: str
+    choices: dict[str, dict[str, Choice]] = field(default_factory=dict)
+    scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    errors: dict[str, dict[str, LayerError]] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+    selection_loss: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """The whole run, ready for the report and the export."""
+
+    config: FitConfig
+    model_name: str
+    model_fingerprint: str
+    sites: list[str]
+    data_hash: dict[str, str]
+    tokens: dict[str, int]
+    float_perplexity: float | None
+    schemes: list[SchemeResult]
+    timings: dict[str, float]
+
+
+class Timer:
+    """Accumulates wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def method_plan(method: str, scales: torch.Tensor | None) -> SitePlan:
+    """The transform a method applies to a site (RTN: none; the rest rotate)."""
+    return SitePlan(scales=scales, rotate=method != "rtn")
+
+
+def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str, SiteData]:
+    batch = max(1, 2048 // cfg.data.seq_len)
+    calib = windows["calibration"]
+    total = calib.numel()
+    with timer.stage("calibration"):
+        keep = token_subset(total, cfg.data.train_tokens, cfg.seed)
+        with capture_sites(sites, total_tokens=total, keep_index=keep,
+                           quantiles=cfg.search.quantiles) as calib_rec:
+            run_model(model, calib, batch, "calibration")
+        with capture_sites(sites, total_tokens=windows["selection"].numel()) as sel_rec:
+            run_model(model, windows["selection"], batch, "selection")
+        with capture_sites(sites, total_tokens=windows["heldout"].numel()) as ho_rec:
+            run_model(model, windows["heldout"], batch, "held-out")
+    data = {}
+    for rs in sites:
+        rec = calib_rec[rs.name]
+        stats = {q: rec.quantiles.value(q) for q in cfg.search.quantiles}
+        stats[1.0] = rec.absmax.value()
+        data[rs.name] = SiteData(
+            act_stats=stats,
+            weight_stat=weight_absmax(rs.linear.weight.detach().cpu()),
+            train_x=rec.tokens(),
+            selection_x=sel_rec[rs.name].tokens(),
+            heldout_x=ho_rec[rs.name].tokens(),
+        )
+    return data
+
+
+def _run_scheme(
+    scheme_name: str,
+    model,
+    sites: list[ResolvedSite],
+    data: dict[str, SiteData],
+    windows: dict[str, torch.Tensor],
+    cfg: FitConfig,
+    timer: Timer,
+    resume: bool,
+) -> SchemeResult:
+    scheme = get_scheme(scheme_name)
+    result = SchemeResult(scheme=scheme.name)
+    alphas, quantiles = cfg.search.alphas, cfg.search.quantiles
+    weights = {rs.name: rs.linear.weight.detach().cpu().float() for rs in sites}
+    with timer.stage(f"{scheme.name}: search"):
+        tables = {
+            rs.name: grid_losses(data[rs.name].selection_x, weights[rs.name], data[rs.name].act_stats,
+                                 data[rs.name].weight_stat, alphas, quantiles, scheme, rs.name)
+            for rs in tqdm(sites, desc=f"{scheme.name} grid search", leave=False)
+        }
+    choices = select_policies(tables, alphas, quantiles)
+    scales: dict[str, dict[str, torch.Tensor | None]] = {"rtn": {}, "hadamard": {}}
+    for rs in sites:
+        scales["rtn"][rs.name] = None
+        scales["hadamard"][rs.name] = None
+    for method in POLICY_METHODS:
+        scales[method] = {
+            s: smoothing_scales(data[s].act_stats[c.q], data[s].weight_stat, c.alpha, site=s)
+            for s, c in choices[method].items()
+        }
+    result.choices = {m: choices[m] for m in POLICY_METHODS if m in cfg.methods}
+    for s in tables:
+        result.selection_loss[s] = {
+            m: float(tables[s][alphas.index(choices[m][s].alpha), quantiles.index(choices[m][s].q)])
+            for m in POLICY_METHODS
+        }
+    if "trained" in cfg.methods:
+        scales["trained"] = {}
+        accelerator = "gpu" if next(model.parameters()).is_cuda else "cpu"
+        with timer.stage(f"{scheme.name}: training"):
+            for rs in tqdm(sites, desc=f"{scheme.name} training", leave=False):
+                d = data[rs.name]
+                best, loss = fit_scales(
+                    weights[rs.name], scales["joint"][rs.name], scheme, d.train_x, d.selection_x,
+                    cfg.train, seed=cfg.seed + rs.layer_index, accelerator=accelerator,
+                    checkpoint_dir=Path(cfg.output_dir) / "checkpoints" / scheme.name / rs.name,
+                    resume=resume,
+                )
+                scales["trained"][rs.name] = best
+                result.selection_loss[rs.name]["trained"] = loss
+    methods = [m for m in cfg.methods if m in scales]
+    with timer.stage(f"{scheme.name}: held-out errors"):
+        for method in methods:
+            result.errors[method] = {
+                rs.name: layer_error(data[rs.name].heldout_x, weights[rs.name],
+                                     scales[method][rs.name], method != "rtn", scheme)
+                for rs in sites
+            }
+    result.scales = {m: {s: v for s, v in scales[m].items() if v is not None}
+                     for m in methods if m in (*POLICY_METHODS, "trained")}
+    if cfg.perplexity:
+        with timer.stage(f"{scheme.name}: perplexity"):
+            for method in methods:
+                plans = {rs.name: method_plan(method, scales[method][rs.name]) for rs in sites}
+                with transformed(sites, plans, scheme):
+                    result.perplexity[method] = perplexity(
+                        model, windows["evaluation"], desc=f"{scheme.name} {method} ppl"
+                    )
+                log.info("%s %s perplexity %.3f", scheme.name, method, result.perplexity[method])
+    return result
+
+
+def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
+    """Run the whole job described by ``cfg`` and return its measurements."""
+    torch.manual_seed(cfg.seed)
+    timer = Timer()
+    with timer.stage("load model"):
+        model, tokenizer = load_model(
+            cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
+            device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
+    sites = resolve_sites(model, cfg.layers)
+    for rs in sites:
+        hadamard_matrix(rs.linear.in_features)  # fail early on unsupported sizes
+    with timer.stage("load data"):
+        docs = load_documents(cfg.data.source)
+        splits = split_documents(docs, cfg.data.fractions, cfg.seed)
+        samples = {
+            "calibration": cfg.data.calibration_samples,
+            "selection": cfg.data.selection_samples,
+            "heldout": cfg.data.heldout_samples,
+            "evaluation": cfg.data.evaluation_samples,
+        }
+        windows = {
+            name: token_windows(tokenizer, splits[name], n, cfg.data.seq_len, seed=cfg.seed,
+                                split_name=name)
+            for name, n in samples.items()
+        }
+    data = _calibrate(model, sites, windows, cfg, timer)
+    float_ppl = None
+    if cfg.perplexity:
+        with timer.stage("float perplexity"):
+            float_ppl = perplexity(model, windows["evaluation"], desc="float ppl")
+    results = [
+        _run_scheme(name, model, sites, data, windows, cfg, timer, resume) for name in cfg.schemes
+    ]
+    return FitResult(
+        config=cfg,
+        model_name=cfg.model.name,
+        model_fingerprint=model_fingerprint(model),
+        sites=[rs.name for rs in sites],
+        data_hash={name: text_hash(splits[name]) for name in splits},
+        tokens={name: int(w.numel()) for name, w in windows.items()},
+        float_perplexity=float_ppl,
+        schemes=results,
+        timings=timer.seconds,
+    )

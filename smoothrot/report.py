@@ -1,0 +1,222 @@
+"""Reports: report.md, report.json, PNG plots, scales.safetensors and the terminal summary.
+
+Every number here was measured on held-out tokens (layer errors) or on the disjoint evaluation
+text (perplexity); "% vs SmoothRot-max" is (method − max) / max, negative is better.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from smoothrot.config import config_to_dict
+from smoothrot.pipeline import FitResult, SchemeResult
+
+BASELINE = "smoothrot_max"
+LABELS = {
+    "rtn": "RTN",
+    "hadamard": "Hadamard-only",
+    "smoothrot_max": "SmoothRot-max",
+    "quantile": "quantile",
+    "joint_global": "joint (global)",
+    "joint": "joint (per layer)",
+    "trained": "trained",
+}
+
+
+def _pct(value: float, base: float) -> float:
+    return 100.0 * (value - base) / base if base > 0 else float("nan")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(sr: SchemeResult) -> dict[str, dict[str, float]]:
+    """Per method: mean MSE, mean relative error, % vs SmoothRot-max (of the mean and per layer)."""
+    base = sr.errors[BASELINE]
+    base_mean = _mean([e.mse for e in base.values()])
+    out = {}
+    for method, errs in sr.errors.items():
+        mse = _mean([e.mse for e in errs.values()])
+        out[method] = {
+            "mean_mse": mse,
+            "mean_relative": _mean([e.relative for e in errs.values()]),
+            "pct_vs_max": _pct(mse, base_mean),
+            "mean_layer_pct_vs_max": _mean([_pct(errs[s].mse, base[s].mse) for s in errs]),
+        }
+        if method in sr.perplexity:
+            out[method]["perplexity"] = sr.perplexity[method]
+    return out
+
+
+def to_json(result: FitResult) -> dict[str, Any]:
+    """The machine-readable report."""
+    schemes = {}
+    for sr in result.schemes:
+        schemes[sr.scheme] = {
+            "summary": summarize(sr),
+            "perplexity": sr.perplexity,
+            "choices": {m: {s: {"alpha": c.alpha, "q": c.q} for s, c in ch.items()}
+                        for m, ch in sr.choices.items()},
+            "layers": {
+                s: {
+                    m: {"mse": sr.errors[m][s].mse, "relative": sr.errors[m][s].relative,
+                        "pct_vs_max": _pct(sr.errors[m][s].mse, sr.errors[BASELINE][s].mse)}
+                    for m in sr.errors
+                }
+                for s in result.sites
+            },
+            "selection_loss": sr.selection_loss,
+        }
+    return {
+        "model": result.model_name,
+        "model_fingerprint": result.model_fingerprint,
+        "sites": result.sites,
+        "tokens": result.tokens,
+        "data_hash": result.data_hash,
+        "float_perplexity": result.float_perplexity,
+        "schemes": schemes,
+        "timings_s": result.timings,
+        "config": config_to_dict(result.config),
+    }
+
+
+def summary_table(result: FitResult) -> str:
+    """A short plain-text table for the terminal."""
+    lines = []
+    ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
+    lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
+    for sr in result.schemes:
+        lines.append(f"\n{sr.scheme.upper():<20}{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}")
+        for method, row in summarize(sr).items():
+            p = f"{row['perplexity']:10.3f}" if "perplexity" in row else f"{'-':>10}"
+            lines.append(f"{LABELS[method]:<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
+                         f"{row['mean_relative']:10.4f}{p}")
+    total = sum(result.timings.values())
+    lines.append(f"\ntotal {total:.0f} s")
+    return "\n".join(lines)
+
+
+def to_markdown(result: FitResult, plots: list[str]) -> str:
+    """The human-readable report."""
+    md = [f"# smoothrot fit report: {result.model_name}", ""]
+    md.append(f"Sites: {len(result.sites)} ({result.sites[0]} … {result.sites[-1]}). "
+              f"Tokens per split: " + ", ".join(f"{k} {v}" for k, v in result.tokens.items()) + ".")
+    md.append("Layer errors are measured on held-out tokens (never used for any choice); "
+              "α, q and early stopping are chosen on the selection split; perplexity is on the "
+              "disjoint evaluation text with every selected site fake-quantized.")
+    if result.float_perplexity is not None:
+        md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
+    for sr in result.schemes:
+        md += ["", f"## {sr.scheme.upper()}", "",
+               "| method | mean MSE | % vs SmoothRot-max | mean of per-layer % | mean rel. error | perplexity |",
+               "|---|---:|---:|---:|---:|---:|"]
+        for method, row in summarize(sr).items():
+            p = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"
+            md.append(f"| {LABELS[method]} | {row['mean_mse']:.5g} | {row['pct_vs_max']:+.1f}% | "
+                      f"{row['mean_layer_pct_vs_max']:+.1f}% | {row['mean_relative']:.4f} | {p} |")
+        glob = {m: next(iter(c.values())) for m, c in sr.choices.items() if m != "joint"}
+        if glob:
+            md.append("")
+            md.append("Global choices: " + "; ".join(
+                f"{LABELS[m]} α={c.alpha:g}, q={c.q:g}" for m, c in glob.items()))
+        methods = list(sr.errors)
+        md += ["", "Per-layer held-out MSE (last column: trained vs SmoothRot-max):", "",
+               "| layer | " + " | ".join(LABELS[m] for m in methods) + " | joint α, q | Δ |",
+               "|---|" + "---:|" * (len(methods) + 2)]
+        for s in result.sites:
+            cells = " | ".join(f"{sr.errors[m][s].mse:.4g}" for m in methods)
+            c = sr.choices.get("joint", {}).get(s)
+            choice = f"{c.alpha:g}, {c.q:g}" if c else "-"
+            best = "trained" if "trained" in sr.errors else methods[-1]
+            delta = _pct(sr.errors[best][s].mse, sr.errors[BASELINE][s].mse)
+            md.append(f"| {s} | {cells} | {choice} | {delta:+.1f}% |")
+    md += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
+    md += [f"| {k} | {v:.1f} |" for k, v in result.timings.items()]
+    md.append(f"| total | {sum(result.timings.values()):.1f} |")
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(md) + "\n"
+
+
+def plot(result: FitResult, out: Path) -> list[str]:
+    """Per-layer error by method and scale distributions, one PNG each per scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    x = list(range(len(result.sites)))
+    for sr in result.schemes:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for method, errs in sr.errors.items():
+            ax.plot(x, [errs[s].mse for s in result.sites], marker="o", ms=3, label=LABELS[method])
+        ax.set_yscale("log")
+        ax.set_xlabel("site (layer index order)")
+        ax.set_ylabel("held-out output MSE")
+        ax.set_title(f"{result.model_name} {sr.scheme.upper()}: per-layer error by method")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"layer_error_{sr.scheme}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for method, per_site in sr.scales.items():
+            vals = torch.cat([v.double().log10() for v in per_site.values()])
+            ax.hist(vals.numpy(), bins=80, histtype="step", label=LABELS[method])
+        ax.set_yscale("log")
+        ax.set_xlabel("log10 s (all channels of all sites)")
+        ax.set_ylabel("channels")
+        ax.set_title(f"{sr.scheme.upper()}: scale distributions")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"scales_{sr.scheme}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_scales(result: FitResult, path: Path) -> None:
+    """All fitted scales as float64 tensors named ``<scheme>/<method>/<site>``."""
+    tensors = {
+        f"{sr.scheme}/{m}/{s}": v.double().contiguous()
+        for sr in result.schemes for m, per_site in sr.scales.items() for s, v in per_site.items()
+    }
+    meta = {"model": result.model_name, "model_fingerprint": result.model_fingerprint,
+            "sites": json.dumps(result.sites)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_outputs(result: FitResult, out: Path) -> dict[str, str]:
+    """Write every output file (atomically) and return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(result, out)
+    paths = {"report_md": out / "report.md", "report_json": out / "report.json",
+             "scales": out / "scales.safetensors"}
+    _atomic_write(paths["report_json"],
+                  lambda tmp: Path(tmp).write_text(json.dumps(to_json(result), indent=2)))
+    _atomic_write(paths["report_md"], lambda tmp: Path(tmp).write_text(to_markdown(result, plots)))
+    save_scales(result, paths["scales"])
+    return {k: str(v) for k, v in paths.items()} | {"plots": ", ".join(plots)}

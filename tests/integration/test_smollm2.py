@@ -1,0 +1,84 @@
+"""On the real embedded SmolLM2 and real pydoc text, with small budgets."""
+
+import json
+
+import pytest
+import torch
+
+from smoothrot.calibration import capture_sites, run_model
+from smoothrot.config import config_from_dict, get_scheme
+from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.mappings import resolve_sites
+from smoothrot.policies import smoothing_scales
+from smoothrot.stats import weight_absmax
+from smoothrot.surgery import SitePlan, transformed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    _, tok = smollm2
+    splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "evaluation": 0.2}, 0)
+    return {name: token_windows(tok, splits[name], 4, 64, seed=0, split_name=name)
+            for name in ("calibration", "evaluation")}
+
+
+def test_outliers_are_real_and_transform_is_exact(smollm2, windows):
+    """Max-policy scales on all 30 down_proj (incl. |x| outliers > 10³): logits unchanged."""
+    model, _ = smollm2
+    sites = resolve_sites(model, ["down_proj"])
+    assert len(sites) == 30 and sites[0].linear.in_features == 1536
+    with capture_sites(sites, total_tokens=windows["calibration"].numel(), keep_rows=False,
+                       quantiles=[0.99]) as rec:
+        run_model(model, windows["calibration"], 4, "calib")
+    amax = {rs.name: rec[rs.name].absmax.value() for rs in sites}
+    ratio = max(float(a.max() / a.median()) for a in amax.values())
+    assert ratio > 1e3, "SmolLM2 down_proj inputs carry massive outliers"
+    plans = {rs.name: SitePlan(smoothing_scales(amax[rs.name], weight_absmax(rs.linear.weight), 0.5),
+                               True) for rs in sites}
+    ids = windows["evaluation"][:2]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with transformed(sites, plans):
+            out = model(input_ids=ids).logits
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel <= 1e-4, rel
+    with torch.no_grad(), transformed(sites, plans, get_scheme("w4a4")):
+        q = model(input_ids=ids).logits
+    assert torch.isfinite(q).all()
+
+
+def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
+    """The whole job on a small budget: ordering of methods, report files, no NaN."""
+    from smoothrot import pipeline
+    from smoothrot.report import write_outputs
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
+    cfg = config_from_dict({
+        "data": {"seq_len": 128, "calibration_samples": 16, "selection_samples": 4,
+                 "heldout_samples": 4, "evaluation_samples": 4, "train_tokens": 1024},
+        "search": {"alphas": [0.3, 0.5, 0.7], "quantiles": [0.99, 0.999, 1.0]},
+        "train": {"steps": 20, "batch_tokens": 256, "val_every": 10},
+        "layers": ["re:model\\.layers\\.(11|20|28|29)\\.mlp\\.down_proj"],
+        "schemes": ["w4a4"],
+        "output_dir": str(tmp_path),
+    })
+    result = pipeline.run_fit(cfg)
+    paths = write_outputs(result, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    w4 = report["schemes"]["w4a4"]
+    summary = w4["summary"]
+    for row in summary.values():
+        assert all(v == v for v in row.values()), "no NaN in the report"
+    assert summary["hadamard"]["mean_mse"] < summary["rtn"]["mean_mse"]
+    assert summary["smoothrot_max"]["mean_mse"] < summary["hadamard"]["mean_mse"]
+    sel = w4["selection_loss"]
+    for site in result.sites:  # on the selection split, each step can only improve
+        assert sel[site]["joint"] <= sel[site]["smoothrot_max"]
+        assert sel[site]["trained"] <= sel[site]["joint"]
+    assert summary["trained"]["mean_mse"] < summary["smoothrot_max"]["mean_mse"]
+    assert result.float_perplexity < w4["perplexity"]["rtn"]
+    for name in ("report_md", "report_json", "scales"):
+        assert (tmp_path / paths[name].split("/")[-1]).is_file()
+    assert len(list(tmp_path.glob("*.png"))) == 2
