@@ -119,6 +119,7 @@ def fit_scales(
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         deterministic=True,
+        inference_mode=False,  # metric state must stay updatable between validate() and fit()
         default_root_dir=checkpoint_dir,
     )
     ckpt = None

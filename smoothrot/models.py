@@ -148,6 +148,10 @@ def _resolve_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str 
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
             raise FileNotFoundError(f"gguf file {gguf_file!r} not found in {path}")
+        if gguf_file is None and not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; pass gguf_file= one of {ggufs}" if ggufs else ""
+            raise ModelLoadError(f"model folder {path} has no config.json{hint}")
         return str(path.resolve()), gguf_file, True
     if not _looks_like_hub_id(name_or_path):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
@@ -194,9 +198,10 @@ def load_model(
         kwargs["revision"] = revision
 
     logger.info(
-        "loading model %s%s (dtype=%s, device=%s)",
+        "loading model %s from %s%s (dtype=%s, device=%s)",
         name_or_path,
-        f" [{gguf_name}]" if gguf_name and not is_local else "",
+        "local " + target if is_local else "the hub",
+        f" gguf_file={gguf_name}" if gguf_name else "",
         dtype,
         torch_device,
     )
@@ -205,10 +210,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             target, dtype=torch_dtype, **kwargs, **model_kwargs
         )
-    except (OSError, HfHubHTTPError) as exc:
-        if is_local:
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        if is_local or isinstance(exc, ValueError):
             raise ModelLoadError(
-                f"could not load model from {target}"
+                f"could not load model {name_or_path!r}"
                 f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}"
             ) from exc
         raise ModelLoadError(

@@ -139,8 +139,13 @@ class AbsQuantileObserver:
         # Guard against float32 rank rounding needing one more value than the closed form says.
         k = max(k, *(self._depth_needed(q, self.total_tokens) for q in qs))
         self.k = k
-        # Per-channel top values, [channels, stored]; unsorted between updates.
+        # Per-channel top values, [channels, <= k], plus batches not yet folded in. Folding is
+        # deferred until about k extra values are pending, so a top-k over k + batch values is
+        # not paid on every small batch; memory stays O(k·channels).
         self._top = torch.empty(self.channels, 0, dtype=torch.float32)
+        self._top_sorted = True
+        self._pending: list[torch.Tensor] = []
+        self._pending_cols = 0
         self._count = 0
 
     @staticmethod
@@ -150,11 +155,23 @@ class AbsQuantileObserver:
         return n - below
 
     def _absorb(self, top: torch.Tensor) -> None:
-        """Merge candidate values ``[channels, m]`` into the buffer, keeping the k largest."""
-        merged = torch.cat([self._top, top], dim=1)
-        if merged.shape[1] > self.k:
-            merged = torch.topk(merged, self.k, dim=1, largest=True, sorted=False).values
-        self._top = merged.contiguous()
+        """Queue candidate values ``[channels, m]`` (m <= k); fold them in once enough pile up."""
+        self._pending.append(top)
+        self._pending_cols += top.shape[1]
+        if self._pending_cols >= self.k:
+            self._compact()
+
+    def _compact(self) -> torch.Tensor:
+        """Fold pending values into the buffer, keeping the k largest per channel."""
+        if self._pending:
+            merged = torch.cat([self._top, *self._pending], dim=1)
+            self._pending.clear()
+            self._pending_cols = 0
+            if merged.shape[1] > self.k:
+                merged = torch.topk(merged, self.k, dim=1, largest=True, sorted=False).values
+            self._top = merged.contiguous()
+            self._top_sorted = False
+        return self._top
 
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch ``[..., channels]`` into the per-channel top-k buffer."""
@@ -179,7 +196,7 @@ class AbsQuantileObserver:
                 f"cannot merge observers with different configurations: quantiles "
                 f"{self.quantiles} / k={self.k} vs {other.quantiles} / k={other.k}"
             )
-        self._absorb(other._top)
+        self._absorb(other._compact())
         self._count += other._count
         logger.debug("merged quantile observers: %d rows total", self._count)
 
@@ -208,7 +225,12 @@ class AbsQuantileObserver:
         """The buffer sorted per channel, largest first (sorted lazily: updates stay cheap)."""
         if self._count == 0:
             raise ValueError("AbsQuantileObserver: no data has been observed")
-        return torch.sort(self._top, dim=1, descending=True).values
+        top = self._compact()
+        if not self._top_sorted:
+            # Keep the sorted copy: repeated value(q) calls then cost no further sort.
+            self._top = torch.sort(top, dim=1, descending=True).values
+            self._top_sorted = True
+        return self._top
 
     def _quantile(self, q: float, desc: torch.Tensor) -> torch.Tensor:
         """Read quantile ``q`` off the descending-sorted buffer, checking it is exact."""

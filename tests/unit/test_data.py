@@ -59,7 +59,9 @@ def test_pydoc_documents_are_substantial() -> None:
 
 def test_local_text_file_paragraphs(tmp_path: Path) -> None:
     path = tmp_path / "corpus.txt"
-    path.write_text("First para\nline two.\n\n\n  \nSecond para.\r\n\r\nThird.\n\n", encoding="utf-8")
+    path.write_text(
+        "First para\nline two.\n\n\n  \nSecond para.\r\n\r\nThird.\n\n", encoding="utf-8"
+    )
     assert load_documents(str(path)) == ["First para\nline two.", "Second para.", "Third."]
 
 
@@ -101,7 +103,9 @@ def test_hf_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
     def offline(*args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
+        raise ConnectionError(
+            "Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)\nmore"
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataLoadError) as exc:

@@ -159,9 +159,12 @@ def test_buffer_is_bounded() -> None:
     assert math.ceil((1 - 0.99) * n) + 1 <= obs.k <= math.ceil((1 - 0.99) * n) + 2
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(n, 4, generator=gen)
-    _feed(obs, x, [1000] * 10)
-    assert obs._top.shape == (4, obs.k)
+    for chunk in torch.split(x, 37):
+        obs.update(chunk)
+        held = obs._top.shape[1] + sum(t.shape[1] for t in obs._pending)
+        assert held <= 2 * obs.k + 37
     assert torch.equal(obs.value(0.99), _reference(x, 0.99))
+    assert obs._top.shape == (4, obs.k)
 
 
 def test_quantile_merge_equals_single_observer() -> None:
