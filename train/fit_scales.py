@@ -82,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:
         warnings.filterwarnings("ignore")
+    # Imported here, not at the top, so `--help` stays instant; Lightning sets its loggers'
+    # levels on import, so quieten them afterwards.
+    from smoothrot.pipeline import run_fit
+    from smoothrot.report import summary_table, write_outputs
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
         cfg = resolve_config(args)
-        from smoothrot.pipeline import run_fit
-        from smoothrot.report import summary_table, write_outputs
-
         result = run_fit(cfg, resume=args.resume)
         paths = write_outputs(result, Path(cfg.output_dir))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
