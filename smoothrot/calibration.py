@@ -59,13 +59,15 @@ def capture_sites(
     """Attach pre-hooks recording each site's input; yields ``{site name: SiteRecord}``.
 
     Rows are counted in the order tokens reach the hook (batch-major, then position), so
-    ``keep_index`` selects the same tokens at every site.
+    ``keep_index`` selects the same tokens at every site. A group of linears sharing one input
+    (q/k/v) is captured once, at its first linear. The forward pass stops once every site has
+    seen the batch, whatever order the sites run in.
     """
     records: dict[str, SiteRecord] = {}
     handles = []
-    last = sites[-1].name if sites else None
+    seen: set[str] = set()
     for rs in sites:
-        n = rs.linear.in_features
+        n = rs.in_features
         rec = SiteRecord()
         if quantiles:
             rec.absmax = AbsMaxObserver(n)
@@ -82,8 +84,11 @@ def capture_sites(
                 try:
                     rec.absmax.update(x)
                     rec.quantiles.update(x)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
+                except ValueError as exc:  # non-finite inputs: name the site and the way out
+                    raise ValueError(
+                        f"{name}: {exc}; the model computes inf/NaN before this layer: check "
+                        "its weights, or load it in float32 (model.dtype)"
+                    ) from None
             if keep_rows:
                 if keep_index is None:
                     rec.rows.append(x.clone())
@@ -91,7 +96,9 @@ def capture_sites(
                     lo, hi = torch.searchsorted(keep_index, torch.tensor([start, offset[0]]))
                     if hi > lo:
                         rec.rows.append(x[keep_index[lo:hi] - start].clone())
-            if name == last:
+            seen.add(name)
+            if len(seen) == len(records):
+                seen.clear()
                 raise _StopForward
 
         handles.append(rs.linear.register_forward_pre_hook(hook))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -16,23 +18,43 @@ from typing import Any, get_type_hints
 import yaml
 
 SUPPORTED_BITS = (4, 8)
-METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint", "trained")
+# "<base>+gptq": the base method's scales, the fused weight rounded by GPTQ (smoothrot/gptq.py).
+METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint", "trained",
+           "hadamard+gptq", "joint+gptq", "trained+gptq")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it and the fix."""
 
 
+# Element formats and, for the FP4 block formats, the block size each one fixes.
+QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
+FP_FORMAT_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+
 @dataclass(frozen=True)
 class QuantScheme:
-    """Symmetric round-to-nearest fake quantization: per-output-channel weights, per-token
-    dynamic activations."""
+    """Round-to-nearest fake quantization of a linear layer's weight and (dynamic) input.
+
+    Defaults are the original W4A4/W8A8 schemes: symmetric integer, one weight scale per output
+    channel, one activation scale per token. ``w_group_size``/``a_group_size`` give one scale per
+    group of that many consecutive input channels instead (it must divide the input size);
+    ``w_symmetric=False`` adds an integer zero point; ``w_mse_clip`` picks each weight group's clip
+    ratio from a grid by least weight error. ``nvfp4``/``mxfp4`` formats are 4-bit E2M1 with
+    block scales (E4M3 per 16 + FP32 global, E8M0 per 32); their group size is the block size.
+    """
 
     name: str
     w_bits: int
     a_bits: int
     w_clip: float = 1.0
     a_clip: float = 1.0
+    w_format: str = "int"
+    a_format: str = "int"
+    w_group_size: int | None = None
+    a_group_size: int | None = None
+    w_symmetric: bool = True
+    w_mse_clip: bool = False
 
     def __post_init__(self) -> None:
         for what, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
@@ -44,11 +66,49 @@ class QuantScheme:
         for what, clip in (("w_clip", self.w_clip), ("a_clip", self.a_clip)):
             if not 0.0 < clip <= 1.0:
                 raise ConfigError(f"scheme {self.name!r}: {what}={clip} must be in (0, 1]")
+        for side in ("w", "a"):
+            fmt = getattr(self, f"{side}_format")
+            group = getattr(self, f"{side}_group_size")
+            if fmt not in QUANT_FORMATS:
+                raise ConfigError(
+                    f"scheme {self.name!r}: {side}_format={fmt!r} is not one of {QUANT_FORMATS}"
+                )
+            if group is not None and (isinstance(group, bool) or not isinstance(group, int)
+                                      or group < 2):
+                raise ConfigError(
+                    f"scheme {self.name!r}: {side}_group_size={group!r} must be None "
+                    "(per channel / per token) or an integer >= 2, e.g. 128"
+                )
+            if fmt in FP_FORMAT_BLOCK and (getattr(self, f"{side}_bits") != 4
+                                           or group != FP_FORMAT_BLOCK[fmt]):
+                raise ConfigError(
+                    f"scheme {self.name!r}: {fmt} needs {side}_bits=4 and "
+                    f"{side}_group_size={FP_FORMAT_BLOCK[fmt]}"
+                )
+        if not self.w_symmetric and self.w_format != "int":
+            raise ConfigError(f"scheme {self.name!r}: asymmetric weights need w_format='int'")
+        if self.w_mse_clip and self.w_clip != 1.0:
+            raise ConfigError(
+                f"scheme {self.name!r}: w_mse_clip searches the clip ratio; leave w_clip at 1.0"
+            )
 
 
 PRESET_SCHEMES: dict[str, QuantScheme] = {
     "w4a4": QuantScheme("w4a4", w_bits=4, a_bits=4),
     "w8a8": QuantScheme("w8a8", w_bits=8, a_bits=8),
+    "w4a4-mse": QuantScheme("w4a4-mse", w_bits=4, a_bits=4, w_mse_clip=True),
+    "w4a4-g128": QuantScheme("w4a4-g128", w_bits=4, a_bits=4, w_group_size=128),
+    "w4a4-g128-mse": QuantScheme(
+        "w4a4-g128-mse", w_bits=4, a_bits=4, w_group_size=128, w_mse_clip=True
+    ),
+    "w4a4-g128-asym": QuantScheme(
+        "w4a4-g128-asym", w_bits=4, a_bits=4, w_group_size=128, w_symmetric=False
+    ),
+    "w8a8-mse": QuantScheme("w8a8-mse", w_bits=8, a_bits=8, w_mse_clip=True),
+    "nvfp4": QuantScheme("nvfp4", w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4",
+                         w_group_size=16, a_group_size=16),
+    "mxfp4": QuantScheme("mxfp4", w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4",
+                         w_group_size=32, a_group_size=32),
 }
 
 
@@ -162,10 +222,16 @@ class FitConfig:
     perplexity: bool = True
     seed: int = 0
     output_dir: str = "outputs/fit_scales"
+    # Rotate the residual stream by Q (QuaRot/SpinQuant R1, residual.py) before calibration.
+    residual_rotation: bool = False
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ConfigError("layers must name at least one site, e.g. ['down_proj']")
+        if not isinstance(self.residual_rotation, bool):
+            raise ConfigError(
+                f"residual_rotation={self.residual_rotation!r} must be true or false"
+            )
         if not self.schemes:
             raise ConfigError(f"schemes must not be empty; choose from {sorted(PRESET_SCHEMES)}")
         for name in self.schemes:
@@ -177,6 +243,39 @@ class FitConfig:
         if "smoothrot_max" not in self.methods:
             self.methods = ["smoothrot_max", *self.methods]
         self.methods = [m for m in METHODS if m in self.methods]
+
+
+_SCALARS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,),
+                                          str: (str,)}
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("true or false", "booleans"), str: ("a string", "strings")}
+
+
+def _type_mismatch(value: Any, hint: Any) -> str | None:
+    """What ``hint`` expects if ``value`` does not fit it, else None.
+
+    Checks the plain types config fields use (scalars, optional scalars, lists and dicts of
+    scalars), so a wrong YAML type is reported with its key instead of as a TypeError later.
+    """
+    if hint in _SCALARS:
+        fits = isinstance(value, _SCALARS[hint]) and (hint is bool or not isinstance(value, bool))
+        return None if fits else _NAMES[hint][0]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
+            return None
+        wrong = _type_mismatch(value, inner[0]) if len(inner) == 1 else None
+        return None if wrong is None else f"{wrong} or null"
+    if origin is list and args[0] in _NAMES and (
+        not isinstance(value, list) or any(_type_mismatch(v, args[0]) for v in value)
+    ):
+        return f"a list of {_NAMES[args[0]][1]}"
+    if origin is dict and args[1] in _NAMES and (
+        not isinstance(value, dict) or any(_type_mismatch(v, args[1]) for v in value.values())
+    ):
+        return f"a mapping of names to {_NAMES[args[1]][1]}"
+    return None
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -195,8 +294,18 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _from_dict(hint, value or {}, f"{where}.{key}".lstrip("."))
-        else:
-            kwargs[key] = value
+            continue
+        expected = _type_mismatch(value, hint)
+        if expected is not None:
+            tip = ""
+            if isinstance(value, str) and expected.startswith("a number"):
+                try:  # YAML 1.1 reads 1e-3 (no dot) as text
+                    float(value)
+                    tip = f" (YAML reads {value} as text; write it with a dot, e.g. 1.0e-3)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}.{key}".lstrip(".") + f"={value!r} must be {expected}{tip}")
+        kwargs[key] = value
     return cls(**kwargs)
 
 

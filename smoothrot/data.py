@@ -364,7 +364,8 @@ def token_windows(
         )
         raise ValueError(
             f"{split_name} text has {n_tokens} tokens, need {need}; "
-            "lower n_samples/seq_len or give a larger text"
+            f"lower n_samples/seq_len (config: data.{split_name}_samples, data.seq_len) or give "
+            "a larger text"
         )
 
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)

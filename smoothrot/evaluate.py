@@ -15,8 +15,8 @@ from torchmetrics import MeanSquaredError
 from tqdm.auto import tqdm
 
 from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_weight
-from smoothrot.losses import quantized_output, transform_weight
+from smoothrot.fake_quant import quantize_weight_spec
+from smoothrot.losses import TransformArg, quantized_output, transform_weight
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,23 @@ def layer_error(
     x: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor | None,
-    rotate: bool,
+    rotate: TransformArg,
     scheme: QuantScheme,
     batch_tokens: int = 4096,
+    *,
+    weight_q: torch.Tensor | None = None,
 ) -> LayerError:
-    """MSE of the fake-quantized output against X·Wᵀ, over all tokens and output channels."""
+    """MSE of the fake-quantized output against X·Wᵀ, over all tokens and output channels.
+
+    ``weight_q`` replaces the scheme's RTN of the fused weight W·diag(s)·H by a weight quantized
+    offline (e.g. by GPTQ); activations are still quantized as the scheme says.
+    """
     w = weight.float()
     s = None if scales is None else scales.float()
-    w_q = quantize_weight(transform_weight(w, s, rotate), scheme.w_bits, scheme.w_clip)
+    if weight_q is None:
+        w_q = quantize_weight_spec(transform_weight(w, s, rotate), scheme)
+    else:
+        w_q = weight_q.float()
     err, ref = MeanSquaredError(), MeanSquaredError()
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()

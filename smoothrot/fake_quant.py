@@ -1,23 +1,48 @@
-"""Symmetric round-to-nearest (RTN) fake quantization with an optional straight-through estimator.
+"""Round-to-nearest (RTN) fake quantization with an optional straight-through estimator.
 
-Fake quantization keeps tensors in floating point but snaps them to the integer grid a real
-kernel would use, so accuracy can be measured (and scales trained) without integer kernels.
-Scales are per row over the last dim: weights ``[out, in]`` get one scale per output channel,
-activations ``[..., tokens, in]`` one scale per token, computed on the fly (dynamic).
+Fake quantization keeps tensors in floating point but snaps them to the grid a real kernel would
+use, so accuracy can be measured (and scales trained) without low-bit kernels.
+
+Two layers of API:
+
+* :func:`fake_quantize` / :func:`quantize_weight` / :func:`quantize_activation`: symmetric
+  integer RTN with one scale per row over the last dim (weights ``[out, in]``: per output
+  channel; activations ``[..., tokens, in]``: per token, dynamic). Unchanged since W4A4/W8A8.
+* :class:`Quantizer` and :func:`quantize_weight_spec` / :func:`quantize_activation_spec`: what a
+  :class:`~smoothrot.config.QuantScheme` describes: integer (symmetric or asymmetric) or FP4
+  (NVFP4, MXFP4; see fp4.py) elements, one scale per row or per group of ``g`` consecutive input
+  channels, and optionally a per-group MSE search over clip ratios. Every consumer (search,
+  trainer, evaluation, surgery, GPTQ) goes through these, so a scheme means the same thing
+  everywhere. The plain per-row symmetric integer case is bit-identical to :func:`fake_quantize`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from smoothrot import fp4
+
+if TYPE_CHECKING:
+    from smoothrot.config import QuantScheme
+
 __all__ = [
+    "FORMATS",
+    "MSE_CLIP_GRID",
     "SUPPORTED_BITS",
+    "QParams",
+    "Quantizer",
     "RoundSTE",
+    "activation_quantizer",
+    "check_group_size",
     "fake_quantize",
     "quantize_activation",
+    "quantize_activation_spec",
     "quantize_weight",
+    "quantize_weight_spec",
+    "weight_quantizer",
 ]
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
@@ -92,3 +117,177 @@ def quantize_activation(
 ) -> torch.Tensor:
     """Fake-quantize activations ``[..., tokens, in]`` with a dynamic scale per token."""
     return fake_quantize(x, bits, clip_ratio=clip_ratio, ste=ste)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheme-level quantizers: formats, groups, asymmetry, MSE clip search.
+
+FORMATS: tuple[str, ...] = ("int", "nvfp4", "mxfp4")
+
+# Clip ratios tried by the MSE search, largest first (ties keep the larger range). 1.0 is in the
+# grid, so the search can never be worse than plain RTN on the tensor it searches.
+MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
+
+
+def check_group_size(in_features: int, group_size: int | None, what: str = "tensor") -> int:
+    """The group size actually used (``in_features`` for per-row), or a one-line ValueError."""
+    if group_size is None:
+        return in_features
+    if in_features % group_size:
+        raise ValueError(
+            f"{what}: group size {group_size} does not divide the input size {in_features}; "
+            f"choose a group size that divides {in_features} or use per-channel (group None)"
+        )
+    return group_size
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of a grouped tensor ``[..., groups, g]``.
+
+    ``scale`` is the dequantization multiplier ``[..., groups, 1]`` (for NVFP4 already
+    ``e4m3 block scale / global scale``); ``zero`` the integer zero point (asymmetric int only).
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One tensor's RTN quantizer; the behaviour behind a scheme's ``w_*`` or ``a_*`` fields.
+
+    ``params`` and ``quantize_with`` are separate so GPTQ can fit parameters on a group once and
+    then quantize one column at a time with identical arithmetic.
+    """
+
+    fmt: str = "int"
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    clip: float = 1.0
+    mse_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"format {self.fmt!r} is not supported; allowed: {FORMATS}")
+        if self.fmt == "int":
+            _validate(self.bits, self.clip)
+        elif self.bits != 4 or not self.symmetric or self.group_size is None:
+            raise ValueError(f"{self.fmt} is 4-bit, symmetric and block-scaled (group size set)")
+        elif not 0.0 < self.clip <= 1.0:
+            raise ValueError(f"clip_ratio={self.clip!r} is out of range; allowed: (0, 1]")
+
+    # -- grouping ---------------------------------------------------------------------------
+    def grouped(self, x: torch.Tensor, what: str = "tensor") -> torch.Tensor:
+        """View ``[..., n]`` as ``[..., n/g, g]`` (per-row: ``[..., 1, n]``)."""
+        if x.dim() == 0:
+            raise ValueError("fake quantization expects at least 1 dim (rows over the last dim)")
+        g = check_group_size(x.shape[-1], self.group_size, what)
+        return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+
+    def global_amax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-tensor abs-max NVFP4's FP32 global scale is derived from (else None)."""
+        return x.abs().amax() if self.fmt == "nvfp4" else None
+
+    # -- parameters -------------------------------------------------------------------------
+    def params(
+        self,
+        xg: torch.Tensor,
+        clip: float | torch.Tensor | None = None,
+        global_amax: torch.Tensor | None = None,
+        ste: bool = False,
+    ) -> QParams:
+        """Scales (and zero points) of grouped ``xg`` with clip ratio ``clip`` (per group ok)."""
+        clip = self.clip if clip is None else clip
+        if self.fmt == "int" and self.symmetric:
+            qmax = 2 ** (self.bits - 1) - 1
+            amax = xg.abs().amax(dim=-1, keepdim=True)
+            # Same expression as fake_quantize, so the plain scheme is bit-identical to it.
+            return QParams((clip * amax / qmax).clamp(min=torch.finfo(xg.dtype).tiny))
+        if self.fmt == "int":
+            levels = 2**self.bits - 1
+            hi = xg.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+            lo = xg.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+            scale = ((hi - lo) / levels).clamp(min=torch.finfo(xg.dtype).tiny)
+            return QParams(scale, torch.round((-lo / scale).detach()))
+        amax = xg.abs().amax(dim=-1, keepdim=True) * clip
+        if self.fmt == "mxfp4":
+            return QParams(fp4.mxfp4_scale(amax.detach()))
+        if global_amax is None:
+            global_amax = xg.abs().amax()
+        return QParams(fp4.nvfp4_scale(amax, fp4.nvfp4_global_scale(global_amax), ste=ste))
+
+    def quantize_with(self, x: torch.Tensor, qp: QParams, ste: bool = False) -> torch.Tensor:
+        """Dequantized RTN of ``x`` with given parameters (broadcast against ``x``)."""
+        scaled = x / qp.scale
+        if self.fmt != "int":
+            return fp4.round_e2m1(scaled, ste=ste) * qp.scale
+        q = RoundSTE.apply(scaled) if ste else torch.round(scaled)
+        if self.symmetric:
+            qmax = 2 ** (self.bits - 1) - 1
+            return torch.clamp(q, -qmax - 1, qmax) * qp.scale
+        assert qp.zero is not None
+        return (torch.clamp(q + qp.zero, 0, 2**self.bits - 1) - qp.zero) * qp.scale
+
+    def fit(
+        self, xg: torch.Tensor, global_amax: torch.Tensor | None = None, ste: bool = False
+    ) -> QParams:
+        """Parameters for grouped ``xg``: the fixed clip, or per group the MSE-best grid ratio."""
+        if not self.mse_clip:
+            return self.params(xg, global_amax=global_amax, ste=ste)
+        with torch.no_grad():
+            xd = xg.detach()
+            best_err = torch.full((*xd.shape[:-1], 1), float("inf"), dtype=xd.dtype,
+                                  device=xd.device)
+            best_clip = torch.ones_like(best_err)
+            for ratio in MSE_CLIP_GRID:
+                q = self.quantize_with(xd, self.params(xd, ratio, global_amax))
+                err = (q - xd).pow(2).sum(dim=-1, keepdim=True)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_clip = torch.where(better, ratio, best_clip)
+        return self.params(xg, best_clip, global_amax, ste=ste)
+
+    # -- whole tensors ----------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, ste: bool = False, what: str = "tensor") -> torch.Tensor:
+        """Fake-quantize ``x`` over its last dim; the result has ``x``'s shape and dtype."""
+        if not x.is_floating_point():
+            raise TypeError(f"fake quantization expects a floating-point tensor, got {x.dtype}")
+        xf = x.to(torch.float32) if x.dtype in _HALF_DTYPES else x
+        xg = self.grouped(xf, what)
+        qp = self.fit(xg, self.global_amax(xf), ste=ste)
+        return self.quantize_with(xg, qp, ste=ste).reshape(x.shape).to(x.dtype)
+
+
+def weight_quantizer(scheme: QuantScheme) -> Quantizer:
+    """The weight side of a scheme (groups along the input dim of ``[out, in]``)."""
+    return Quantizer(scheme.w_format, scheme.w_bits, scheme.w_group_size, scheme.w_symmetric,
+                     scheme.w_clip, scheme.w_mse_clip)
+
+
+def activation_quantizer(scheme: QuantScheme) -> Quantizer:
+    """The activation side of a scheme: dynamic, per token (or per group within a token)."""
+    return Quantizer(scheme.a_format, scheme.a_bits, scheme.a_group_size, True, scheme.a_clip)
+
+
+def quantize_weight_spec(
+    w: torch.Tensor, scheme: QuantScheme, ste: bool = False
+) -> torch.Tensor:
+    """Fake-quantize a Linear weight ``[out, in]`` as ``scheme`` says (RTN, optional MSE clip).
+
+    With the MSE search, clip ratios are chosen without gradient and then held fixed, so under
+    ``ste`` the gradient is that of RTN at the chosen ratio.
+    """
+    return weight_quantizer(scheme)(w, ste=ste, what=f"scheme {scheme.name!r} weight")
+
+
+def quantize_activation_spec(
+    x: torch.Tensor, scheme: QuantScheme, ste: bool = False
+) -> torch.Tensor:
+    """Fake-quantize activations ``[..., tokens, in]`` dynamically as ``scheme`` says.
+
+    NVFP4's global scale is the abs-max of the whole tensor passed in (deployments calibrate it
+    statically per tensor; it only decides where E4M3 block scales underflow).
+    """
+    return activation_quantizer(scheme)(x, ste=ste, what=f"scheme {scheme.name!r} activation")

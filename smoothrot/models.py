@@ -154,7 +154,10 @@ def _resolve_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str 
             raise ModelLoadError(f"model folder {path} has no config.json{hint}")
         return str(path.resolve()), gguf_file, True
     if not _looks_like_hub_id(name_or_path):
-        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+        raise FileNotFoundError(
+            f"model path does not exist: {name_or_path}; pass an existing folder or .gguf file, "
+            f"a hub id (org/name) or {EMBEDDED_MODEL!r}"
+        )
     return name_or_path, gguf_file, False
 
 

@@ -20,11 +20,13 @@ from smoothrot.calibration import capture_sites, run_model, token_subset
 from smoothrot.config import FitConfig, get_scheme
 from smoothrot.data import load_documents, split_documents, text_hash, token_windows
 from smoothrot.evaluate import LayerError, layer_error, perplexity
-from smoothrot.hadamard import hadamard_matrix
+from smoothrot.fake_quant import check_group_size
+from smoothrot.gptq import gptq_fused_weight
 from smoothrot.lightning_module import fit_scales
 from smoothrot.mappings import ResolvedSite, resolve_sites
 from smoothrot.models import load_model, model_fingerprint
-from smoothrot.policies import smoothing_scales
+from smoothrot.policies import check_finite, smoothing_scales
+from smoothrot.residual import rotate_residual
 from smoothrot.search import Choice, grid_losses, select_policies
 from smoothrot.stats import weight_absmax
 from smoothrot.surgery import SitePlan, transformed
@@ -32,6 +34,7 @@ from smoothrot.surgery import SitePlan, transformed
 log = logging.getLogger(__name__)
 
 POLICY_METHODS = ("smoothrot_max", "quantile", "joint_global", "joint")
+GPTQ_SUFFIX = "+gptq"  # "<base>+gptq": base scales, fused weight rounded by GPTQ on train_x
 
 
 @dataclass
@@ -88,9 +91,14 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def method_plan(method: str, scales: torch.Tensor | None) -> SitePlan:
-    """The transform a method applies to a site (RTN: none; the rest rotate)."""
-    return SitePlan(scales=scales, rotate=method != "rtn")
+def method_plan(
+    method: str, scales: torch.Tensor | None, weight_q: torch.Tensor | None = None
+) -> SitePlan:
+    """The transform a method applies to a site (RTN: none; the rest rotate).
+
+    ``weight_q``: the fused weight already quantized offline (GPTQ methods).
+    """
+    return SitePlan(scales=scales, rotate=method != "rtn", weight_q=weight_q)
 
 
 def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str, SiteData]:
@@ -111,9 +119,10 @@ def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str,
         rec = calib_rec[rs.name]
         stats = {q: rec.quantiles.value(q) for q in cfg.search.quantiles}
         stats[1.0] = rec.absmax.value()
+        tie = rs.transform.tied_max  # tied (GQA o_proj) scales: max over the tied channels
         data[rs.name] = SiteData(
-            act_stats=stats,
-            weight_stat=weight_absmax(rs.linear.weight.detach().cpu()),
+            act_stats={q: tie(v) for q, v in stats.items()},
+            weight_stat=tie(weight_absmax(rs.weight.detach().cpu())),
             train_x=rec.tokens(),
             selection_x=sel_rec[rs.name].tokens(),
             heldout_x=ho_rec[rs.name].tokens(),
@@ -134,11 +143,12 @@ def _run_scheme(
     scheme = get_scheme(scheme_name)
     result = SchemeResult(scheme=scheme.name)
     alphas, quantiles = cfg.search.alphas, cfg.search.quantiles
-    weights = {rs.name: rs.linear.weight.detach().cpu().float() for rs in sites}
+    weights = {rs.name: rs.weight.detach().cpu().float() for rs in sites}
     with timer.stage(f"{scheme.name}: search"):
         tables = {
-            rs.name: grid_losses(data[rs.name].selection_x, weights[rs.name], data[rs.name].act_stats,
-                                 data[rs.name].weight_stat, alphas, quantiles, scheme, rs.name)
+            rs.name: grid_losses(data[rs.name].selection_x, weights[rs.name],
+                                 data[rs.name].act_stats, data[rs.name].weight_stat, alphas,
+                                 quantiles, scheme, rs.name, rotate=rs.transform.arg)
             for rs in tqdm(sites, desc=f"{scheme.name} grid search", leave=False)
         }
     choices = select_policies(tables, alphas, quantiles)
@@ -157,7 +167,7 @@ def _run_scheme(
             m: float(tables[s][alphas.index(choices[m][s].alpha), quantiles.index(choices[m][s].q)])
             for m in POLICY_METHODS
         }
-    if "trained" in cfg.methods:
+    if "trained" in cfg.methods or "trained" + GPTQ_SUFFIX in cfg.methods:
         scales["trained"] = {}
         accelerator = "gpu" if next(model.parameters()).is_cuda else "cpu"
         with timer.stage(f"{scheme.name}: training"):
@@ -167,16 +177,29 @@ def _run_scheme(
                     weights[rs.name], scales["joint"][rs.name], scheme, d.train_x, d.selection_x,
                     cfg.train, seed=cfg.seed + rs.layer_index, accelerator=accelerator,
                     checkpoint_dir=Path(cfg.output_dir) / "checkpoints" / scheme.name / rs.name,
-                    resume=resume,
+                    resume=resume, rotate=rs.transform.arg,
                 )
                 scales["trained"][rs.name] = best
                 result.selection_loss[rs.name]["trained"] = loss
+    weights_q: dict[str, dict[str, torch.Tensor]] = {}
+    for method in [m for m in cfg.methods if m.endswith(GPTQ_SUFFIX)]:
+        base = method.removesuffix(GPTQ_SUFFIX)
+        scales[method] = scales[base]
+        with timer.stage(f"{scheme.name}: gptq"):
+            weights_q[method] = {
+                rs.name: gptq_fused_weight(weights[rs.name], scales[base][rs.name],
+                                           rs.transform.arg,
+                                           data[rs.name].train_x, scheme)
+                for rs in tqdm(sites, desc=f"{scheme.name} {method}", leave=False)
+            }
     methods = [m for m in cfg.methods if m in scales]
     with timer.stage(f"{scheme.name}: held-out errors"):
         for method in methods:
             result.errors[method] = {
                 rs.name: layer_error(data[rs.name].heldout_x, weights[rs.name],
-                                     scales[method][rs.name], method != "rtn", scheme)
+                                     scales[method][rs.name],
+                                     rs.transform.arg if method != "rtn" else False, scheme,
+                                     weight_q=weights_q.get(method, {}).get(rs.name))
                 for rs in sites
             }
     result.scales = {m: {s: v for s, v in scales[m].items() if v is not None}
@@ -184,7 +207,9 @@ def _run_scheme(
     if cfg.perplexity:
         with timer.stage(f"{scheme.name}: perplexity"):
             for method in methods:
-                plans = {rs.name: method_plan(method, scales[method][rs.name]) for rs in sites}
+                plans = {rs.name: method_plan(method, scales[method][rs.name],
+                                              weights_q.get(method, {}).get(rs.name))
+                         for rs in sites}
                 with transformed(sites, plans, scheme):
                     result.perplexity[method] = perplexity(
                         model, windows["evaluation"], desc=f"{scheme.name} {method} ppl"
@@ -203,9 +228,22 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
             device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
+    fingerprint = model_fingerprint(model)  # of the model as loaded, before any R1
+    if cfg.residual_rotation:
+        with timer.stage("residual rotation"):
+            rotate_residual(model, seed=cfg.seed)
     sites = resolve_sites(model, cfg.layers)
     for rs in sites:
-        hadamard_matrix(rs.linear.in_features)  # fail early on unsupported sizes
+        try:  # fail early, naming the site, on unsupported Hadamard sizes
+            rs.transform.check(rs.in_features)
+        except ValueError as exc:  # HadamardSizeError is a ValueError
+            raise type(exc)(f"{rs.name}: {exc}") from None
+        # The last site's own weight never reaches calibration's activation check.
+        check_finite(weight_absmax(rs.weight.detach().cpu()), "max |W| over the input channel",
+                     rs.name)
+        for scheme in map(get_scheme, cfg.schemes):
+            check_group_size(rs.in_features, scheme.w_group_size, f"{rs.name} {scheme.name}")
+            check_group_size(rs.in_features, scheme.a_group_size, f"{rs.name} {scheme.name}")
     with timer.stage("load data"):
         docs = load_documents(cfg.data.source)
         splits = split_documents(docs, cfg.data.fractions, cfg.seed)
@@ -231,7 +269,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     return FitResult(
         config=cfg,
         model_name=cfg.model.name,
-        model_fingerprint=model_fingerprint(model),
+        model_fingerprint=fingerprint,
         sites=[rs.name for rs in sites],
         data_hash={name: text_hash(splits[name]) for name in splits},
         tokens={name: int(w.numel()) for name, w in windows.items()},

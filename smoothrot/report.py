@@ -27,6 +27,9 @@ LABELS = {
     "joint_global": "joint (global)",
     "joint": "joint (per layer)",
     "trained": "trained",
+    "hadamard+gptq": "Hadamard + GPTQ",
+    "joint+gptq": "joint + GPTQ",
+    "trained+gptq": "trained + GPTQ",
 }
 
 

@@ -4,7 +4,7 @@ Every candidate (α, q) of a site is scored by the same fake-quant output loss u
 (losses.py) on selection tokens; the choices below only read that table:
 
 * SmoothRot-max: q = 1 (max statistic), one α for all sites (the baseline);
-* quantile: that α kept, one q for all sites;
+* quantile: that α kept, each site its own q (the paper's quantile-only search);
 * joint (global): one (α, q) for all sites;
 * joint (per site): each site its own (α, q).
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_weight
-from smoothrot.losses import output_loss, quantized_output, transform_weight
+from smoothrot.fake_quant import quantize_weight_spec
+from smoothrot.losses import TransformArg, output_loss, quantized_output, transform_weight
 from smoothrot.policies import smoothing_scales
 
 
@@ -32,12 +32,17 @@ class Choice:
 
 @torch.no_grad()
 def candidate_loss(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    scheme: QuantScheme,
+    rotate: TransformArg = True,
 ) -> float:
-    """Selection loss of one candidate scale vector (rotation on)."""
+    """Selection loss of one candidate scale vector (with the site's rotation, default H)."""
     s = scales.float()
-    w_q = quantize_weight(transform_weight(weight, s, True), scheme.w_bits, scheme.w_clip)
-    return float(output_loss(y, quantized_output(x, weight, s, True, scheme, weight_q=w_q)))
+    w_q = quantize_weight_spec(transform_weight(weight, s, rotate), scheme)
+    return float(output_loss(y, quantized_output(x, weight, s, rotate, scheme, weight_q=w_q)))
 
 
 @torch.no_grad()
@@ -50,8 +55,12 @@ def grid_losses(
     quantiles: Sequence[float],
     scheme: QuantScheme,
     site: str,
+    rotate: TransformArg = True,
 ) -> torch.Tensor:
-    """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64)."""
+    """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64).
+
+    ``rotate``: the site's input transform (tied GQA scales, per-head H); default full H.
+    """
     w = weight.float()
     x = x_sel.float()
     y = x @ w.T
@@ -59,7 +68,7 @@ def grid_losses(
     for i, alpha in enumerate(alphas):
         for j, q in enumerate(quantiles):
             s = smoothing_scales(act_stats[q], weight_stat, alpha, site=site)
-            table[i, j] = candidate_loss(x, y, w, s, scheme)
+            table[i, j] = candidate_loss(x, y, w, s, scheme, rotate)
     return table
 
 
@@ -72,7 +81,6 @@ def select_policies(
     mean = stacked.mean(dim=0)
     q_max = list(quantiles).index(1.0)
     a_star = int(mean[:, q_max].argmin())
-    q_star = int(mean[a_star].argmin())
     flat = int(mean.flatten().argmin())
     ja, jq = divmod(flat, len(quantiles))
 
@@ -85,7 +93,8 @@ def select_policies(
         per_site[s] = Choice(alphas[a_i], quantiles[q_j])
     return {
         "smoothrot_max": same(a_star, q_max),
-        "quantile": same(a_star, q_star),
+        "quantile": {s: Choice(alphas[a_star], quantiles[int(tables[s][a_star].argmin())])
+                     for s in sites},
         "joint_global": same(ja, jq),
         "joint": per_site,
     }

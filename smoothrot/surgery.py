@@ -1,12 +1,17 @@
 """Model surgery, all in one place: fold, fuse, and attach the online rotation.
 
-For a site (previous layer P feeding linear L through elementwise ops only):
+For a site (a source S feeding a group of linears L₁…L_k through elementwise ops only):
 
-* P's output rows are divided by s (so L's input becomes X·diag(s)⁻¹),
-* L's weight becomes W·diag(s)·H (fused offline, in float64, cast back),
-* H is applied to L's input online by a forward pre-hook, followed by activation fake
-  quantization when a scheme is given.
+* S's output channels are divided by s, so the group's input becomes X·diag(s)⁻¹: rows of a
+  linear (and its bias), a row range of a fused linear, an RMSNorm's γ (γ/s; signed γ is fine
+  since s > 0, nothing divides by γ) or an offset norm's 1+γ (γ' = (1+γ)/s − 1);
+* every Lᵢ's weight becomes Wᵢ·diag(s)·H (fused offline, in float64, cast back);
+* H is applied to the group's input online by a forward pre-hook on each Lᵢ (full Hadamard, or
+  block-diagonal over heads for o_proj), followed by activation fake quantization when a scheme
+  is given. ``head_offline`` sites fold the per-head H into v_proj's rows instead (exact:
+  attention mixes tokens, never a head's channels), so only the quantizer runs online.
 
+Tied scales (GQA o_proj) have one entry per v_proj row; the o_proj columns use them expanded.
 The float function of the model is unchanged (docs/equivalence.md); only quantization error moves.
 """
 
@@ -20,55 +25,124 @@ import torch
 from torch import nn
 
 from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_activation, quantize_weight
-from smoothrot.hadamard import hadamard_transform
-from smoothrot.losses import transform_weight
+from smoothrot.fake_quant import quantize_activation, quantize_activation_spec, quantize_weight_spec
+from smoothrot.losses import TransformArg, as_transform, transform_weight
 from smoothrot.mappings import ResolvedSite
 
 
 @dataclass(frozen=True)
 class SitePlan:
-    """How to transform one site: smoothing scales (None = no smoothing) and rotation."""
+    """How to transform one site: smoothing scales (None = no smoothing) and rotation.
+
+    ``rotate`` switches the site's own rotation (from its table entry) on or off.
+    ``weight_q``, if given, is the fused weight W·diag(s)·H already quantized offline (e.g. by
+    GPTQ); it is stored instead of the scheme's round-to-nearest of the fused weight. For a group
+    it is the concatenation of the linears' weights along the output dim (``rs.weight``).
+    """
 
     scales: torch.Tensor | None
     rotate: bool
+    weight_q: torch.Tensor | None = None
 
 
 class OnlineInputTransform:
-    """Forward pre-hook: x ↦ Q_a(x·H) (each part optional)."""
+    """Forward pre-hook: x ↦ Q_a(x·H) (each part optional).
 
-    def __init__(self, rotate: bool, act_bits: int | None = None, act_clip: float = 1.0) -> None:
-        self.rotate = rotate
+    ``rotate`` is True (H over all channels), False, or an input transform (per-head H).
+    Q_a is the ``scheme``'s activation quantizer when one is given (any format / group size),
+    else symmetric per-token integer RTN with ``act_bits``.
+    """
+
+    def __init__(
+        self,
+        rotate: TransformArg,
+        act_bits: int | None = None,
+        act_clip: float = 1.0,
+        scheme: QuantScheme | None = None,
+    ) -> None:
+        self.rotate = as_transform(rotate).rotate
         self.act_bits = act_bits
         self.act_clip = act_clip
+        self.scheme = scheme
 
     def __call__(self, _module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        if self.rotate:
-            x = hadamard_transform(x)
-        if self.act_bits is not None:
+        x = self.rotate(args[0])
+        if self.scheme is not None:
+            x = quantize_activation_spec(x, self.scheme)
+        elif self.act_bits is not None:
             x = quantize_activation(x, self.act_bits, self.act_clip)
         return (x, *args[1:])
 
 
+def _check_scales(rs: ResolvedSite, scales: torch.Tensor) -> None:
+    if scales.shape != (rs.n_scales,):
+        raise ValueError(
+            f"{rs.name}: scales have shape {tuple(scales.shape)}, expected ({rs.n_scales},); "
+            "were they fitted on another model?"
+        )
+    if not torch.isfinite(scales).all() or (scales <= 0).any():
+        raise ValueError(f"{rs.name}: scales must be positive and finite")
+
+
+@torch.no_grad()
+def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, head_rotation: bool) -> None:
+    """Divide the source's output channels by s (and rotate v_proj rows per head if asked)."""
+    source = rs.smooth_from
+    kind = rs.smooth_from_kind
+    if kind in ("norm", "offset_norm"):
+        if scales is None:
+            return
+        g = source.weight.double()
+        g = g / scales if kind == "norm" else (1.0 + g) / scales - 1.0
+        source.weight.copy_(g.to(source.weight.dtype))
+        return
+    lo, hi = rs.rows or (0, source.out_features)
+    w = source.weight[lo:hi].double()
+    b = None if source.bias is None else source.bias[lo:hi].double()
+    if scales is not None:
+        w = w / scales.unsqueeze(1)
+        b = None if b is None else b / scales
+    if head_rotation:  # rows of v·blockdiag(H): W' = blockdiag(H)ᵀ·W, b' = b·blockdiag(H)
+        rotate = rs.transform.rotate
+        w = rotate(w.T).T
+        b = None if b is None else rotate(b)
+    source.weight[lo:hi] = w.to(source.weight.dtype)
+    if b is not None:
+        source.bias[lo:hi] = b.to(source.bias.dtype)
+
+
 @torch.no_grad()
 def fuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotate: bool) -> None:
-    """Fold diag(s)⁻¹ into the previous layer's output rows and store W·diag(s)·H in place."""
+    """Fold diag(s)⁻¹ into the source and store Wᵢ·diag(s)·H in every linear, in place."""
     if scales is not None:
-        if scales.shape != (rs.linear.in_features,):
-            raise ValueError(
-                f"{rs.name}: scales have shape {tuple(scales.shape)}, expected "
-                f"({rs.linear.in_features},); were they fitted on another model?"
-            )
-        if not torch.isfinite(scales).all() or (scales <= 0).any():
-            raise ValueError(f"{rs.name}: scales must be positive and finite")
-        prev = rs.smooth_from
-        inv = (1.0 / scales.double()).unsqueeze(1)
-        prev.weight.copy_((prev.weight.double() * inv).to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.copy_((prev.bias.double() * inv.squeeze(1)).to(prev.bias.dtype))
-    w = transform_weight(rs.linear.weight.double(), None if scales is None else scales.double(), rotate)
-    rs.linear.weight.copy_(w.to(rs.linear.weight.dtype))
+        _check_scales(rs, scales)
+        scales = scales.double()
+    fold_into_source(rs, scales, rotate and rs.site.rotation == "head_offline")
+    transform = rs.transform if rotate else rs.transform.without_rotation()
+    for linear in rs.linears:
+        w = transform_weight(linear.weight.double(), scales, transform)
+        linear.weight.copy_(w.to(linear.weight.dtype))
+
+
+def online_rotation(rs: ResolvedSite, rotate: bool) -> TransformArg:
+    """What the pre-hook must still rotate at run time (nothing for offline-folded rotations)."""
+    if not rotate or rs.site.rotation in ("none", "head_offline"):
+        return False
+    return rs.transform
+
+
+@torch.no_grad()
+def _store_weight_q(rs: ResolvedSite, weight_q: torch.Tensor) -> None:
+    if weight_q.shape != (sum(lin.out_features for lin in rs.linears), rs.in_features):
+        raise ValueError(
+            f"{rs.name}: weight_q has shape {tuple(weight_q.shape)}, expected "
+            f"{tuple(rs.weight.shape)}"
+        )
+    start = 0
+    for linear in rs.linears:
+        stop = start + linear.out_features
+        linear.weight.copy_(weight_q[start:stop].to(linear.weight))
+        start = stop
 
 
 def apply_plans(
@@ -78,23 +152,39 @@ def apply_plans(
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Transform every site with a plan; with ``scheme``, fake-quantize weights and inputs too.
 
-    Returns the hook handles (online rotation / activation quantization).
+    All sites are fused before any weight is quantized: a linear can be both a group member
+    (columns transformed) and a source (rows divided, e.g. up_proj, v_proj), and it must be
+    quantized once, in its final form. Returns the hook handles (online rotation / activation
+    quantization), one per linear of every planned site.
     """
-    handles = []
-    for rs in sites:
-        plan = plans.get(rs.name)
-        if plan is None:
-            continue
+    active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
+    for rs, plan in active:
         fuse_site(rs, plan.scales, plan.rotate)
-        act_bits = None
-        if scheme is not None:
+    for rs, plan in active:
+        if plan.weight_q is not None:
+            _store_weight_q(rs, plan.weight_q)
+        elif scheme is not None:
             with torch.no_grad():
-                rs.linear.weight.copy_(quantize_weight(rs.linear.weight, scheme.w_bits, scheme.w_clip))
-            act_bits = scheme.a_bits
-        if plan.rotate or act_bits is not None:
-            hook = OnlineInputTransform(plan.rotate, act_bits, scheme.a_clip if scheme else 1.0)
-            handles.append(rs.linear.register_forward_pre_hook(hook))
+                for linear in rs.linears:
+                    linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
+    handles = []
+    for rs, plan in active:
+        rotation = online_rotation(rs, plan.rotate)
+        if rotation is not False or scheme is not None:
+            hook = OnlineInputTransform(rotation, scheme=scheme)
+            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
     return handles
+
+
+def site_parameters(rs: ResolvedSite) -> list[nn.Parameter]:
+    """Every parameter a site's surgery may write (its linears and its source)."""
+    params = []
+    for module in (*rs.linears, rs.smooth_from):
+        for name in ("weight", "bias"):
+            p = getattr(module, name, None)
+            if isinstance(p, torch.Tensor):
+                params.append(p)
+    return params
 
 
 @contextmanager
@@ -104,13 +194,11 @@ def transformed(
     scheme: QuantScheme | None = None,
 ) -> Iterator[None]:
     """Temporarily apply :func:`apply_plans`; weights and hooks are restored on exit."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for rs in sites:
         if rs.name in plans:
-            for module in (rs.linear, rs.smooth_from):
-                for p in (module.weight, module.bias):
-                    if p is not None:
-                        saved.append((p, p.detach().clone()))
+            for p in site_parameters(rs):
+                saved.setdefault(id(p), (p, p.detach().clone()))
     handles: list = []
     try:
         handles = apply_plans(sites, plans, scheme)
@@ -119,5 +207,5 @@ def transformed(
         for h in handles:
             h.remove()
         with torch.no_grad():
-            for p, original in saved:
+            for p, original in saved.values():
                 p.copy_(original)

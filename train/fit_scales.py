@@ -3,49 +3,110 @@
     python train/fit_scales.py --layers down_proj
     python train/fit_scales.py --config configs/quick.yaml --schemes w4a4
 
-Command-line flags override the YAML config (default: configs/default.yaml).
+Command-line flags override the YAML config (default: configs/default.yaml). Bad inputs end with
+exit code 2 and one ``error: ...`` line on stderr (``--verbose`` shows the traceback instead);
+Ctrl-C ends with exit code 130 and ``--resume`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from smoothrot.config import ConfigError, FitConfig, config_from_dict, config_to_dict, load_config
+from smoothrot.config import (
+    METHODS,
+    PRESET_SCHEMES,
+    ConfigError,
+    FitConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# smoothrot.export.FORMATS / EXPORT_DTYPES, literal so `--help` needs no torch (tests compare).
+EXPORT_FORMATS = ("fused", "w8a8", "w4a4")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+EPILOG = """\
+examples:
+  fit_scales.py --config configs/quick.yaml          a ~2-minute run on the embedded model
+  fit_scales.py --layers 're:model\\.layers\\.2[89]\\.mlp\\.down_proj' --schemes w4a4 --steps 10
+  fit_scales.py --config configs/quick.yaml --resume  continue after Ctrl-C or a crash
+
+Every config key (meaning, default, valid range) is listed in docs/configuration.md; the
+worked example and the report columns are explained in docs/user_guide.md.
+exit codes: 0 done, 2 bad input (one 'error:' line on stderr), 130 interrupted (use --resume).
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows real defaults only: a flag left unset keeps the config's value, not 'None'."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Fit SmoothRot smoothing scales (max, quantile, joint, trained) on a model, "
-        "report held-out layer errors and perplexity, and save the scales.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="fit_scales.py",
+        description="Fit SmoothRot smoothing scales (max, quantile, joint, trained) on a model,\n"
+        "report held-out layer errors and perplexity, and save the scales.\n"
+        "Flags override the values of the YAML config given by --config.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
-    p.add_argument("--layers", nargs="+", help="sites: a name (down_proj), a qualified linear "
-                   "name (model.layers.11.mlp.down_proj) or re:<regex>")
-    p.add_argument("--model", help="embedded:smollm2, a local HF folder / .gguf file, or a hub id")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model's folder")
-    p.add_argument("--data", help="pydoc, a local text file, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
-    p.add_argument("--schemes", nargs="+", help="quantization schemes, e.g. w4a4 w8a8")
-    p.add_argument("--methods", nargs="+", help="subset of rtn hadamard smoothrot_max quantile "
-                   "joint_global joint trained")
-    p.add_argument("--steps", type=int, help="training steps per site (0 skips training)")
-    p.add_argument("--seed", type=int, help="random seed (same seed, same scales)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--output-dir", help="where report.md/json, plots and scales go")
-    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity evaluation")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="YAML config file; every key is documented in docs/configuration.md")
+    p.add_argument("--layers", nargs="+", help="sites (config: layers): a name (down_proj), a "
+                   "qualified linear name (model.layers.11.mlp.down_proj) or re:<regex>")
+    p.add_argument("--model", help="model.name: embedded:smollm2, a local HF folder / .gguf "
+                   "file, or a hub id")
+    p.add_argument("--gguf-file", help="model.gguf_file: GGUF file name inside --model's folder")
+    p.add_argument("--data", help="data.source: pydoc, a local text file, or "
+                   "hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
+    p.add_argument("--schemes", nargs="+", help="schemes: quantization schemes, some of "
+                   + " ".join(PRESET_SCHEMES))
+    p.add_argument("--methods", nargs="+", help="methods: a subset of " + " ".join(METHODS)
+                   + " (smoothrot_max, the baseline, always runs)")
+    p.add_argument("--steps", type=int, help="train.steps: training steps per site (0 skips "
+                   "training)")
+    p.add_argument("--seed", type=int, help="seed: random seed (same seed, same scales)")
+    p.add_argument("--device", help="model.device: cpu, cuda, cuda:N or auto")
+    p.add_argument("--output-dir", help="output_dir: where report.md/json, plots, "
+                   "scales.safetensors and checkpoints/ go; an existing folder is reused and "
+                   "its report files are replaced")
+    p.add_argument("--no-perplexity", action="store_true",
+                   help="perplexity: false; skip the perplexity evaluation")
     p.add_argument("--resume", action="store_true",
-                   help="continue interrupted training from the checkpoints in the output dir")
+                   help="continue interrupted training from <output-dir>/checkpoints; finished "
+                   "sites are not retrained and the scales equal an uninterrupted run's")
     p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model's own Python code (off by default)")
+                   help="model.trust_remote_code: allow the model's own Python code (off by "
+                   "default; never needed for the supported architectures)")
+    p.add_argument("--export", nargs="+", choices=EXPORT_FORMATS, metavar="FORMAT",
+                   help="after the run, write checkpoints (fused, w8a8, w4a4) to "
+                   "<output-dir>/export-<format>; load one with smoothrot.load_pretrained(path)")
+    p.add_argument("--export-dir", help="target folder of the (single) --export format")
+    p.add_argument("--export-method", default="trained",
+                   help="whose scales --export uses (of the format's scheme; fused: the first)")
+    p.add_argument("--export-dtype", default="float32", choices=EXPORT_DTYPES,
+                   help="dtype of the exported float tensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --export folders (else the run refuses to start)")
     verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="only warnings and errors; no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="debug logging, library warnings, and tracebacks on errors")
     return p
 
 
@@ -78,8 +139,101 @@ def resolve_config(args: argparse.Namespace) -> FitConfig:
     return config_from_dict(data)
 
 
+def prepare_output_dir(path: str) -> Path:
+    """Create the output folder before any work, so a bad path fails in seconds, not at the end.
+
+    An existing folder is reused: the job replaces its own report files there atomically.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create output dir {out} ({exc.strerror or type(exc).__name__}); pass "
+            "--output-dir a writable folder"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"output dir {out} is not writable; pass --output-dir a writable folder")
+    return out
+
+
+def plan_exports(cfg: FitConfig, args: argparse.Namespace) -> dict[str, Path]:
+    """--export targets, checked before the run (scheme fitted, method run, target free)."""
+    if not args.export:
+        if args.export_dir:
+            raise ConfigError("--export-dir needs --export FORMAT")
+        return {}
+    from smoothrot.export import check_export_request, export_targets
+
+    formats = list(dict.fromkeys(args.export))
+    targets = export_targets(cfg.output_dir, formats, args.export_dir)
+    check_export_request(formats, targets, cfg.schemes, cfg.methods, args.export_method,
+                         args.export_dtype, args.overwrite)
+    return targets
+
+
+def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Path],
+                result, scales: str) -> list[Path]:
+    """Write each --export format from the saved scales (the model is loaded once more)."""
+    if not targets:
+        return []
+    from smoothrot.export import export_from_scales_file
+    from smoothrot.models import load_model
+    from smoothrot.report import to_json
+
+    model, tokenizer = load_model(
+        cfg.model.name, gguf_file=cfg.model.gguf_file,
+        trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+    )
+    report = to_json(result)
+    return [
+        export_from_scales_file(scales, fmt, target, model=model, tokenizer=tokenizer,
+                                method=args.export_method, dtype=args.export_dtype,
+                                overwrite=args.overwrite, report=report)
+        for fmt, target in targets.items()
+    ]
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error; deep library errors can span many lines."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    more = " (run with --verbose for the details)" if len(lines) > 1 else ""
+    return lines[0] + more
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.quiet:
+        return _run(args)
+    with _no_progress_bars():
+        return _run(args)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """--quiet: every tqdm bar (ours, transformers', Lightning's) is created disabled.
+
+    tqdm reads TQDM_DISABLE only when it is imported, so the switch is the constructor's
+    ``disable`` argument; it is restored on exit because main() also runs in-process (tests).
+    """
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+
+    def disabled(self: tqdm.std.tqdm, *args: object, **kwargs: object) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original
+
+
+def _run(args: argparse.Namespace) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -93,12 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
         cfg = resolve_config(args)
+        out = prepare_output_dir(cfg.output_dir)
+        exports = plan_exports(cfg, args)
         result = run_fit(cfg, resume=args.resume)
-        paths = write_outputs(result, Path(cfg.output_dir))
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        paths = write_outputs(result, out)
+        exported = run_exports(cfg, args, exports, result, paths["scales"])
+    # Every error smoothrot raises for a bad input is one of these (ConfigError, ModelLoadError,
+    # DataLoadError, HadamardSizeError, ResumeError, ...); FloatingPointError is a perplexity
+    # that overflowed. Anything else is a bug and keeps its traceback.
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue training from the last checkpoint",
@@ -106,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(summary_table(result))
     print(f"report: {paths['report_md']}  scales: {paths['scales']}")
+    for path in exported:
+        print(f"export: {path}  (smoothrot.load_pretrained({str(path)!r}))")
     return 0
 
 

@@ -49,21 +49,26 @@ def test_outliers_are_real_and_transform_is_exact(smollm2, windows):
     assert torch.isfinite(q).all()
 
 
+def _quick_config(tmp_path, layers: str, **overrides):
+    return config_from_dict({
+        "data": {"seq_len": 128, "calibration_samples": 16, "selection_samples": 4,
+                 "heldout_samples": 4, "evaluation_samples": 4, "train_tokens": 1024},
+        "search": {"alphas": [0.3, 0.5, 0.7], "quantiles": [0.99, 0.999, 1.0]},
+        "train": {"steps": 20, "batch_tokens": 256, "val_every": 10},
+        "layers": [layers],
+        "schemes": ["w4a4"],
+        "output_dir": str(tmp_path),
+        **overrides,
+    })
+
+
 def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
     """The whole job on a small budget: ordering of methods, report files, no NaN."""
     from smoothrot import pipeline
     from smoothrot.report import write_outputs
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
-    cfg = config_from_dict({
-        "data": {"seq_len": 128, "calibration_samples": 16, "selection_samples": 4,
-                 "heldout_samples": 4, "evaluation_samples": 4, "train_tokens": 1024},
-        "search": {"alphas": [0.3, 0.5, 0.7], "quantiles": [0.99, 0.999, 1.0]},
-        "train": {"steps": 20, "batch_tokens": 256, "val_every": 10},
-        "layers": ["re:model\\.layers\\.(11|20|28|29)\\.mlp\\.down_proj"],
-        "schemes": ["w4a4"],
-        "output_dir": str(tmp_path),
-    })
+    cfg = _quick_config(tmp_path, "re:model\\.layers\\.(11|20|28|29)\\.mlp\\.down_proj")
     result = pipeline.run_fit(cfg)
     paths = write_outputs(result, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -82,3 +87,21 @@ def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
     for name in ("report_md", "report_json", "scales"):
         assert (tmp_path / paths[name].split("/")[-1]).is_file()
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_same_seed_same_scales(smollm2, tmp_path, monkeypatch):
+    """Two runs with one seed give bit-identical scales for every method; another seed differs."""
+    from smoothrot import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
+    runs = [
+        pipeline.run_fit(_quick_config(tmp_path / str(i), "model.layers.29.mlp.down_proj",
+                                       perplexity=False, seed=seed))
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    a, b, c = (r.schemes[0].scales for r in runs)
+    site = "model.layers.29.mlp.down_proj"
+    for method in a:
+        assert torch.equal(a[method][site], b[method][site]), method
+        assert torch.isfinite(a[method][site]).all()
+    assert not torch.equal(a["trained"][site], c["trained"][site])

@@ -1,18 +1,26 @@
-"""Symmetric per-row RTN fake quantization: grid, error bound, dtypes and STE gradients."""
+"""RTN fake quantization: the per-row symmetric quantizer (grid, error bound, dtypes, STE) and
+the scheme-level options (groups, asymmetric, MSE clip search, scheme entry points)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smoothrot.config import PRESET_SCHEMES, ConfigError, QuantScheme, get_scheme
 from smoothrot.fake_quant import (
+    MSE_CLIP_GRID,
     SUPPORTED_BITS,
+    Quantizer,
     RoundSTE,
     fake_quantize,
     quantize_activation,
+    quantize_activation_spec,
     quantize_weight,
+    quantize_weight_spec,
 )
 
 
@@ -199,3 +207,145 @@ def test_property_idempotent_and_half_step(rows: list[list[float]], bits: int) -
     assert torch.equal(fake_quantize(q, bits), q)
     err = (q - x).abs()
     assert torch.all(err <= _scale(x, bits) / 2 * (1 + 1e-5) + 1e-30)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheme-level quantizers.
+
+
+def _scheme(**kw: object) -> QuantScheme:
+    return QuantScheme("t", **{"w_bits": 4, "a_bits": 4, **kw})  # type: ignore[arg-type]
+
+
+def _heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Student-t-like rows (rare large values): where clipping pays off, like real weights."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, cols, generator=gen)
+    chi = torch.randn(rows, cols, 3, generator=gen).pow(2).mean(-1).sqrt()
+    return z / chi * torch.logspace(-2, 1, rows).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("name", ["w4a4", "w8a8"])
+def test_plain_schemes_bit_identical_to_old_api(name: str) -> None:
+    """The original presets give exactly what quantize_weight/quantize_activation gave."""
+    scheme = get_scheme(name)
+    w = _randn(40, 96, seed=11)
+    x = _randn(3, 20, 96, seed=12)
+    assert torch.equal(quantize_weight_spec(w, scheme), quantize_weight(w, scheme.w_bits))
+    assert torch.equal(quantize_activation_spec(x, scheme), quantize_activation(x, scheme.a_bits))
+    clipped = dataclasses.replace(scheme, w_clip=0.8, a_clip=0.9)
+    assert torch.equal(quantize_weight_spec(w, clipped), quantize_weight(w, scheme.w_bits, 0.8))
+    assert torch.equal(quantize_activation_spec(x, clipped),
+                       quantize_activation(x, scheme.a_bits, 0.9))
+    wh = w.to(torch.bfloat16).requires_grad_(True)
+    out = quantize_weight_spec(wh, scheme, ste=True)
+    assert torch.equal(out, quantize_weight(wh.detach(), scheme.w_bits))
+    out.float().sum().backward()
+    assert wh.grad is not None and wh.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_groups_are_rows_of_their_own(group: int) -> None:
+    """Group g: exactly per-row RTN applied to every run of g input channels."""
+    w = _randn(12, 128, seed=13)
+    q = quantize_weight_spec(w, _scheme(w_group_size=group))
+    ref = fake_quantize(w.reshape(12, 128 // group, group), 4).reshape(12, 128)
+    assert torch.equal(q, ref)
+    x = _randn(2, 6, 128, seed=14)
+    qa = quantize_activation_spec(x, _scheme(a_group_size=group))
+    assert torch.equal(qa, fake_quantize(x.reshape(2, 6, -1, group), 4).reshape(x.shape))
+    # Smaller groups track local ranges: lower error than one scale per row.
+    assert (q - w).pow(2).sum() < (quantize_weight(w, 4) - w).pow(2).sum()
+
+
+def test_group_size_must_divide_input() -> None:
+    with pytest.raises(ValueError, match=r"group size 128 does not divide the input size 96"):
+        quantize_weight_spec(torch.ones(4, 96), get_scheme("w4a4-g128"))
+    with pytest.raises(ValueError, match=r"group size 32 does not divide the input size 40"):
+        quantize_activation_spec(torch.ones(2, 40), _scheme(a_group_size=32))
+    with pytest.raises(ConfigError, match=r"w_group_size=1 must be None"):
+        _scheme(w_group_size=1)
+    with pytest.raises(ConfigError, match=r"a_group_size=True must be None"):
+        _scheme(a_group_size=True)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group", [None, 32])
+def test_asymmetric_grid_zero_and_bound(bits: int, group: int | None) -> None:
+    x = _randn(10, 64, seed=20 + bits) + 0.7 * _randn(10, 64, seed=30).abs()  # skewed rows
+    quant = Quantizer("int", bits, group, symmetric=False)
+    xg = quant.grouped(x)
+    qp = quant.params(xg)
+    assert qp.zero is not None
+    q = quant(x)
+    codes = quant.grouped(q) / qp.scale + qp.zero
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= 0 and codes.round().max() <= 2**bits - 1
+    assert torch.all((quant.grouped(q) - xg).abs() <= qp.scale / 2 * (1 + 1e-4))
+    # Zero is exactly representable (padding and ReLU zeros stay zero).
+    y = x.clone()
+    y[:, 5] = 0.0
+    assert torch.all(quant(y)[:, 5] == 0)
+
+
+def test_asymmetric_beats_symmetric_on_one_sided_rows() -> None:
+    w = _randn(16, 128, seed=40).abs()
+    sym = quantize_weight_spec(w, _scheme())
+    asym = quantize_weight_spec(w, _scheme(w_symmetric=False))
+    assert (asym - w).pow(2).sum() < 0.5 * (sym - w).pow(2).sum()
+
+
+@pytest.mark.parametrize("kw", [{}, {"w_group_size": 32}, {"w_symmetric": False},
+                                {"w_format": "nvfp4", "w_group_size": 16},
+                                {"w_format": "mxfp4", "w_group_size": 32}],
+                         ids=["row", "g32", "asym", "nvfp4", "mxfp4"])
+def test_mse_clip_is_the_per_group_argmin_over_the_grid(kw: dict) -> None:
+    """Brute force: every group's error equals the least error over the ratio grid."""
+    w = _heavy(8, 128, seed=41)
+    plain = _scheme(**kw)
+    searched = dataclasses.replace(plain, w_mse_clip=True)
+    q = quantize_weight_spec(w, searched)
+    quant = Quantizer(plain.w_format, 4, plain.w_group_size, plain.w_symmetric)
+    wg = quant.grouped(w)
+    per_ratio = torch.stack([
+        (quant.quantize_with(wg, quant.params(wg, r, quant.global_amax(w))) - wg).pow(2).sum(-1)
+        for r in MSE_CLIP_GRID
+    ])
+    err = (quant.grouped(q) - wg).pow(2).sum(-1)
+    assert torch.allclose(err, per_ratio.min(dim=0).values, rtol=1e-6, atol=0)
+    rtn = (quantize_weight_spec(w, plain) - w).pow(2).sum()
+    # Clipping heavy tails pays off for integer grids; FP4 blocks of 16/32 gain less.
+    gain = 0.9 if plain.w_format == "int" else 1.0
+    assert (q - w).pow(2).sum() < gain * rtn
+    assert (per_ratio.argmin(dim=0) > 0).any(), "some group chose a ratio below 1"
+
+
+def test_mse_clip_never_worse_and_ste_forward_equal() -> None:
+    for seed in range(5):
+        w = _randn(6, 64, seed=50 + seed)
+        for base in ("w4a4", "w4a4-g128", "w8a8"):
+            plain = get_scheme(base)
+            searched = dataclasses.replace(plain, w_mse_clip=True,
+                                           w_group_size=plain.w_group_size and 32)
+            ref = dataclasses.replace(searched, w_mse_clip=False)
+            q = quantize_weight_spec(w, searched)
+            e_rtn = (quantize_weight_spec(w, ref) - w).pow(2).reshape(6, -1).sum(-1)
+            assert torch.all((q - w).pow(2).reshape(6, -1).sum(-1) <= e_rtn)
+    w = _heavy(6, 64, seed=60).requires_grad_(True)
+    scheme = get_scheme("w4a4-mse")
+    out = quantize_weight_spec(w, scheme, ste=True)
+    assert torch.equal(out.detach(), quantize_weight_spec(w.detach(), scheme))
+    out.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_presets_and_validation() -> None:
+    for name in ("w4a4-g128", "w4a4-g128-mse", "w4a4-mse", "w4a4-g128-asym", "nvfp4", "mxfp4"):
+        assert get_scheme(name).name == name
+    assert get_scheme("NVFP4") is PRESET_SCHEMES["nvfp4"]
+    with pytest.raises(ConfigError, match=r"unknown scheme 'w4a4-g7'.*'nvfp4'"):
+        get_scheme("w4a4-g7")
+    with pytest.raises(ConfigError, match=r"w_mse_clip searches the clip ratio"):
+        _scheme(w_mse_clip=True, w_clip=0.9)
+    with pytest.raises(ValueError, match=r"format 'fp8' is not supported"):
+        Quantizer("fp8")

@@ -41,15 +41,17 @@ def test_grid_and_selection():
     assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - float(table[1, 1])) < 1e-6 * float(table[1, 1])
 
     tables = {"a": torch.tensor([[3.0, 2.0, 5.0], [4.0, 1.0, 2.5]]),
-              "b": torch.tensor([[1.0, 9.0, 1.0], [2.0, 0.5, 1.0]])}
+              "b": torch.tensor([[1.0, 9.0, 1.0], [0.4, 0.5, 1.0]])}
     ch = select_policies(tables, [0.3, 0.5], [0.9, 0.99, 1.0])
     # q=1 column mean: [3.0, 1.75] -> α=0.5; then q at α=0.5: [3.0, 0.75, 1.75] -> 0.99
     assert {c.alpha for c in ch["smoothrot_max"].values()} == {0.5}
     assert {c.q for c in ch["smoothrot_max"].values()} == {1.0}
-    assert {(c.alpha, c.q) for c in ch["quantile"].values()} == {(0.5, 0.99)}
+    # quantile keeps α=0.5 and picks q per site: a -> 0.99 (loss 1.0), b -> 0.9 (loss 0.4)
+    assert {s: (c.alpha, c.q) for s, c in ch["quantile"].items()} == {"a": (0.5, 0.99),
+                                                                       "b": (0.5, 0.9)}
     assert {(c.alpha, c.q) for c in ch["joint_global"].values()} == {(0.5, 0.99)}
     assert (ch["joint"]["a"].alpha, ch["joint"]["a"].q) == (0.5, 0.99)
-    assert (ch["joint"]["b"].alpha, ch["joint"]["b"].q) == (0.5, 0.99)
+    assert (ch["joint"]["b"].alpha, ch["joint"]["b"].q) == (0.5, 0.9)
 
 
 def test_rotation_and_smoothing_reduce_error_on_outliers():

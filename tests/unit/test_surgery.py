@@ -62,15 +62,155 @@ def test_scales_of_wrong_size_are_rejected(llama):
 
 
 def test_layers_matching_nothing(llama):
-    with pytest.raises(ValueError, match=r"matched no smoothing site"):
-        resolve_sites(llama, ["o_proj"])
+    with pytest.raises(ValueError, match=r"matched no smoothing site.*'all', 'qkv', 'o_proj'"):
+        resolve_sites(llama, ["lm_head"])
 
 
 def test_unsupported_architecture():
-    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"Linear has no .*Gemma2ForCausalLM.*LlamaForCausalLM.*Phi3ForCausalLM"
+                             r".*docs/adding_an_architecture.md"):
         resolve_sites(torch.nn.Linear(2, 2), ["down_proj"])
 
 
 def test_resolve_patterns(llama):
     assert [rs.layer_index for rs in resolve_sites(llama, ["down_proj"])] == [0, 1]
     assert [rs.layer_index for rs in resolve_sites(llama, [r"re:.*\.1\.mlp\.down_proj"])] == [1]
+
+
+def test_resolve_all_groups_and_member_names(llama):
+    sites = resolve_sites(llama, ["all"])
+    assert [rs.name for rs in sites[:4]] == [
+        "model.layers.0.self_attn.qkv", "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_up", "model.layers.0.mlp.down_proj"]
+    qkv = sites[0]
+    assert [lin.out_features for lin in qkv.linears] == [64, 32, 32]
+    assert qkv.weight.shape == (128, 64) and qkv.in_features == 64 and qkv.n_scales == 64
+    assert torch.equal(qkv.weight[64:96], llama.model.layers[0].self_attn.k_proj.weight)
+    assert qkv.smooth_from is llama.model.layers[0].input_layernorm
+    o_proj = sites[1]  # 4 heads of 16 on 2 kv heads: one scale per v_proj row
+    assert o_proj.n_scales == 32 and o_proj.smooth_from is llama.model.layers[0].self_attn.v_proj
+    by_member = resolve_sites(llama, ["model.layers.1.self_attn.k_proj"])
+    assert [rs.name for rs in by_member] == ["model.layers.1.self_attn.qkv"]
+    assert [rs.name for rs in resolve_sites(llama, ["qkv", "gate_up"])] == [
+        "model.layers.0.self_attn.qkv", "model.layers.0.mlp.gate_up",
+        "model.layers.1.self_attn.qkv", "model.layers.1.mlp.gate_up"]
+
+
+def test_gqa_tie_index_matches_attention(llama):
+    """o_proj input channel (h, d) comes from v_proj row (h // group, d): zeroing one kv head's
+    rows zeroes exactly the channels the tie index maps to it."""
+    from smoothrot.losses import _tie_index
+
+    attn = llama.model.layers[0].self_attn
+    captured = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    try:
+        with torch.no_grad():
+            attn.v_proj.weight[16:32] = 0.0  # kv head 1
+            llama(input_ids=torch.randint(0, 128, (1, 8)))
+    finally:
+        handle.remove()
+    zero = (captured[0].abs().amax(dim=(0, 1)) == 0).nonzero().flatten()
+    index = _tie_index(4, 2, 16)
+    assert torch.equal(zero, ((index >= 16) & (index < 32)).nonzero().flatten())
+    assert zero.tolist() == list(range(32, 64))  # query heads 2 and 3
+
+
+@pytest.mark.parametrize("kind, gamma, expected", [
+    ("norm", [-2.0, 0.0, 3.0], [-1.0, 0.0, 0.75]),
+    ("offset_norm", [-3.0, -1.0, 1.0], [-2.0, -1.0, -0.5]),  # (1+γ)/s − 1
+])
+def test_fold_into_norm_divides_effective_gamma(llama, kind, gamma, expected):
+    from smoothrot.mappings import ResolvedSite, SmoothingSite
+    from smoothrot.surgery import fold_into_source
+
+    norm = torch.nn.Module()
+    norm.weight = torch.nn.Parameter(torch.tensor(gamma, dtype=torch.float64))
+    site = SmoothingSite("qkv", ("q",), "norm", kind)
+    rs = ResolvedSite("x", site, 0, (torch.nn.Linear(3, 2),), norm, None,
+                      resolve_sites(llama, ["qkv"])[0].transform)
+    fold_into_source(rs, torch.tensor([2.0, 5.0, 4.0], dtype=torch.float64), False)
+    assert norm.weight.tolist() == expected
+
+
+def test_site_table_validation():
+    from smoothrot.mappings import SmoothingSite
+
+    with pytest.raises(ValueError, match="smooth_from_kind"):
+        SmoothingSite("x", ("a",), "b", "layernorm")
+    with pytest.raises(ValueError, match="rotation"):
+        SmoothingSite("x", ("a",), "b", rotation="offline")
+    with pytest.raises(ValueError, match="smooth_from_rows"):
+        SmoothingSite("x", ("a",), "norm", "norm", smooth_from_rows="fused_qkv.v")
+    with pytest.raises(ValueError, match="head_offline"):
+        SmoothingSite("x", ("a",), "norm", "norm", rotation="head_offline")
+
+
+def test_table_that_does_not_fit_the_model(llama, monkeypatch):
+    from smoothrot import mappings
+
+    bad = mappings.ArchitectureMap("model.layers", (mappings.SmoothingSite(
+        "o_proj", ("self_attn.o_proj",), "self_attn.q_proj", rotation="head_online",
+        tie="kv_heads"),))
+    monkeypatch.setitem(mappings.ARCHITECTURES, "LlamaForCausalLM", bad)
+    with pytest.raises(ValueError, match=r"q_proj gives 64 channels but the site needs 32"):
+        resolve_sites(llama, ["o_proj"])
+
+
+def test_group_weight_q_is_split_over_the_linears(llama):
+    sites = resolve_sites(llama, ["model.layers.0.self_attn.qkv"])
+    rs = sites[0]
+    weight_q = torch.arange(128 * 64, dtype=torch.float32).reshape(128, 64)
+    with transformed(sites, {rs.name: SitePlan(None, True, weight_q)}, get_scheme("w4a4")):
+        assert torch.equal(rs.weight, weight_q)
+        assert torch.equal(rs.linears[2].weight, weight_q[96:])
+    with pytest.raises(ValueError, match=r"weight_q has shape \(64, 64\), expected \(128, 64\)"), \
+            transformed(sites, {rs.name: SitePlan(None, True, weight_q[:64])}):
+        pass
+
+
+def test_input_transform_spec_round_trip():
+    from smoothrot.losses import InputTransform, as_transform
+
+    for t in (InputTransform("head", 16, 4, 2), InputTransform("head", 16), InputTransform("none")):
+        assert as_transform(t.arg) == t
+    assert InputTransform("online").arg is True and InputTransform("none").arg is False
+    with pytest.raises(ValueError, match="cannot parse"):
+        as_transform("diagonal")
+    with pytest.raises(ValueError, match="divisible"):
+        InputTransform("head", 16, 4, 3)
+
+
+def test_residual_rotation_matrices_are_orthogonal():
+    from smoothrot.residual import OnlineResidualRotation, rotation_matrix
+
+    for kind in ("hadamard", "random"):
+        q, signs = rotation_matrix(96, seed=1, kind=kind)
+        assert torch.allclose(q @ q.T, torch.eye(96, dtype=torch.float64), atol=1e-12)
+        x = torch.randn(3, 5, 96, dtype=torch.float64)
+        online = OnlineResidualRotation(q, signs)(torch.nn.Identity(), (x,), x)
+        assert torch.allclose(online, x @ q, atol=1e-12)
+    assert not torch.equal(rotation_matrix(96, 1)[0], rotation_matrix(96, 2)[0])
+
+
+def test_capture_every_site_of_every_layer(llama):
+    """Grouped sites are captured once per batch, and the pass stops after the last site."""
+    from smoothrot.calibration import capture_sites, run_model
+
+    sites = resolve_sites(llama, ["all"])
+    windows = torch.randint(0, 128, (3, 8))
+    with capture_sites(list(reversed(sites)), total_tokens=24) as records:
+        run_model(llama, windows, 2, "test")
+    for rs in sites:
+        assert records[rs.name].tokens().shape == (24, rs.in_features)
+    norm_out = []
+    layer = llama.model.layers[1]
+    handle = layer.input_layernorm.register_forward_hook(lambda *a: norm_out.append(a[2]))
+    try:
+        with torch.no_grad():
+            llama(input_ids=windows)
+    finally:
+        handle.remove()
+    assert torch.equal(records["model.layers.1.self_attn.qkv"].tokens(),
+                       norm_out[0].reshape(-1, 64))

@@ -1,0 +1,61 @@
+"""Wall time of the fit_scales job ÷ one plain forward pass over the same calibration tokens.
+
+    python bench/bench_fit.py [--config configs/default.yaml] [--no-perplexity]
+
+Both are measured in this one process on this machine, so the ratio is comparable across
+machines; the per-stage breakdown shows where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from smoothrot.calibration import run_model
+from smoothrot.config import load_config
+from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.models import load_model
+from smoothrot.pipeline import run_fit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument("--output-dir", default="outputs/bench_fit")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config)
+    cfg.output_dir = args.output_dir
+    cfg.perplexity = not args.no_perplexity
+
+    model, tok = load_model(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
+                            device=cfg.model.device)
+    splits = split_documents(load_documents(cfg.data.source), cfg.data.fractions, cfg.seed)
+    calib = token_windows(tok, splits["calibration"], cfg.data.calibration_samples,
+                          cfg.data.seq_len, seed=cfg.seed, split_name="calibration")
+    run_model(model, calib[:1], 1, "warm-up")
+    start = time.perf_counter()
+    run_model(model, calib, max(1, 2048 // cfg.data.seq_len), "forward")
+    forward = time.perf_counter() - start
+    del model
+
+    start = time.perf_counter()
+    result = run_fit(cfg)
+    total = time.perf_counter() - start
+    print(f"machine: {torch.get_num_threads()} torch threads, {cfg.model.device}")
+    print(f"calibration tokens: {calib.numel()}; schemes {cfg.schemes}; sites {len(result.sites)}")
+    print(f"one plain forward pass over the calibration tokens: {forward:.1f} s")
+    print(f"fit_scales job: {total:.1f} s  ->  ratio {total / forward:.1f}x")
+    for stage, seconds in result.timings.items():
+        print(f"  {stage:<28}{seconds:8.1f} s  {seconds / forward:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()

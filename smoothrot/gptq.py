@@ -1,0 +1,205 @@
+"""GPTQ: round a linear weight column by column, pushing each column's rounding error onto the
+columns not yet rounded, so the layer *output* on calibration inputs moves as little as possible.
+
+For inputs X [T, n] and weight W [m, n], GPTQ minimizes ||X·Wᵀ − X·Ŵᵀ||² over quantized Ŵ
+greedily: with H = XᵀX (damped by λ·mean diag H, so it is invertible with few tokens),
+quantizing column i to q_i and then updating the remaining columns F by
+
+    W_F ← W_F − (w_i − q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_{i,F}
+
+is the exact optimal (OBQ) re-fit of the still-free columns. All [H_F⁻¹] rows needed are the rows
+of the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): [H_F⁻¹]_{i,F} / [H_F⁻¹]_ii = U_{i,F} / U_ii.
+Updates are applied lazily per block of 128 columns (one matrix product per block), and columns
+may be visited in decreasing order of diag H ("act-order").
+
+The quantizer is the scheme's own (fake_quant.Quantizer): per-channel parameters come from the
+whole weight up front; group parameters from the group's current (already updated) weights when
+the sweep reaches it, or from the original weights ("static groups", forced with act-order so a
+group's columns share one scale whatever order they are visited in). So the output lies on exactly
+the grid that RTN with the same scheme would use; only the rounding decisions differ.
+
+In smoothrot GPTQ runs on the fused weight W' = W·diag(s)·H with inputs in the same space
+X' = X·diag(s)⁻¹·H (:func:`gptq_fused_weight`), or their activation-quantized version Q_a(X').
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from smoothrot.config import QuantScheme
+from smoothrot.fake_quant import QParams, Quantizer, check_group_size, quantize_activation_spec
+from smoothrot.fake_quant import weight_quantizer as _weight_quantizer
+from smoothrot.losses import transform_input, transform_weight
+
+__all__ = [
+    "DEFAULT_ACT_AWARE",
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_DAMP",
+    "Hessian",
+    "gptq_fused_weight",
+    "gptq_quantize",
+    "input_hessian",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_DAMP = 0.01
+# Measured on SmolLM2 down_proj (docs/quantizers.md): GPTQ's Hessian from the float inputs X'
+# beats the one from the quantized inputs Q_a(X') on held-out output error, so float is default.
+DEFAULT_ACT_AWARE = False
+_MAX_DAMP_RETRIES = 6
+
+
+@dataclass(frozen=True)
+class Hessian:
+    """Sum over calibration tokens of x·xᵀ ([n, n], float64) and the token count."""
+
+    matrix: torch.Tensor
+    tokens: int
+
+    def __post_init__(self) -> None:
+        m = self.matrix
+        if m.dim() != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"a Hessian must be square [n, n], got {tuple(m.shape)}")
+
+
+def input_hessian(x: torch.Tensor) -> Hessian:
+    """XᵀX over all tokens of ``x`` [..., n] (float64, so many tokens can be summed safely)."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).double()
+    return Hessian(x2.T @ x2, x2.shape[0])
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λ·mean diag H · I)⁻¹; λ grows 10x while H is singular."""
+    h = h.clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0  # inputs never seen: no correlation to exploit, plain RTN for them
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam = damp
+    for _ in range(_MAX_DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                if lam != damp:
+                    log.warning("GPTQ: Hessian needed damping %.3g (asked %.3g)", lam, damp)
+                return upper
+        lam = max(10.0 * lam, 1e-4)
+    raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {lam:g}")
+
+
+def _column_params(qp: QParams, index: int) -> QParams:
+    """Parameters of group ``index`` of a ``[m, groups, 1]`` fit, shaped ``[m, 1]``."""
+    zero = None if qp.zero is None else qp.zero[:, index]
+    return QParams(qp.scale[:, index], zero)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian_or_inputs: Hessian | torch.Tensor,
+    scheme: QuantScheme | Quantizer,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = True,
+    static_groups: bool = False,
+) -> torch.Tensor:
+    """GPTQ-rounded weight ``[m, n]`` (dequantized, in ``weight``'s dtype) under ``scheme``.
+
+    ``hessian_or_inputs`` is a :class:`Hessian` or the calibration inputs ``[..., n]`` in the
+    weight's input space. ``damp`` is λ relative to mean diag H. With ``act_order`` (default)
+    columns go in decreasing diag H and group parameters come from the original weight
+    (compressed-tensors' ``actorder="weight"``: the stored format is unchanged). Without it,
+    groups are fitted when reached unless ``static_groups``; that textbook variant can lose to
+    RTN when error compensation inflates a later group's range (docs/quantizers.md).
+    The weight is not modified.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"gptq_quantize expects a [out, in] weight, got {tuple(weight.shape)}")
+    if not damp >= 0.0:
+        raise ValueError(f"damp={damp} must be >= 0")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1")
+    quant = scheme if isinstance(scheme, Quantizer) else _weight_quantizer(scheme)
+    hess = hessian_or_inputs if isinstance(hessian_or_inputs, Hessian) else input_hessian(
+        hessian_or_inputs)
+    n = weight.shape[1]
+    if hess.matrix.shape[0] != n:
+        raise ValueError(f"Hessian is {tuple(hess.matrix.shape)} but the weight has {n} inputs")
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(work).clone()
+    g = check_group_size(n, quant.group_size, "GPTQ weight")
+    grouped = g < n
+    static = grouped and (static_groups or act_order)
+    global_amax = quant.global_amax(w)
+
+    h = hess.matrix.to(device=w.device, dtype=torch.float64)
+    perm = torch.arange(n, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        h = h[perm][:, perm]
+    upper = _inverse_cholesky(h, damp).to(work)
+    if grouped and not static:
+        block_size = max(g, block_size // g * g)  # a group never straddles two blocks
+
+    fixed = None
+    if not grouped:
+        fixed = _column_params(quant.fit(quant.grouped(w), global_amax), 0)
+    elif static:
+        all_groups = quant.fit(quant.grouped(w), global_amax)
+    w = w[:, perm]
+    out = torch.zeros_like(w)
+    qp = fixed
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static:
+                qp = _column_params(all_groups, int(perm[col]) // g)
+            elif grouped and col % g == 0:
+                qp = _column_params(quant.fit(w1[:, i : i + g].unsqueeze(1), global_amax), 0)
+            assert qp is not None
+            wcol = w1[:, i : i + 1]
+            qcol = quant.quantize_with(wcol, qp)
+            out[:, col : col + 1] = qcol
+            err = (wcol - qcol) / u1[i, i]
+            w1[:, i:] -= err @ u1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    inverse = torch.argsort(perm)
+    return out[:, inverse].to(weight.dtype)
+
+
+@torch.no_grad()
+def gptq_fused_weight(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    rotate: bool,
+    x: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    act_aware: bool = DEFAULT_ACT_AWARE,
+    **kwargs: object,
+) -> torch.Tensor:
+    """GPTQ-rounded fused weight W·diag(s)·H from the site's raw calibration inputs ``x``.
+
+    The inputs are moved to the same space (X·diag(s)⁻¹·H); with ``act_aware`` they are also
+    fake-quantized as the scheme's activations are, so GPTQ sees what the kernel multiplies.
+    ``kwargs`` go to :func:`gptq_quantize`.
+    """
+    w = weight.detach().float()
+    s = None if scales is None else scales.float()
+    xt = transform_input(x.detach().float(), s, rotate)
+    if act_aware:
+        xt = quantize_activation_spec(xt, scheme)
+    return gptq_quantize(transform_weight(w, s, rotate), xt, scheme, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,189 @@
+"""The contract every architecture table must meet, on a tiny random model of each architecture.
+
+With random positive scales on every site, per-site rotations and (optionally) the residual
+rotation R1, the float model computes the same logits; the fake-quantized model is finite; signed,
+zero and offset norm weights are handled exactly. Adding an architecture = a table entry in
+smoothrot/mappings.py + a config in tests/arch/tiny.py; this class then tests it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from smoothrot.config import get_scheme
+from smoothrot.mappings import architecture_of, resolve_sites
+from smoothrot.residual import rotate_residual
+from smoothrot.surgery import SitePlan, apply_plans, transformed
+from tests.arch.tiny import TINY, exact_norms, norm_modules, tiny_model
+
+ARCHS = sorted(TINY)
+
+
+def _ids(vocab: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def _random_plans(sites, dtype=torch.float64, seed: int = 1, spread: float = 1.0) -> dict:
+    """Log-normal positive scales (e^±3 range) on every site, rotation on."""
+    gen = torch.Generator().manual_seed(seed)
+    return {rs.name: SitePlan(torch.exp(spread * torch.randn(rs.n_scales, generator=gen,
+                                                             dtype=dtype)), True)
+            for rs in sites}
+
+
+def _effective_gammas(model: nn.Module) -> list[torch.Tensor]:
+    offset = architecture_of(model).residual.norm_kind == "offset_rms"
+    return [m.weight.double() + (1.0 if offset else 0.0) for m in norm_modules(model)]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+class TestArchitectureContract:
+    def test_every_decoder_linear_is_in_exactly_one_site(self, arch):
+        model = tiny_model(arch)
+        sites = resolve_sites(model, ["all"])
+        layers = model.get_submodule(architecture_of(model).layers)
+        assert len(sites) == 4 * len(layers)
+        assert len({rs.name for rs in sites}) == len(sites)
+        members = [id(lin) for rs in sites for lin in rs.linears]
+        linears = [id(m) for m in layers.modules() if isinstance(m, nn.Linear)]
+        assert sorted(members) == sorted(linears)
+        for rs in sites:
+            assert rs.weight.shape == (sum(lin.out_features for lin in rs.linears), rs.in_features)
+
+    def test_norm_weights_are_signed_and_partly_zero(self, arch):
+        """The fixture really exercises the signed-γ case that breaks γ^α rescaling."""
+        for gamma in _effective_gammas(tiny_model(arch)):
+            assert (gamma < 0).sum() >= gamma.numel() // 3 and (gamma == 0).any()
+
+    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    def test_float64_transform_is_exact(self, arch, r1):
+        model = tiny_model(arch, torch.float64)
+        ids = _ids()
+        with exact_norms(model):
+            ref = _logits(model, ids)
+        if r1:
+            rotate_residual(model, seed=3)
+        sites = resolve_sites(model, ["all"])
+        with exact_norms(model), transformed(sites, _random_plans(sites)):
+            out = _logits(model, ids)
+            for gamma in _effective_gammas(model):
+                assert torch.isfinite(gamma).all()
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) <= 1e-9
+
+    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    def test_float32_with_native_norms(self, arch, r1):
+        """HF's own float32 forward (norms, softmax) agrees to float32 precision."""
+        model = tiny_model(arch, torch.float32)
+        ids = _ids()
+        ref = _logits(model, ids)
+        if r1:
+            rotate_residual(model, seed=3)
+        sites = resolve_sites(model, ["all"])
+        with transformed(sites, _random_plans(sites, torch.float32)):
+            out = _logits(model, ids)
+        assert _rel(out, ref) <= 1e-4
+
+    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    def test_fake_quantized_forward(self, arch, r1):
+        """W4A4 is finite and changes the logits; W8A8 stays close to float."""
+        model = tiny_model(arch)
+        ids = _ids()
+        ref = _logits(model, ids)
+        if r1:
+            rotate_residual(model, seed=3)
+        sites = resolve_sites(model, ["all"])
+        plans = _random_plans(sites, torch.float32, spread=0.3)
+        with transformed(sites, plans, get_scheme("w4a4")):
+            w4 = _logits(model, ids)
+        with transformed(sites, plans, get_scheme("w8a8")):
+            w8 = _logits(model, ids)
+        assert torch.isfinite(w4).all() and torch.isfinite(w8).all()
+        assert _rel(w4, ref) > 1e-3
+        assert _rel(w8, ref) < 0.1 * _rel(w4, ref)
+
+    def test_transformed_restores_every_parameter(self, arch):
+        model = tiny_model(arch)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        sites = resolve_sites(model, ["all"])
+        with transformed(sites, _random_plans(sites, torch.float32), get_scheme("w4a4")):
+            pass
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(m._forward_pre_hooks for m in model.modules())
+
+    def test_head_rotation_offline_in_v_rows_equals_online(self, arch):
+        """Per-head H commutes with attention, so folding it into v_proj rows is exact too."""
+        model = tiny_model(arch, torch.float64)
+        ids = _ids()
+        sites = resolve_sites(model, ["o_proj"])
+        offline = [dataclasses.replace(rs, site=dataclasses.replace(rs.site,
+                                                                    rotation="head_offline"))
+                   for rs in sites]
+        plans = _random_plans(sites)
+        with exact_norms(model):
+            ref = _logits(model, ids)
+            with transformed(sites, plans):
+                online = _logits(model, ids)
+            handles = apply_plans(offline, plans)
+            assert handles == []  # nothing left to do at run time
+        with exact_norms(model):
+            out = _logits(model, ids)
+        # No hook rotates o_proj's input, so v_proj's rows must carry H for this to hold.
+        assert _rel(online, ref) <= 1e-9 and _rel(out, ref) <= 1e-9
+
+    def test_head_offline_quantized_matches_online(self, arch):
+        """o_proj sees the same quantized input either way (v_proj itself left in float: when
+        it is quantized too, offline H mixes its rows within a head and changes its grid)."""
+        model = tiny_model(arch, torch.float64)
+        ids = _ids()
+        sites = resolve_sites(model, ["o_proj"])
+        plans = _random_plans(sites, spread=0.3)
+        offline = [dataclasses.replace(rs, site=dataclasses.replace(rs.site,
+                                                                    rotation="head_offline"))
+                   for rs in sites]
+        scheme = get_scheme("w8a8")
+        with transformed(sites, plans, scheme):
+            online = _logits(model, ids)
+        with transformed(offline, plans, scheme):
+            out = _logits(model, ids)
+        assert _rel(out, online) <= 1e-6
+
+    def test_r1_folds_norms_and_unties_lm_head(self, arch):
+        model = tiny_model(arch)
+        rmap = architecture_of(model).residual
+        embedding = model.get_submodule(rmap.embedding)
+        lm_head = model.get_submodule(rmap.lm_head)
+        tied = lm_head.weight.data_ptr() == embedding.weight.data_ptr()
+        original = copy.deepcopy(model)
+        result = rotate_residual(model, seed=0)
+        assert result.untied_lm_head == tied
+        assert lm_head.weight.data_ptr() != embedding.weight.data_ptr()
+        assert not model.config.tie_word_embeddings
+        identity = 0.0 if rmap.norm_kind == "offset_rms" else 1.0
+        layers = model.get_submodule(architecture_of(model).layers)
+        folded = [model.get_submodule(rmap.final_norm)] + [
+            layer.get_submodule(feed.norm) for layer in layers for feed in rmap.readers]
+        assert all(torch.all(n.weight == identity) for n in folded)
+        assert len(result.handles) == len(layers) * len(rmap.output_norms)
+        q = result.q.float()
+        assert torch.allclose(embedding.weight, original.get_submodule(rmap.embedding).weight @ q,
+                              atol=1e-5)

@@ -1,0 +1,159 @@
+"""Interrupted training resumes to bit-identical scales; finished sites are not retrained."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from smoothrot import lightning_module as lm
+from smoothrot.config import TrainConfig, get_scheme
+from smoothrot.lightning_module import (
+    FINAL_SCALES,
+    LAST_CKPT,
+    EpochTokenSampler,
+    ResumeError,
+    fit_scales,
+)
+
+W4A4 = get_scheme("w4a4")
+CFG = TrainConfig(steps=13, lr=0.05, batch_tokens=64, val_every=5)
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(260, 48, generator=g)
+    x[:, :2] *= 30.0
+    x[::37, 7] = 500.0
+    return {"w": torch.randn(16, 48, generator=g) / 7, "x": x[:200], "val": x[200:],
+            "init": torch.ones(48, dtype=torch.float64)}
+
+
+def _fit(
+    p: dict[str, torch.Tensor], cfg: TrainConfig = CFG, **kwargs: object
+) -> tuple[torch.Tensor, float]:
+    return fit_scales(p["w"], p["init"], W4A4, p["x"], p["val"], cfg, seed=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(problem) -> tuple[torch.Tensor, float]:
+    """An uninterrupted run without checkpoints."""
+    return _fit(problem)
+
+
+class InterruptAt(L.Callback):
+    """Raise KeyboardInterrupt (what Ctrl-C does) before optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_sampler_is_a_pure_function_of_the_first_step() -> None:
+    a = EpochTokenSampler(n=10, batch_size=4, steps_per_epoch=3, seed=5)
+    epochs = []
+    for e in range(4):
+        a.set_epoch(e)
+        epochs.append(list(a))
+    assert all(len(ep) == 12 for ep in epochs)
+    stream = [i for ep in epochs for i in ep]
+    for k in range(4):  # every pass over the 10 tokens is a permutation
+        assert sorted(stream[10 * k : 10 * (k + 1)]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # passes are shuffled differently
+    step = [0]
+    b = EpochTokenSampler(n=10, batch_size=4, steps_per_epoch=3, seed=5, first_step=lambda: step[0])
+    for s in (6, 3, 0, 9):  # any order of calls: the result depends only on the first step
+        step[0] = s
+        assert list(b) == stream[4 * s : 4 * s + 12]
+    assert list(EpochTokenSampler(10, 4, 3, seed=6)) != epochs[0]
+
+
+@pytest.mark.parametrize("stop", [3, 7, 10])
+def test_interrupt_then_resume_gives_identical_scales(problem, reference, tmp_path, stop) -> None:
+    """Ctrl-C before the first checkpoint, mid-epoch, and right at an epoch boundary."""
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(problem, checkpoint_dir=tmp_path, callbacks=[InterruptAt(stop)])
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning set SIG_IGN; we restore it
+    assert not (tmp_path / FINAL_SCALES).exists()
+    assert (tmp_path / LAST_CKPT).is_file() == (stop >= CFG.val_every)
+    scales, best = _fit(problem, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(scales, reference[0]) and best == reference[1]
+    assert (tmp_path / FINAL_SCALES).is_file()
+
+
+def test_finished_site_is_not_retrained(problem, reference, tmp_path, monkeypatch) -> None:
+    first = _fit(problem, checkpoint_dir=tmp_path)
+    assert torch.equal(first[0], reference[0])
+
+    def no_trainer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished site must not build a Trainer")
+
+    monkeypatch.setattr(lm.L, "Trainer", no_trainer)
+    again = _fit(problem, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(again[0], reference[0]) and again[1] == reference[1]
+
+
+def test_more_steps_continue_from_the_checkpoint(problem, tmp_path) -> None:
+    """Resuming with a larger train.steps equals a fresh run of that length."""
+    longer = TrainConfig(steps=20, lr=CFG.lr, batch_tokens=CFG.batch_tokens,
+                         val_every=CFG.val_every)
+    _fit(problem, checkpoint_dir=tmp_path)
+    resumed = _fit(problem, longer, checkpoint_dir=tmp_path, resume=True)
+    fresh = _fit(problem, longer)
+    assert torch.equal(resumed[0], fresh[0]) and resumed[1] == fresh[1]
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo[BaseException], *words: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_resume_refuses_a_checkpoint_of_other_inputs(problem, tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _fit(problem, checkpoint_dir=tmp_path, callbacks=[InterruptAt(7)])
+    other = TrainConfig(steps=CFG.steps, lr=0.1, batch_tokens=CFG.batch_tokens,
+                        val_every=CFG.val_every)
+    with pytest.raises(ResumeError) as exc:
+        _fit(problem, other, checkpoint_dir=tmp_path, resume=True)
+    _one_line_error(exc, str(tmp_path / LAST_CKPT), "another model", "without --resume")
+    with pytest.raises(ResumeError) as exc:  # the same checkpoint, another layer's weight
+        fit_scales(problem["w"] * 2, problem["init"], W4A4, problem["x"], problem["val"], CFG,
+                   seed=1, checkpoint_dir=tmp_path, resume=True)
+    _one_line_error(exc, "another model")
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint(problem, tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _fit(problem, checkpoint_dir=tmp_path, callbacks=[InterruptAt(12)])
+    shorter = TrainConfig(steps=5 - 1, lr=CFG.lr, batch_tokens=CFG.batch_tokens,
+                          val_every=CFG.val_every)
+    with pytest.raises(ResumeError) as exc:
+        _fit(problem, shorter, checkpoint_dir=tmp_path, resume=True)
+    _one_line_error(exc, "at step 10", "train.steps=4")
+
+
+def test_damaged_checkpoint_is_a_one_line_error(problem, tmp_path) -> None:
+    (tmp_path / LAST_CKPT).write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ResumeError) as exc:
+        _fit(problem, checkpoint_dir=tmp_path, resume=True)
+    _one_line_error(exc, "unreadable", "delete it")
+
+
+def test_fresh_run_ignores_stale_files(problem, reference, tmp_path: Path) -> None:
+    """Without --resume old files are replaced, so a later --resume cannot pick them up."""
+    (tmp_path / LAST_CKPT).write_bytes(b"stale")
+    (tmp_path / FINAL_SCALES).write_bytes(b"stale")
+    scales, best = _fit(problem, checkpoint_dir=tmp_path)
+    assert torch.equal(scales, reference[0]) and best == reference[1]
+    again = _fit(problem, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(again[0], reference[0])

@@ -1,0 +1,146 @@
+"""Export fitted scales as a fused / W8A8 / W4A4 checkpoint, and verify an export.
+
+    python train/export.py export --scales outputs/fit_scales/scales.safetensors --format w4a4
+    python train/export.py verify outputs/fit_scales/export-w4a4
+
+An export loads again with one call: ``smoothrot.load_pretrained(path)``. ``verify`` reloads it
+and compares it with the original model: logits for ``fused``, perplexity against the in-memory
+fake-quant model for ``w8a8``/``w4a4`` (limits in docs/equivalence.md). Exit status 1 if a check
+fails, 2 on a usage error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Kept literal so `--help` does not import torch; tests check them against smoothrot.export.
+FORMATS = ("fused", "w8a8", "w4a4")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
+
+
+def load_model(name: str, **kwargs: Any):
+    """smoothrot.models.load_model, imported on first use (tests replace this function)."""
+    from smoothrot.models import load_model as _load
+
+    return _load(name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Write a fused (float), W8A8 or W4A4 checkpoint from a fit's scales, or "
+        "verify one against the original model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="write an export folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--scales", required=True, help="scales.safetensors written by fit_scales")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--out", help="target folder (default: <scales folder>/export-<format>)")
+    e.add_argument("--model", help="the model the scales were fitted on (default: the one "
+                   "named in the scales file)")
+    e.add_argument("--gguf-file", help="GGUF file name inside --model's folder")
+    e.add_argument("--method", default="trained", help="whose scales: trained, joint, "
+                   "joint_global, quantile, smoothrot_max, hadamard (none) or rtn (none)")
+    e.add_argument("--scheme", help="scheme whose scales to use (default: the format's; for "
+                   "fused the run's first scheme)")
+    e.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES,
+                   help="dtype of the stored float tensors")
+    e.add_argument("--report", help="the run's report.json, for provenance (default: next to "
+                   "the scales file, if there)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    e.add_argument("--verify", action="store_true", help="verify the export afterwards")
+    _verify_options(e)
+
+    v = sub.add_parser("verify", help="reload an export and compare it with the original model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("path", help="export folder")
+    v.add_argument("--model", help="the original model (default: the one the export names)")
+    v.add_argument("--gguf-file", help="GGUF file name inside --model's folder")
+    _verify_options(v)
+    return p
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="pydoc", help="text for the check (its evaluation split)")
+    p.add_argument("--samples", type=int, default=8, help="token windows")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    p.add_argument("--activation-quantizer", default="smoothrot", choices=ACTIVATION_QUANTIZERS,
+                   help="who quantizes activations of a w8a8/w4a4 reload")
+
+
+def _windows(tokenizer: Any, args: argparse.Namespace):
+    from smoothrot.config import DataConfig
+    from smoothrot.data import load_documents, split_documents, token_windows
+
+    splits = split_documents(load_documents(args.data), DataConfig().fractions, 0)
+    return token_windows(tokenizer, splits["evaluation"], args.samples, args.seq_len, seed=0,
+                         split_name="evaluation")
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    from smoothrot.export import export_from_scales_file, read_scales_file
+
+    scales = Path(args.scales)
+    _, meta = read_scales_file(scales)
+    report_path = Path(args.report) if args.report else scales.parent / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    out = Path(args.out) if args.out else scales.parent / f"export-{args.format}"
+    model, tokenizer = load_model(args.model or meta["model"], gguf_file=args.gguf_file)
+    path = export_from_scales_file(
+        scales, args.format, out, model=model, tokenizer=tokenizer, method=args.method,
+        scheme=args.scheme, dtype=args.dtype, overwrite=args.overwrite, report=report,
+    )
+    print(f"exported {args.format} to {path}; "
+          f"load it with smoothrot.load_pretrained({str(path)!r})")
+    return path
+
+
+def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from smoothrot.export import METADATA_FILE, verify_export
+
+    meta_file = path / METADATA_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    name = getattr(args, "model", None) or meta.get("source_model")
+    if not name:
+        raise ValueError(f"{path} does not name its source model; pass --model")
+    model, tokenizer = load_model(name, gguf_file=getattr(args, "gguf_file", None))
+    result = verify_export(path, model, _windows(tokenizer, args),
+                           activation_quantizer=args.activation_quantizer)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    try:
+        if args.command == "export":
+            path = run_export(args)
+            if args.verify:
+                return 0 if run_verify(path, args)["passed"] else 1
+            return 0
+        return 0 if run_verify(Path(args.path), args)["passed"] else 1
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
