@@ -327,7 +327,10 @@ def load_config(path: str | Path) -> FitConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        first = f"config file {path} is not valid YAML: {exc}".splitlines()[0]
+        if isinstance(exc, yaml.constructor.ConstructorError):  # e.g. !!python/object tags
+            first += " (configs are plain YAML; tags that build Python objects are refused)"
+        raise ConfigError(first) from None
     try:
         return config_from_dict(data)
     except TypeError as exc:  # wrong value types reaching a dataclass

@@ -109,7 +109,9 @@ def _load_text_file(path: Path) -> list[str]:
     docs = [para.strip() for para in _PARAGRAPH_RE.split(text.replace("\r\n", "\n"))]
     docs = [doc for doc in docs if doc]
     if not docs:
-        raise ValueError(f"text source {path} contains no text")
+        raise ValueError(
+            f"text source {path} contains no text; pass a non-empty UTF-8 text file or 'pydoc'"
+        )
     logger.info("loaded %d paragraphs from %s (%d chars)", len(docs), path, sum(map(len, docs)))
     return docs
 

@@ -422,6 +422,25 @@ def _quantize_sites(model: nn.Module, linear_names: list[str], scheme: QuantSche
 # ---------------------------------------------------------------------------------------------
 
 
+def _prepared_copy(
+    model: nn.Module, target: torch.dtype, residual_seed: int | None
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A savable copy in ``target`` dtype, with the R1 residual rotation re-applied if asked."""
+    work = copy.deepcopy(model)
+    _drop_gguf_marker(work)
+    residual = None
+    if residual_seed is not None:
+        from smoothrot.residual import rotate_residual
+
+        work.to(torch.float64 if target == torch.float64 else torch.float32)
+        rot = rotate_residual(work, seed=residual_seed)
+        if rot.handles:
+            raise ExportError("this architecture's residual rotation needs online hooks after "
+                              "output norms, which the export cannot declare yet")
+        residual = {"seed": residual_seed, "kind": rot.kind, "untied_lm_head": rot.untied_lm_head}
+    return work.to(target), residual
+
+
 def export_model(
     model: nn.Module,
     plans: Mapping[str, SitePlan],
@@ -454,23 +473,16 @@ def export_model(
 
     # The copy is fused in the export dtype, as apply_plans fuses a model loaded in that dtype
     # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
-    work = copy.deepcopy(model)
-    _drop_gguf_marker(work)
-    residual = None
-    if residual_seed is not None:
-        from smoothrot.residual import rotate_residual
-
-        work.to(torch.float64 if target == torch.float64 else torch.float32)
-        rot = rotate_residual(work, seed=residual_seed)
-        if rot.handles:
-            raise ExportError("this architecture's residual rotation needs online hooks after "
-                              "output norms, which the export cannot declare yet")
-        residual = {"seed": residual_seed, "kind": rot.kind, "untied_lm_head": rot.untied_lm_head}
-    work.to(target)
+    work, residual = _prepared_copy(model, target, residual_seed)
     sites = _resolve_planned(work, plans)
-    check_representable(work, sites, plans, target)
     for handle in apply_plans(sites, plans):
         handle.remove()  # the online part is declared in config.json instead
+    if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
+        # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
+        # parameter and its value (rare path, so the common one fuses once).
+        fresh, _ = _prepared_copy(model, target, residual_seed)
+        check_representable(fresh, _resolve_planned(fresh, plans), plans, target)
+        raise ExportError(f"fused weights are not finite in {dtype}; export float32")
     entries = _site_entries(work, sites, plans)
     precision = torch.float64 if target == torch.float64 else torch.float32
     ct_full, ct_online, ct_reason = _ct_transform_configs(entries, precision)

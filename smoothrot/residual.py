@@ -60,16 +60,23 @@ def rotation_matrix(n: int, seed: int = 0, kind: str = "hadamard") -> tuple[torc
 
 
 class OnlineResidualRotation:
-    """Forward hook after a Gemma-2 output norm: y ↦ y·Q (fast when Q = diag(σ)·H)."""
+    """x ↦ x·Q, as a forward hook after a Gemma-2 output norm and for folding weights.
+
+    With Q = diag(σ)·H this is a fast Hadamard transform of x·diag(σ), O(n log n) per row.
+    """
 
     def __init__(self, q: torch.Tensor, signs: torch.Tensor | None) -> None:
         self.q = q
         self.signs = signs
 
-    def __call__(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Q over the last dim, in x's dtype and device."""
         if self.signs is not None:
-            return hadamard_transform(output * self.signs.to(output))
-        return output @ self.q.to(output)
+            return hadamard_transform(x * self.signs.to(x))
+        return x @ self.q.to(x)
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.apply(output)
 
 
 def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
@@ -147,20 +154,19 @@ def fold_norms(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _right(linear: nn.Module, q: torch.Tensor) -> None:
-    """Reader: W ← W·Q (its input is now x·Q)."""
-    w = linear.weight
-    w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
+def _right(module: nn.Module, rot: OnlineResidualRotation) -> None:
+    """Reader (or embedding, rows = tokens): W ← W·Q (its input is now x·Q)."""
+    w = module.weight
+    w.copy_(rot.apply(w.double()).to(w.dtype))
 
 
 @torch.no_grad()
-def _left(linear: nn.Linear, q: torch.Tensor) -> None:
-    """Writer: W ← Qᵀ·W, b ← b·Q (its output is now y·Q)."""
+def _left(linear: nn.Linear, rot: OnlineResidualRotation) -> None:
+    """Writer: W ← Qᵀ·W = (Wᵀ·Q)ᵀ, b ← b·Q (its output is now y·Q)."""
     w = linear.weight
-    qd = q.to(w.device)
-    w.copy_((qd.T @ w.double()).to(w.dtype))
+    w.copy_(rot.apply(w.double().T).T.to(w.dtype))
     if linear.bias is not None:
-        linear.bias.copy_((linear.bias.double() @ qd).to(linear.bias.dtype))
+        linear.bias.copy_(rot.apply(linear.bias.double()).to(linear.bias.dtype))
 
 
 @torch.no_grad()
@@ -178,20 +184,20 @@ def rotate_residual(model: nn.Module, *, seed: int = 0, kind: str = "hadamard") 
         log.warning("no Hadamard matrix of order %d: R1 uses a random orthogonal matrix", hidden)
         kind = "random"
     q, signs = rotation_matrix(hidden, seed, kind)
+    rot = OnlineResidualRotation(q, signs)
     untied = fold_norms(model)
-    _right(embedding, q)  # rows are tokens: E·Q
+    _right(embedding, rot)  # rows are tokens: E·Q
     layers = model.get_submodule(arch.layers)
     handles = []
     for layer in layers:
         for feed in rmap.readers:
             for path in feed.linears:
-                _right(layer.get_submodule(path), q)
+                _right(layer.get_submodule(path), rot)
         for path in rmap.writers:
-            _left(layer.get_submodule(path), q)
+            _left(layer.get_submodule(path), rot)
         for path in rmap.output_norms:
-            hook = OnlineResidualRotation(q, signs)
-            handles.append(layer.get_submodule(path).register_forward_hook(hook))
-    _right(model.get_submodule(rmap.lm_head), q)
+            handles.append(layer.get_submodule(path).register_forward_hook(rot))
+    _right(model.get_submodule(rmap.lm_head), rot)
     log.info("rotated the residual stream of %d layers by a %s Q of order %d%s", len(layers),
              kind, hidden, f" (+{len(handles)} online output-norm rotations)" if handles else "")
     return ResidualRotation(q=q, kind=kind, signs=signs, untied_lm_head=untied, handles=handles)

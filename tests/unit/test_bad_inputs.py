@@ -120,7 +120,7 @@ def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    print("\nMSG", lines[0]); return lines[0]
+    return lines[0]
 
 
 def assert_words(line: str, *words: str) -> None:
@@ -231,7 +231,7 @@ def test_empty_text_file(capsys, tmp_path, tiny_model) -> None:
     text.write_text("\n  \n\n")
     line = cli_error(capsys, "--config", str(small_config(tmp_path, tiny_model)),
                      "--data", str(text))
-    assert_words(line, str(text), "contains no text")
+    assert_words(line, str(text), "contains no text", "'pydoc'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_yaml_python_tags_are_rejected_not_executed(capsys, tmp_path) -> None:
     cfg = tmp_path / "evil.yaml"
     cfg.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
     line = cli_error(capsys, "--config", str(cfg))
-    assert_words(line, str(cfg), "not valid YAML", "python/object")
+    assert_words(line, str(cfg), "not valid YAML", "python/object", "refused")
     assert not marker.exists()
     with pytest.raises(ConfigError):
         load_config(cfg)

@@ -1,0 +1,71 @@
+"""Exports of the real embedded SmolLM2 (down_proj: 1536 = 12·128, a Paley factor) reload exactly.
+
+A few layers keep each test fast; the same checks on all 30 layers are `train/export.py verify`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from smoothrot.calibration import capture_sites, run_model
+from smoothrot.config import get_scheme
+from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.evaluate import perplexity
+from smoothrot.export import export_model, load_pretrained
+from smoothrot.mappings import resolve_sites
+from smoothrot.policies import smoothing_scales
+from smoothrot.stats import weight_absmax
+from smoothrot.surgery import SitePlan, transformed
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+LAYERS = r"re:model\.layers\.(2|15|29)\.mlp\.down_proj"
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2):
+    """Max-policy scales (α = 0.5) of 3 layers from 4×64 calibration tokens; 4×64 eval tokens."""
+    model, tok = smollm2
+    splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "evaluation": 0.2}, 0)
+    windows = {name: token_windows(tok, splits[name], 4, 64, seed=0, split_name=name)
+               for name in ("calibration", "evaluation")}
+    sites = resolve_sites(model, [LAYERS])
+    with capture_sites(sites, total_tokens=windows["calibration"].numel(), keep_rows=False,
+                       quantiles=[0.99]) as rec:
+        run_model(model, windows["calibration"], 4, "calib")
+    plans = {rs.name: SitePlan(smoothing_scales(rec[rs.name].absmax.value(),
+                                                weight_absmax(rs.weight), 0.5), True)
+             for rs in sites}
+    return model, tok, sites, plans, windows["evaluation"]
+
+
+def test_fused_float32_export_reloads_with_the_original_logits(setup, tmp_path):
+    model, tok, _, plans, ids = setup
+    kappa = max(float(p.scales.max() / p.scales.min()) for p in plans.values())
+    path = export_model(model, plans, tmp_path / "fused", tokenizer=tok)
+    loaded = load_pretrained(path)
+    with torch.no_grad():
+        ref = model(input_ids=ids[:2]).logits.double()
+        out = loaded(input_ids=ids[:2]).logits.double()
+    rel = float((out - ref).norm() / ref.norm())
+    log.warning("SmolLM2 fused float32 export: logits rel. error %.3g (max s/min s = %.3g)",
+                rel, kappa)
+    assert rel <= 1e-4
+    assert (path / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["w4a4", "w8a8"])
+def test_quantized_export_reloads_with_the_fake_quant_perplexity(setup, tmp_path, fmt):
+    model, _, sites, plans, ids = setup
+    path = export_model(model, plans, tmp_path / fmt, fmt=fmt)
+    with transformed(sites, plans, get_scheme(fmt)):
+        ppl_memory = perplexity(model, ids)
+    ppl_reload = perplexity(load_pretrained(path), ids)
+    ppl_ct = perplexity(load_pretrained(path, activation_quantizer="compressed-tensors"), ids)
+    log.warning("SmolLM2 %s: ppl in memory %.4f, reloaded %.4f, compressed-tensors "
+                "activations %.4f", fmt, ppl_memory, ppl_reload, ppl_ct)
+    assert abs(ppl_reload - ppl_memory) / ppl_memory <= 0.005
+    assert ppl_ct < 2 * ppl_memory  # same weights, a slightly different activation grid
