@@ -882,6 +882,9 @@ def export_from_scales_file(
             raise ExportError(f"{scales_path}: {method!r} scales of {scheme} miss sites {missing}")
         plans = {s: SitePlan(found[s], True) for s in sites}
     config = (report or {}).get("config", {})
+    if report is None:
+        log.warning("no report.json for %s: exporting without provenance and assuming the fit "
+                    "used no residual rotation", scales_path)
     residual_seed = config.get("seed", 0) if config.get("residual_rotation") else None
     provenance = _provenance(report, scheme, method, scales_path)
     provenance["source_model"] = meta.get("model")

@@ -27,6 +27,7 @@ import pickle
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -348,7 +349,11 @@ def _interruptible(trainer: L.Trainer, run: Callable[..., object], **kwargs: obj
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        run(**kwargs)
+        with warnings.catch_warnings():
+            # Resuming from the checkpoint a shorter run wrote at its last step (not an epoch
+            # end) is exact here: EpochTokenSampler starts from the restored global step.
+            warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch")
+            run(**kwargs)
     except SystemExit:
         if not trainer.interrupted:
             raise

@@ -95,6 +95,9 @@ def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, head_rotatio
         g = source.weight.double()
         g = g / scales if kind == "norm" else (1.0 + g) / scales - 1.0
         source.weight.copy_(g.to(source.weight.dtype))
+        bias = getattr(source, "bias", None)
+        if isinstance(bias, torch.Tensor):  # LayerNorm: n(x)·γ + β, both scale with the channel
+            bias.copy_((bias.double() / scales).to(bias.dtype))
         return
     lo, hi = rs.rows or (0, source.out_features)
     w = source.weight[lo:hi].double()

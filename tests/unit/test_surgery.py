@@ -214,3 +214,22 @@ def test_capture_every_site_of_every_layer(llama):
         handle.remove()
     assert torch.equal(records["model.layers.1.self_attn.qkv"].tokens(),
                        norm_out[0].reshape(-1, 64))
+
+
+def test_fold_into_layernorm_divides_bias_too(llama):
+    from smoothrot.mappings import ResolvedSite, SmoothingSite
+
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(64).double(), torch.nn.Linear(64, 8).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(5, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = linear(norm(x))
+    rs = ResolvedSite("x", SmoothingSite("ln", ("l",), "n", "norm"), 0, (linear,), norm, None,
+                      resolve_sites(llama, ["qkv"])[0].transform)
+    scales = torch.exp(torch.randn(64, dtype=torch.float64))
+    with transformed([rs], {"x": SitePlan(scales, True)}), torch.no_grad():
+        out = linear(norm(x))  # the pre-hook applies H online
+    assert torch.allclose(out, ref, atol=1e-12)
