@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot import fp4
+from smoothrot.config import QUANT_FORMATS
 
 if TYPE_CHECKING:
     from smoothrot.config import QuantScheme
@@ -122,7 +123,7 @@ def quantize_activation(
 # --------------------------------------------------------------------------------------------
 # Scheme-level quantizers: formats, groups, asymmetry, MSE clip search.
 
-FORMATS: tuple[str, ...] = ("int", "nvfp4", "mxfp4")
+FORMATS: tuple[str, ...] = QUANT_FORMATS
 
 # Clip ratios tried by the MSE search, largest first (ties keep the larger range). 1.0 is in the
 # grid, so the search can never be worse than plain RTN on the tensor it searches.

@@ -26,6 +26,8 @@ SITE_ROTATIONS = ("online", "head_online", "head_offline", "none")
 TIES = ("kv_heads",)
 NORM_KINDS = ("rms", "offset_rms")
 ALL = "all"
+# Set on a model by residual.rotate_residual: its residual stream is already rotated by Q.
+RESIDUAL_ROTATION_ATTR = "smoothrot_residual_rotation"
 
 
 @dataclass(frozen=True)
@@ -301,8 +303,19 @@ def architecture_of(model: nn.Module) -> ArchitectureMap:
         ) from None
 
 
-def _input_transform(site: SmoothingSite, dims: ModelDims) -> InputTransform:
+def _reads_rotated_residual(model: nn.Module, arch: ArchitectureMap, site: SmoothingSite) -> bool:
+    """True if R1 was applied and the site's linears read the (rotated) residual stream."""
+    if arch.residual is None or getattr(model, RESIDUAL_ROTATION_ATTR, None) is None:
+        return False
+    return any(set(site.linears) <= set(feed.linears) for feed in arch.residual.readers)
+
+
+def _input_transform(site: SmoothingSite, dims: ModelDims, rotated_input: bool) -> InputTransform:
     rotation = {"online": "online", "none": "none"}.get(site.rotation, "head")
+    if rotated_input and rotation == "online":
+        # R1 already rotated this input by Q = diag(σ)·H; a second H would undo it (H·H = I for
+        # a symmetric H, so x·Q·H = x·diag(σ)), bringing the outliers back.
+        rotation = "none"
     head = rotation == "head" or site.tie is not None
     tie = site.tie == "kv_heads" and dims.heads != dims.kv_heads
     return InputTransform(
@@ -332,7 +345,7 @@ def _bind(model: nn.Module, arch: ArchitectureMap, dims: ModelDims, index: int,
         raise ValueError(f"{name}: the linears {site.linears} do not share one input size")
     rows = ROW_SLICES[site.smooth_from_rows](dims) if site.smooth_from_rows else None
     source = layer.get_submodule(site.smooth_from)
-    transform = _input_transform(site, dims)
+    transform = _input_transform(site, dims, _reads_rotated_residual(model, arch, site))
     n_scales = transform.n_scales(linears[0].in_features)
     size = _source_size(name, source, site.smooth_from_kind, rows)
     if size != n_scales:
@@ -357,6 +370,8 @@ def resolve_sites(model: nn.Module, patterns: list[str]) -> list[ResolvedSite]:
     A pattern is ``all``, a site name (``down_proj``, ``qkv``: every layer), a qualified site name
     (``model.layers.11.mlp.down_proj``, ``model.layers.0.self_attn.qkv``), the qualified name of
     any linear of a group (``model.layers.0.self_attn.k_proj``) or a regex prefixed with ``re:``.
+    On a model whose residual stream was rotated (R1), sites reading the residual stream (q/k/v,
+    gate/up) get no online rotation of their own: their input is already rotated.
     """
     arch = architecture_of(model)
     dims = ModelDims.from_config(model.config)

@@ -187,3 +187,15 @@ class TestArchitectureContract:
         q = result.q.float()
         assert torch.allclose(embedding.weight, original.get_submodule(rmap.embedding).weight @ q,
                               atol=1e-5)
+        with pytest.raises(ValueError, match="already rotated"):
+            rotate_residual(model)
+
+    def test_r1_sites_reading_the_residual_do_not_rotate_again(self, arch):
+        """Q·H with Q = diag(σ)·H is diag(σ): a second Hadamard would undo R1."""
+        model = tiny_model(arch)
+        before = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
+        rotate_residual(model)
+        after = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
+        assert before == {"qkv": "online", "o_proj": "head", "gate_up": "online",
+                          "down_proj": "online"}
+        assert after == {**before, "qkv": "none", "gate_up": "none"}

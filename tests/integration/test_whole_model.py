@@ -1,0 +1,70 @@
+"""Whole-model transforms on the real embedded SmolLM2 (every linear group, R1), small budgets."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from smoothrot.config import get_scheme
+from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.mappings import resolve_sites
+from smoothrot.residual import rotate_residual
+from smoothrot.surgery import SitePlan, transformed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2) -> torch.Tensor:
+    _, tok = smollm2
+    splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "evaluation": 0.2}, 0)
+    return token_windows(tok, splits["evaluation"], 2, 128, seed=0, split_name="evaluation")
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            ids[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+def test_r1_and_every_site_are_exact_with_signed_gamma(smollm2, ids):
+    """271 of 576 γ of layer 0's input norm are negative; R1 + scales on all 120 sites: exact."""
+    model, _ = smollm2
+    assert int((model.model.layers[0].input_layernorm.weight < 0).sum()) == 271
+    ref = _logits(model, ids)
+    rotated = copy.deepcopy(model)
+    result = rotate_residual(rotated)
+    assert result.untied_lm_head and not rotated.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    sites = resolve_sites(rotated, ["all"])
+    assert len(sites) == 120 and sites[1].n_scales == 192  # o_proj: 3 kv heads of 64
+    gen = torch.Generator().manual_seed(0)
+    plans = {rs.name: SitePlan(torch.exp(2 * torch.randn(rs.n_scales, generator=gen,
+                                                         dtype=torch.float64)), True)
+             for rs in sites}
+    with transformed(sites, plans):
+        out = _logits(rotated, ids)
+    assert float((out - ref).norm() / ref.norm()) <= 1e-4
+
+
+def test_whole_model_quantization_with_rotations(smollm2, ids):
+    """Every linear quantized: W8A8 with rotations stays near float, W4A4 needs the rotations."""
+    model, _ = smollm2
+    sites = resolve_sites(model, ["all"])
+    float_ppl = _ppl(_logits(model, ids), ids)
+    ppl = {}
+    for scheme, rotate in (("w8a8", True), ("w4a4", True), ("w4a4", False)):
+        with transformed(sites, {rs.name: SitePlan(None, rotate) for rs in sites},
+                         get_scheme(scheme)):
+            ppl[scheme, rotate] = _ppl(_logits(model, ids), ids)
+    assert ppl["w8a8", True] <= 1.02 * float_ppl
+    assert ppl["w4a4", True] < ppl["w4a4", False] / 10
+    assert math.isfinite(ppl["w4a4", False])
