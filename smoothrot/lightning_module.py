@@ -7,9 +7,10 @@ including the initial ones, so training can only improve the selection error.
 
 Interrupted training resumes *exactly* (same scales, bit for bit, as an uninterrupted run):
 
-* one Lightning epoch is ``val_every`` steps, and the tokens of epoch ``e`` are a pure function
-  of ``(seed, e)`` (:class:`EpochTokenSampler`), so the batch order never depends on how many
-  steps ran before a restart;
+* the tokens of training step g are a pure function of ``(seed, g)`` (:class:`EpochTokenSampler`
+  starts each epoch at the restored optimizer step), so the batch order never depends on how
+  many steps ran before a restart;
+* one Lightning epoch is ``val_every`` steps;
 * validation and ``last.ckpt`` happen at epoch ends, the only place where Lightning 2.x restores
   the loop without replaying or skipping batches (mid-epoch it restarts the dataloader);
 * a finished site writes ``final.safetensors`` (its scales, atomically) that a resumed run
@@ -61,7 +62,7 @@ class ScaleFitModule(L.LightningModule):
         weight: torch.Tensor,
         init_scales: torch.Tensor,
         scheme: QuantScheme,
-        rotate: bool = True,
+        rotate: bool | str = True,
         lr: float = 0.02,
         log_bound: float = 9.0,
         run_key: str = "",
@@ -193,13 +194,12 @@ def run_key(
     train_x: torch.Tensor,
     val_x: torch.Tensor,
     cfg: TrainConfig,
-    rotate: bool,
+    rotate: bool | str,
     seed: int,
 ) -> str:
     """Identity of a training run except its length (``steps``): equal keys, same trajectory."""
     tensors = _tensor_digest(weight.float(), init_scales.double(), train_x.float(), val_x.float())
-    return (f"{tensors}|{scheme.name}:{scheme.w_bits}:{scheme.a_bits}:{scheme.w_clip}:"
-            f"{scheme.a_clip}|rotate={rotate}|lr={cfg.lr}|batch={cfg.batch_tokens}|"
+    return (f"{tensors}|{scheme!r}|rotate={rotate}|lr={cfg.lr}|batch={cfg.batch_tokens}|"
             f"val_every={cfg.val_every}|bound={cfg.log_bound}|seed={seed}")
 
 
@@ -269,7 +269,7 @@ def fit_scales(
     val_x: torch.Tensor,
     cfg: TrainConfig,
     *,
-    rotate: bool = True,
+    rotate: bool | str = True,
     seed: int = 0,
     accelerator: str = "cpu",
     checkpoint_dir: Path | None = None,
@@ -281,7 +281,9 @@ def fit_scales(
     With ``checkpoint_dir``, ``last.ckpt`` is saved every ``cfg.val_every`` steps and
     ``final.safetensors`` when the site is done. With ``resume``, a finished site is read back
     and an unfinished one continues from ``last.ckpt``; the result equals an uninterrupted run.
-    Ctrl-C raises KeyboardInterrupt (Lightning alone would exit the process).
+    Ctrl-C raises KeyboardInterrupt (Lightning alone would exit the process). ``rotate`` is
+    True/False or an input-transform spec string (``losses.as_transform``); ``callbacks`` are
+    extra Lightning callbacks (tests use one to interrupt).
     """
     key = run_key(weight, init_scales, scheme, train_x, val_x, cfg, rotate, seed)
     ckpt = final = None

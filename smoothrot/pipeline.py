@@ -194,7 +194,7 @@ def _run_scheme(
             }
     methods = [m for m in cfg.methods if m in scales]
     with timer.stage(f"{scheme.name}: held-out errors"):
-        for method in methods:
+        for method in tqdm(methods, desc=f"{scheme.name} held-out errors", leave=False):
             result.errors[method] = {
                 rs.name: layer_error(data[rs.name].heldout_x, weights[rs.name],
                                      scales[method][rs.name],
