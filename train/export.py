@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -124,6 +125,19 @@ def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = os.environ.get("TQDM_DISABLE")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when each bar is created
+    try:
+        return _run(args)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -135,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0 if run_verify(path, args)["passed"] else 1
             return 0
         return 0 if run_verify(Path(args.path), args)["passed"] else 1
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # bad input, full disk, load errors
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,8 @@ import copy
 import errno
 import importlib.util
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -285,6 +287,10 @@ def test_existing_target_needs_overwrite(tmp_path):
     export_model(model, _plans(model), target, overwrite=True)
     assert not (target / "old.txt").exists() and (target / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
 def _disk_full(*_args, **_kwargs):
