@@ -20,6 +20,9 @@ the grid that RTN with the same scheme would use; only the rounding decisions di
 
 In smoothrot GPTQ runs on the fused weight W' = W·diag(s)·H with inputs in the same space
 X' = X·diag(s)⁻¹·H (:func:`gptq_fused_weight`), or their activation-quantized version Q_a(X').
+:func:`gptq_fused_weight_selected` picks the damping per site on the selection split, with
+λ = ∞ (plain RTN) among the candidates: with fewer calibration tokens than inputs, or where
+activation error dominates, GPTQ can lose to RTN, and the selection split shows it.
 """
 
 from __future__ import annotations
@@ -30,16 +33,31 @@ from dataclasses import dataclass
 import torch
 
 from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import QParams, Quantizer, check_group_size, quantize_activation_spec
+from smoothrot.fake_quant import (
+    QParams,
+    Quantizer,
+    check_group_size,
+    quantize_activation_spec,
+    quantize_weight_spec,
+)
 from smoothrot.fake_quant import weight_quantizer as _weight_quantizer
-from smoothrot.losses import transform_input, transform_weight
+from smoothrot.losses import (
+    TransformArg,
+    output_loss,
+    quantized_output,
+    transform_input,
+    transform_weight,
+)
 
 __all__ = [
     "DEFAULT_ACT_AWARE",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_DAMP",
+    "DEFAULT_DAMP_GRID",
+    "GPTQChoice",
     "Hessian",
     "gptq_fused_weight",
+    "gptq_fused_weight_selected",
     "gptq_quantize",
     "input_hessian",
 ]
@@ -48,9 +66,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_DAMP = 0.01
-# Measured on SmolLM2 down_proj (docs/quantizers.md): GPTQ's Hessian from the float inputs X'
-# beats the one from the quantized inputs Q_a(X') on held-out output error, so float is default.
+# Measured on SmolLM2 down_proj (docs/quantizers.md): the Hessian from quantized inputs Q_a(X')
+# was no better than from the float X' on the selection split, so the simpler float is default.
 DEFAULT_ACT_AWARE = False
+# Damping candidates of gptq_fused_weight_selected (λ relative to mean diag H); RTN is λ = ∞.
+DEFAULT_DAMP_GRID = (0.01, 0.1, 1.0)
 _MAX_DAMP_RETRIES = 6
 
 
@@ -184,7 +204,7 @@ def gptq_quantize(
 def gptq_fused_weight(
     weight: torch.Tensor,
     scales: torch.Tensor | None,
-    rotate: bool,
+    rotate: TransformArg,
     x: torch.Tensor,
     scheme: QuantScheme,
     *,
@@ -203,3 +223,57 @@ def gptq_fused_weight(
     if act_aware:
         xt = quantize_activation_spec(xt, scheme)
     return gptq_quantize(transform_weight(w, s, rotate), xt, scheme, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class GPTQChoice:
+    """The selected rounding of one fused weight: ``damp`` None means RTN was kept."""
+
+    weight_q: torch.Tensor
+    damp: float | None
+    selection_loss: float
+    rtn_selection_loss: float
+
+
+@torch.no_grad()
+def gptq_fused_weight_selected(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    rotate: TransformArg,
+    x: torch.Tensor,
+    x_selection: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    damps: tuple[float, ...] = DEFAULT_DAMP_GRID,
+    act_aware: bool = DEFAULT_ACT_AWARE,
+    **kwargs: object,
+) -> GPTQChoice:
+    """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
+
+    Candidates: GPTQ for each λ in ``damps`` (one Hessian from ``x``) and λ = ∞, i.e. RTN of the
+    fused weight. The loss is the layer-output loss every other choice uses (losses.py), with
+    activations quantized as the scheme says, so the result is never worse than RTN on the
+    selection split; held-out tokens are not looked at.
+    """
+    w = weight.detach().float()
+    s = None if scales is None else scales.float()
+    xs = x_selection.detach().float()
+    y = xs @ w.T
+    fused = transform_weight(w, s, rotate)
+
+    def loss(wq: torch.Tensor) -> float:
+        return float(output_loss(y, quantized_output(xs, w, s, rotate, scheme, weight_q=wq)))
+
+    rtn = quantize_weight_spec(fused, scheme)
+    rtn_loss = loss(rtn)
+    best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
+    xt = transform_input(x.detach().float(), s, rotate)
+    if act_aware:
+        xt = quantize_activation_spec(xt, scheme)
+    hess = input_hessian(xt)
+    for damp in damps:
+        wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
+        value = loss(wq)
+        if value < best.selection_loss:
+            best = GPTQChoice(wq, damp, value, rtn_loss)
+    return best

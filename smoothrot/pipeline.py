@@ -21,7 +21,7 @@ from smoothrot.config import FitConfig, get_scheme
 from smoothrot.data import load_documents, split_documents, text_hash, token_windows
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.fake_quant import check_group_size
-from smoothrot.gptq import gptq_fused_weight
+from smoothrot.gptq import gptq_fused_weight_selected
 from smoothrot.lightning_module import fit_scales
 from smoothrot.mappings import ResolvedSite, resolve_sites
 from smoothrot.models import load_model, model_fingerprint
@@ -34,7 +34,9 @@ from smoothrot.surgery import SitePlan, transformed
 log = logging.getLogger(__name__)
 
 POLICY_METHODS = ("smoothrot_max", "quantile", "joint_global", "joint")
-GPTQ_SUFFIX = "+gptq"  # "<base>+gptq": base scales, fused weight rounded by GPTQ on train_x
+# "<base>+gptq": base scales; fused weight rounded by GPTQ on train_x, damping (or RTN) chosen
+# on the selection split.
+GPTQ_SUFFIX = "+gptq"
 
 
 @dataclass
@@ -186,12 +188,18 @@ def _run_scheme(
         base = method.removesuffix(GPTQ_SUFFIX)
         scales[method] = scales[base]
         with timer.stage(f"{scheme.name}: gptq"):
-            weights_q[method] = {
-                rs.name: gptq_fused_weight(weights[rs.name], scales[base][rs.name],
-                                           rs.transform.arg,
-                                           data[rs.name].train_x, scheme)
+            picks = {
+                rs.name: gptq_fused_weight_selected(
+                    weights[rs.name], scales[base][rs.name], rs.transform.arg,
+                    data[rs.name].train_x, data[rs.name].selection_x, scheme)
                 for rs in tqdm(sites, desc=f"{scheme.name} {method}", leave=False)
             }
+        weights_q[method] = {site: pick.weight_q for site, pick in picks.items()}
+        for site, pick in picks.items():
+            result.selection_loss[site][method] = pick.selection_loss
+        damps = [pick.damp for pick in picks.values()]
+        log.info("%s %s: damping per site %s (RTN kept on %d/%d)", scheme.name, method,
+                 {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None), len(damps))
     methods = [m for m in cfg.methods if m in scales]
     with timer.stage(f"{scheme.name}: held-out errors"):
         for method in tqdm(methods, desc=f"{scheme.name} held-out errors", leave=False):

@@ -11,7 +11,13 @@ import torch
 from smoothrot.config import QuantScheme, get_scheme
 from smoothrot.evaluate import layer_error
 from smoothrot.fake_quant import QParams, Quantizer, quantize_activation_spec, quantize_weight_spec
-from smoothrot.gptq import Hessian, gptq_fused_weight, gptq_quantize, input_hessian
+from smoothrot.gptq import (
+    Hessian,
+    gptq_fused_weight,
+    gptq_fused_weight_selected,
+    gptq_quantize,
+    input_hessian,
+)
 from smoothrot.losses import transform_input, transform_weight
 from smoothrot.mappings import resolve_sites
 from smoothrot.surgery import SitePlan, transformed
@@ -222,3 +228,25 @@ def test_siteplan_weight_q_is_stored_and_restored() -> None:
     with pytest.raises(ValueError, match="weight_q has shape"), \
             transformed(sites, {rs.name: SitePlan(None, True, weight_q=wq[:, :8])}, scheme):
         pass
+
+
+def test_selected_damping_never_worse_than_rtn_on_selection() -> None:
+    """Damping is chosen on the selection split with RTN (λ = ∞) as a candidate: matched
+    calibration data picks GPTQ; calibration data from another distribution keeps RTN."""
+    scheme = get_scheme("w4a4")
+    n = 64
+    w = _weight(12, n, 11)
+    x_sel = _inputs(1024, n, 11)
+    good = gptq_fused_weight_selected(w, None, True, _inputs(1024, n, 12), x_sel, scheme)
+    assert good.damp is not None and good.selection_loss < good.rtn_selection_loss
+    xt = transform_input(_inputs(1024, n, 12), None, True)
+    assert torch.equal(good.weight_q,
+                       gptq_quantize(transform_weight(w, None, True), xt, scheme, damp=good.damp))
+    # Calibration tokens that excite 4 channels only: GPTQ believes the other channels are
+    # free and dumps the rounding error there, which the selection tokens expose.
+    x_bad = 1e-3 * torch.randn(256, n, generator=torch.Generator().manual_seed(13))
+    x_bad[:, :4] = 10.0 * torch.randn(256, 4, generator=torch.Generator().manual_seed(14))
+    bad = gptq_fused_weight_selected(w, None, False, x_bad, x_sel, scheme, damps=(0.001,))
+    assert bad.damp is None
+    assert torch.equal(bad.weight_q, quantize_weight_spec(w, scheme))
+    assert bad.selection_loss == bad.rtn_selection_loss
