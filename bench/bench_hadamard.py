@@ -37,11 +37,11 @@ def main() -> None:
         h = hadamard_matrix(n, torch.float32, args.device)
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-        def fast(x=x):
+        def fast(x=x, sync=sync):
             hadamard_transform(x)
             sync()
 
-        def dense(x=x, h=h):
+        def dense(x=x, h=h, sync=sync):
             x @ h
             sync()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -115,7 +115,5 @@ def run_model(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: st
     device = next(model.parameters()).device
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        try:
+        with suppress(_StopForward):
             model(input_ids=batch, use_cache=False)
-        except _StopForward:
-            pass

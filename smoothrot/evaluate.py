@@ -60,7 +60,9 @@ def layer_error(
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "ppl") -> float:
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "ppl"
+) -> float:
     """exp(mean next-token NLL) over ``windows`` [samples, seq_len]."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0

@@ -24,7 +24,8 @@ def check_finite(values: torch.Tensor, what: str, site: str) -> None:
         channel = int(bad.nonzero()[0, 0])
         raise NonFiniteStatisticError(
             f"{site}: {what} is {values[channel].item()} at channel {channel} "
-            f"({int(bad.sum())} non-finite channels); check the model weights / inputs for inf or NaN"
+            f"({int(bad.sum())} non-finite channels); check the model weights / inputs for "
+            "inf or NaN"
         )
 
 

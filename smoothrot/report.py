@@ -97,7 +97,8 @@ def summary_table(result: FitResult) -> str:
     ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
     lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
     for sr in result.schemes:
-        lines.append(f"\n{sr.scheme.upper():<20}{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}")
+        header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}"
+        lines.append(f"\n{sr.scheme.upper():<20}{header}")
         for method, row in summarize(sr).items():
             p = f"{row['perplexity']:10.3f}" if "perplexity" in row else f"{'-':>10}"
             lines.append(f"{LABELS[method]:<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
@@ -119,7 +120,8 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
         md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
     for sr in result.schemes:
         md += ["", f"## {sr.scheme.upper()}", "",
-               "| method | mean MSE | % vs SmoothRot-max | mean of per-layer % | mean rel. error | perplexity |",
+               "| method | mean MSE | % vs SmoothRot-max | mean of per-layer % "
+               "| mean rel. error | perplexity |",
                "|---|---:|---:|---:|---:|---:|"]
         for method, row in summarize(sr).items():
             p = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"

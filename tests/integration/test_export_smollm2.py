@@ -60,12 +60,14 @@ def test_fused_float32_export_reloads_with_the_original_logits(setup, tmp_path):
 @pytest.mark.parametrize("fmt", ["w4a4", "w8a8"])
 def test_quantized_export_reloads_with_the_fake_quant_perplexity(setup, tmp_path, fmt):
     model, _, sites, plans, ids = setup
+    ids = ids[:2]
     path = export_model(model, plans, tmp_path / fmt, fmt=fmt)
     with transformed(sites, plans, get_scheme(fmt)):
         ppl_memory = perplexity(model, ids)
     ppl_reload = perplexity(load_pretrained(path), ids)
-    ppl_ct = perplexity(load_pretrained(path, activation_quantizer="compressed-tensors"), ids)
-    log.warning("SmolLM2 %s: ppl in memory %.4f, reloaded %.4f, compressed-tensors "
-                "activations %.4f", fmt, ppl_memory, ppl_reload, ppl_ct)
+    log.warning("SmolLM2 %s: ppl in memory %.4f, reloaded %.4f", fmt, ppl_memory, ppl_reload)
     assert abs(ppl_reload - ppl_memory) / ppl_memory <= 0.005
-    assert ppl_ct < 2 * ppl_memory  # same weights, a slightly different activation grid
+    if fmt == "w4a4":  # compressed-tensors' own activation grid: same weights, other levels
+        ppl_ct = perplexity(load_pretrained(path, activation_quantizer="compressed-tensors"), ids)
+        log.warning("SmolLM2 %s with compressed-tensors activations: ppl %.4f", fmt, ppl_ct)
+        assert ppl_ct < 2 * ppl_memory

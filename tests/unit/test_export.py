@@ -165,26 +165,32 @@ def test_compressed_tensors_activation_quantizer(tmp_path, fmt):
 # --- transform_config (compressed-tensors' declaration of the online rotation) ----------------
 
 
-def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path):
+@pytest.mark.parametrize(("layer", "group", "head_dim"), [
+    ("down_proj", "smoothrot", None),  # H over the 128 MLP channels
+    ("o_proj", "smoothrot_head16", 16),  # block-diagonal H over heads of 16
+])
+def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path, layer, group,
+                                                                  head_dim):
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
     model = tiny_llama(intermediate=128)
     ref = _logits(model)
-    path = export_model(model, _plans(model), tmp_path / "fused")
+    path = export_model(model, _plans(model, layers=(layer,)), tmp_path / "fused")
     config = json.loads((path / "config.json").read_text())
     tc = config["quantization_config"]["transform_config"]
-    scheme = tc["config_groups"]["smoothrot"]
-    assert scheme["type"] == "hadamard" and scheme["head_dim"] is None
-    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    scheme = tc["config_groups"][group]
+    assert scheme["type"] == "hadamard" and scheme["head_dim"] == head_dim
+    prefix = "mlp" if layer == "down_proj" else "self_attn"
+    names = [f"model.layers.{i}.{prefix}.{layer}" for i in range(2)]
     assert [(a["location"], a["inverse"], a["targets"]) for a in scheme["apply"]] == [
         ("input", False, names), ("weight_input", True, names)]
-    assert config["smoothrot"]["transform_config_groups"] == ["smoothrot"]
+    assert config["smoothrot"]["transform_config_groups"] == [group]
     # compressed-tensors itself, applying the declared online transform to a plain load,
     # computes the original function: its Sylvester H is smoothrot's H.
     plain = AutoModelForCausalLM.from_pretrained(path)
     online = TransformConfig.model_validate(tc)
-    for group in online.config_groups.values():
-        group.apply = [a for a in group.apply if a.is_online()]
+    for g in online.config_groups.values():
+        g.apply = [a for a in g.apply if a.is_online()]
     apply_transform_config(plain, online)
     assert _rel(_logits(plain), ref) <= 1e-4
 

@@ -38,7 +38,8 @@ def test_grid_and_selection():
     table = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, "site")
     assert table.shape == (3, 3) and torch.isfinite(table).all()
     s = smoothing_scales(stats[0.99], weight_absmax(w), 0.5)
-    assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - float(table[1, 1])) < 1e-6 * float(table[1, 1])
+    expected = float(table[1, 1])
+    assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - expected) < 1e-6 * expected
 
     tables = {"a": torch.tensor([[3.0, 2.0, 5.0], [4.0, 1.0, 2.5]]),
               "b": torch.tensor([[1.0, 9.0, 1.0], [0.4, 0.5, 1.0]])}
