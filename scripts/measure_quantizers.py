@@ -71,6 +71,11 @@ GPTQ_VARIANTS = [
     ("gptq natural order, dynamic groups", {"act_order": False}, False, 4096),
     ("gptq damp 0.1", {"damp": 0.1}, False, 4096),
     ("gptq 1024 tokens", {}, False, 1024),
+    ("gptq 1024 tokens damp 0.1", {"damp": 0.1}, False, 1024),
+    ("gptq 1024 tokens damp 1", {"damp": 1.0}, False, 1024),
+    ("gptq 1024 tokens damp 3", {"damp": 3.0}, False, 1024),
+    ("gptq 1024 tokens damp 10", {"damp": 10.0}, False, 1024),
+    ("gptq damp 1", {"damp": 1.0}, False, 4096),
 ]
 
 
@@ -107,8 +112,9 @@ def measure_weights(model, windows: dict[str, torch.Tensor]) -> dict[str, float]
 def measure_gptq(model, windows, args) -> dict:
     """Selection and held-out output MSE of RTN and GPTQ variants, per scheme, mean over sites."""
     sites = resolve_sites(model, args.layers)
+    variants = [v for v in GPTQ_VARIANTS if not args.variants or v[0] in args.variants]
     calib = windows["calibration"]
-    max_tokens = max(v[3] for v in GPTQ_VARIANTS)
+    max_tokens = max(v[3] for v in variants)
     keep = token_subset(calib.numel(), max_tokens, args.seed)
     with capture_sites(sites, total_tokens=calib.numel(), keep_index=keep) as cal_rec:
         run_model(model, calib, 8, "calibration")
@@ -129,7 +135,7 @@ def measure_gptq(model, windows, args) -> dict:
                 s = smoothing_scales(x_cal.abs().amax(0), weight_absmax(w), args.alpha,
                                      site=rs.name)
             candidates = {"rtn": quantize_weight_spec(transform_weight(w, s, True), scheme)}
-            for label, kw, act_aware, tokens in GPTQ_VARIANTS:
+            for label, kw, act_aware, tokens in variants:
                 start = time.perf_counter()
                 candidates[label] = gptq_fused_weight(w, s, True, x_cal[:tokens], scheme,
                                                       act_aware=act_aware, **kw)
@@ -176,9 +182,11 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", default=["w4a4", "nvfp4"])
     p.add_argument("--alpha", type=float, default=0.5,
                    help="max-policy smoothing strength for the gptq part; -1 = Hadamard only")
+    p.add_argument("--variants", nargs="+", help="subset of GPTQ variant labels (default: all)")
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="outputs/quantizers")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -197,8 +205,9 @@ def main() -> None:
         md = _markdown_gptq(res)
     meta = {"model": args.model, "tokens": {k: int(v.numel()) for k, v in windows.items()},
             "seconds": time.perf_counter() - start, "args": vars(args)}
-    (out / f"{args.part}.json").write_text(json.dumps({"meta": meta, "result": res}, indent=2))
-    (out / f"{args.part}.md").write_text(md + "\n")
+    stem = args.part if not args.tag else f"{args.part}_{args.tag}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "result": res}, indent=2))
+    (out / f"{stem}.md").write_text(md + "\n")
     print(md)
 
 

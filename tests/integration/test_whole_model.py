@@ -46,9 +46,12 @@ def test_r1_and_every_site_are_exact_with_signed_gamma(smollm2, ids):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     sites = resolve_sites(rotated, ["all"])
     assert len(sites) == 120 and sites[1].n_scales == 192  # o_proj: 3 kv heads of 64
+    # Float32 rounding grows with κ = max s / min s (docs/equivalence.md); fitted scales on this
+    # model stay below κ ≈ 55, so draw scales of that spread (exactness in float64 is tested on
+    # tiny models in tests/arch).
     gen = torch.Generator().manual_seed(0)
-    plans = {rs.name: SitePlan(torch.exp(2 * torch.randn(rs.n_scales, generator=gen,
-                                                         dtype=torch.float64)), True)
+    plans = {rs.name: SitePlan(torch.exp(0.5 * torch.randn(rs.n_scales, generator=gen,
+                                                           dtype=torch.float64)), True)
              for rs in sites}
     with transformed(sites, plans):
         out = _logits(rotated, ids)
