@@ -158,37 +158,33 @@ def plot(result: FitResult, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    def finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        files.append(str(path))
+
+    files: list[str] = []
     x = list(range(len(result.sites)))
     for sr in result.schemes:
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for method, errs in sr.errors.items():
             ax.plot(x, [errs[s].mse for s in result.sites], marker="o", ms=3, label=LABELS[method])
-        ax.set_yscale("log")
-        ax.set_xlabel("site (layer index order)")
-        ax.set_ylabel("held-out output MSE")
-        ax.set_title(f"{result.model_name} {sr.scheme.upper()}: per-layer error by method")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"layer_error_{sr.scheme}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
+        finish(fig, ax, "site (layer index order)", "held-out output MSE",
+               f"{result.model_name} {sr.scheme.upper()}: per-layer error by method",
+               out / f"layer_error_{sr.scheme}.png")
 
         fig, ax = plt.subplots(figsize=(8, 4))
         for method, per_site in sr.scales.items():
             vals = torch.cat([v.double().log10() for v in per_site.values()])
             ax.hist(vals.numpy(), bins=80, histtype="step", label=LABELS[method])
-        ax.set_yscale("log")
-        ax.set_xlabel("log10 s (all channels of all sites)")
-        ax.set_ylabel("channels")
-        ax.set_title(f"{sr.scheme.upper()}: scale distributions")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"scales_{sr.scheme}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
+        finish(fig, ax, "log10 s (all channels of all sites)", "channels",
+               f"{sr.scheme.upper()}: scale distributions", out / f"scales_{sr.scheme}.png")
     return files
 
 
