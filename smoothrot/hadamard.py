@@ -381,30 +381,16 @@ def hadamard_matrix(
     return torch.kron(outer, inner).mul_(1.0 / math.sqrt(n))
 
 
-def _butterfly_autograd(y: torch.Tensor) -> torch.Tensor:
-    """Walsh–Hadamard butterfly from out-of-place ops, so autograd can differentiate it."""
-    *lead, size = y.shape
-    h = 1
-    while h < size:
-        y = y.reshape(*lead, size // (2 * h), 2, h)
-        lo, hi = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((lo + hi, lo - hi), dim=-2)
-        h *= 2
-    return y.reshape(*lead, size)
-
-
 def _butterfly(y: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform (Sylvester order) along the last dim of y.
 
-    Without autograd this runs ~2x faster: each stage combines the two halves of the index
-    (top bit) and writes the result interleaved (as the lowest bit) into a ping-pong buffer.
-    After log2(size) stages every bit has been transformed once and is back in place.
+    Each stage combines the two halves of the index (top bit) and writes the result interleaved
+    (as the lowest bit) into a ping-pong buffer. After log2(size) stages every bit has been
+    transformed once and is back in place.
     """
     size = y.shape[-1]
     if size == 1 or y.numel() == 0:
         return y
-    if torch.is_grad_enabled() and y.requires_grad:
-        return _butterfly_autograd(y)
     half = size // 2
     src = y.reshape(-1, size)
     first = torch.empty_like(src, memory_format=torch.contiguous_format)
@@ -419,26 +405,54 @@ def _butterfly(y: torch.Tensor) -> torch.Tensor:
     return src.view(y.shape)
 
 
+def _apply(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """x @ H (or x @ Hᵀ) without autograd; x is [..., n] in a float32/float64 dtype."""
+    n = x.shape[-1]
+    k, m = _require(n)
+    y = _butterfly(x.reshape(-1, k, 1 << m))
+    if k > 1:
+        # (x @ kron(A, B))[a-block] = Aᵀ·X·B with X = x viewed as [k, 2**m]; B is symmetric,
+        # so x @ kron(A, B)ᵀ = A·X·B.
+        a = _factor(k, x.dtype, x.device)
+        y = torch.matmul(a if transpose else a.T, y)
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape)
+
+
+class _Hadamard(torch.autograd.Function):
+    """x ↦ x·H with the gradient g ↦ g·Hᵀ, itself a fast transform (and differentiable again).
+
+    Letting autograd record the butterfly stage by stage costs a copy per stage; the transposed
+    transform is the exact gradient at the cost of one forward.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
+                transpose: bool) -> torch.Tensor:
+        ctx.transpose = transpose
+        return _apply(x, transpose)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _Hadamard.apply(grad, not ctx.transpose), None
+
+
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """Return ``x @ hadamard_matrix(x.shape[-1])`` in O(n log n + n·k), same dtype/device as x.
 
     Works for any leading batch shape. float16/bfloat16 inputs are computed in float32 and cast
     back: the unnormalised butterfly sums grow by up to a factor n and would overflow float16.
-    Differentiable through autograd.
+    Differentiable (the gradient is the transposed fast transform).
     """
     if x.dim() == 0:
         raise ValueError("hadamard_transform needs at least one dimension")
     if not x.dtype.is_floating_point:
         raise TypeError(f"hadamard_transform needs a floating tensor, got {x.dtype}")
-    n = x.shape[-1]
-    k, m = _require(n)
+    _require(x.shape[-1])
     compute = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
-    lead = x.shape[:-1]
-    batch = math.prod(lead)
-    y = x.to(compute).reshape(batch, k, 1 << m)
-    y = _butterfly(y)
-    if k > 1:
-        # (x @ kron(A, B))[a-block] = A^T @ X @ B with X = x viewed as [k, 2**m].
-        y = torch.matmul(_factor(k, compute, x.device).T, y)
-    y = y * (1.0 / math.sqrt(n))
-    return y.reshape(*lead, n).to(x.dtype)
+    y = x.to(compute)
+    if torch.is_grad_enabled() and y.requires_grad:
+        y = _Hadamard.apply(y, False)
+    else:
+        y = _apply(y, False)
+    return y.to(x.dtype)

@@ -122,6 +122,8 @@ def fuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotate: bool) -> No
         scales = scales.double()
     fold_into_source(rs, scales, rotate and rs.site.rotation == "head_offline")
     transform = rs.transform if rotate else rs.transform.without_rotation()
+    if scales is None and transform.rotation == "none":
+        return  # nothing to fuse (RTN)
     for linear in rs.linears:
         w = transform_weight(linear.weight.double(), scales, transform)
         linear.weight.copy_(w.to(linear.weight.dtype))

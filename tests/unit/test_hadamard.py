@@ -276,8 +276,9 @@ def test_transform_edge_cases() -> None:
 
 @pytest.mark.parametrize("n", [20, 64, 172 * 2])
 def test_transform_is_differentiable(n: int) -> None:
-    # With requires_grad the transform takes the out-of-place butterfly; it must agree with
-    # the buffered no-grad path and give the right gradient (H^T applied to the upstream grad).
+    # With requires_grad the transform runs as an autograd Function; it must agree with the
+    # no-grad path and give the right gradient (H^T applied to the upstream grad; the k-factor of
+    # 20 and 172 is not symmetric, so a wrong transpose shows).
     x = torch.randn(2, n, dtype=torch.float64, generator=_gen(5), requires_grad=True)
     w = torch.randn(2, n, dtype=torch.float64, generator=_gen(6))
     y = hadamard_transform(x)
@@ -285,6 +286,20 @@ def test_transform_is_differentiable(n: int) -> None:
         torch.testing.assert_close(y, hadamard_transform(x), rtol=0, atol=1e-12)
     (y * w).sum().backward()
     torch.testing.assert_close(x.grad, w @ hadamard_matrix(n).T)
+
+
+@pytest.mark.parametrize("n", [12, 20, 40])
+def test_transform_gradient_passes_gradcheck_twice(n: int) -> None:
+    x = torch.randn(3, n, dtype=torch.float64, generator=_gen(7), requires_grad=True)
+    assert torch.autograd.gradcheck(hadamard_transform, (x,))
+    assert torch.autograd.gradgradcheck(hadamard_transform, (x,))
+
+
+def test_half_precision_gradient_flows() -> None:
+    x = torch.randn(4, 24, generator=_gen(8)).to(torch.bfloat16).requires_grad_()
+    hadamard_transform(x).float().pow(2).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), 2 * x.detach().float(), rtol=0.05, atol=0.05)
 
 
 # --- unsupported sizes --------------------------------------------------------------------------
