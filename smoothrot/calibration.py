@@ -55,13 +55,15 @@ def capture_sites(
     keep_index: torch.Tensor | None = None,
     keep_rows: bool = True,
     quantiles: Sequence[float] | None = None,
+    stop_forward: bool = True,
 ) -> Iterator[dict[str, SiteRecord]]:
     """Attach pre-hooks recording each site's input; yields ``{site name: SiteRecord}``.
 
     Rows are counted in the order tokens reach the hook (batch-major, then position), so
     ``keep_index`` selects the same tokens at every site. A group of linears sharing one input
-    (q/k/v) is captured once, at its first linear. The forward pass stops once every site has
-    seen the batch, whatever order the sites run in.
+    (q/k/v) is captured once, at its first linear. With ``stop_forward`` the forward pass stops
+    once every site has seen the batch, whatever order the sites run in; sequential calibration
+    turns it off because it needs the layer's output.
     """
     records: dict[str, SiteRecord] = {}
     handles = []
@@ -97,7 +99,7 @@ def capture_sites(
                     if hi > lo:
                         rec.rows.append(x[keep_index[lo:hi] - start].clone())
             seen.add(name)
-            if len(seen) == len(records):
+            if stop_forward and len(seen) == len(records):
                 seen.clear()
                 raise _StopForward
 
@@ -107,6 +109,38 @@ def capture_sites(
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to record on one split: its token windows, which rows to keep, which statistics.
+
+    ``quantiles`` (None: no statistics) are the exact quantiles of |X| observed besides the max;
+    ``keep_index`` (from :func:`token_subset`, None: all rows) selects the rows kept for training.
+    """
+
+    windows: torch.Tensor
+    keep_index: torch.Tensor | None = None
+    quantiles: tuple[float, ...] | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.windows.numel()
+
+
+def capture_splits(
+    model: nn.Module,
+    sites: Sequence[ResolvedSite],
+    specs: dict[str, CaptureSpec],
+    batch_size: int,
+) -> dict[str, dict[str, SiteRecord]]:
+    """Record every split with the whole model resident: ``{split: {site: SiteRecord}}``."""
+    records = {}
+    for split, spec in specs.items():
+        with capture_sites(sites, total_tokens=spec.total_tokens, keep_index=spec.keep_index,
+                           quantiles=spec.quantiles) as records[split]:
+            run_model(model, spec.windows, batch_size, split)
+    return records
 
 
 @torch.no_grad()

@@ -209,6 +209,17 @@ class TrainConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """How site inputs are captured: the whole model at once, or one decoder layer at a time.
+
+    ``sequential`` bounds peak memory by one layer plus the cached hidden states (sequential.py);
+    the statistics and kept rows are the same either way.
+    """
+
+    sequential: bool = False
+
+
+@dataclass
 class FitConfig:
     """Everything ``train/fit_scales.py`` needs; one YAML file maps onto it."""
 
@@ -216,6 +227,7 @@ class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     layers: list[str] = field(default_factory=lambda: ["down_proj"])
     schemes: list[str] = field(default_factory=lambda: ["w4a4", "w8a8"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "DTYPES",
@@ -31,10 +31,12 @@ __all__ = [
     "EMBEDDED_MODEL",
     "ModelLoadError",
     "embedded_gguf_path",
+    "empty_model",
     "load_model",
     "model_fingerprint",
     "resolve_device",
     "resolve_dtype",
+    "save_float_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -251,6 +253,48 @@ def load_model(
         len(tokenizer),
     )
     return model, tokenizer
+
+
+def empty_model(config: PretrainedConfig | str | Path, dtype: str = "float32") -> PreTrainedModel:
+    """A causal LM whose parameters are on the ``meta`` device: structure without memory.
+
+    ``config`` is a HF config or a local folder holding ``config.json``. Buffers computed at
+    construction (rotary ``inv_freq``) stay real. Sequential calibration fills one layer at a time
+    from the checkpoint (``smoothrot.sequential.SafetensorsWeights``), so a model larger than
+    memory can be calibrated.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(config, (str, Path)):
+        if not (Path(config) / "config.json").is_file():
+            raise ModelLoadError(f"model folder {config} has no config.json; pass a HF folder")
+        config = AutoConfig.from_pretrained(str(config), local_files_only=True)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # from_config leaves tied meta parameters untied; loading needs the tie
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def save_float_checkpoint(model: PreTrainedModel, folder: str | Path) -> Path:
+    """Write the model's current weights as ``model.safetensors`` + a ``config.json`` without a
+    quantization section, so a model loaded from GGUF (dequantized) can be streamed layer by
+    layer from disk (:func:`empty_model` + ``smoothrot.sequential.SafetensorsWeights``) or
+    reloaded with ``from_pretrained``. Tied tensors are stored once.
+    """
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    type(model.config).from_dict(config).save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    return folder
 
 
 def model_fingerprint(model: torch.nn.Module, n_values: int = 4096) -> str:

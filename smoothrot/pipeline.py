@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smoothrot.calibration import capture_sites, run_model, token_subset
+from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
 from smoothrot.config import FitConfig, get_scheme
 from smoothrot.data import load_documents, split_documents, text_hash, token_windows
 from smoothrot.evaluate import LayerError, layer_error, perplexity
@@ -28,6 +28,7 @@ from smoothrot.models import load_model, model_fingerprint
 from smoothrot.policies import check_finite, smoothing_scales
 from smoothrot.residual import rotate_residual
 from smoothrot.search import Choice, grid_losses, select_policies
+from smoothrot.sequential import capture_sequential
 from smoothrot.stats import weight_absmax
 from smoothrot.surgery import SitePlan, transformed
 
@@ -106,16 +107,16 @@ def method_plan(
 def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str, SiteData]:
     batch = max(1, 2048 // cfg.data.seq_len)
     calib = windows["calibration"]
-    total = calib.numel()
+    keep = token_subset(calib.numel(), cfg.data.train_tokens, cfg.seed)
+    specs = {
+        "calibration": CaptureSpec(calib, keep, tuple(cfg.search.quantiles)),
+        "selection": CaptureSpec(windows["selection"]),
+        "heldout": CaptureSpec(windows["heldout"]),
+    }
+    capture = capture_sequential if cfg.calibration.sequential else capture_splits
     with timer.stage("calibration"):
-        keep = token_subset(total, cfg.data.train_tokens, cfg.seed)
-        with capture_sites(sites, total_tokens=total, keep_index=keep,
-                           quantiles=cfg.search.quantiles) as calib_rec:
-            run_model(model, calib, batch, "calibration")
-        with capture_sites(sites, total_tokens=windows["selection"].numel()) as sel_rec:
-            run_model(model, windows["selection"], batch, "selection")
-        with capture_sites(sites, total_tokens=windows["heldout"].numel()) as ho_rec:
-            run_model(model, windows["heldout"], batch, "held-out")
+        records = capture(model, sites, specs, batch)
+    calib_rec, sel_rec, ho_rec = records["calibration"], records["selection"], records["heldout"]
     data = {}
     for rs in sites:
         rec = calib_rec[rs.name]

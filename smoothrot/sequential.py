@@ -1,0 +1,318 @@
+"""Sequential calibration: one decoder layer at a time, so peak memory does not grow with depth.
+
+The inputs of decoder layer 0 (hidden states plus the keyword arguments the model passes every
+layer: attention mask, position embeddings, ...) are caught with a pre-hook that stops the forward
+pass, and kept on the CPU. Each layer is then materialized on the compute device, run over every
+cached batch with :func:`smoothrot.calibration.capture_sites` hooks on that layer's sites, its
+outputs replace the cache, and it is released again. Peak memory is one layer's weights, the
+cached hidden states and the site records, whatever the number of layers. The records equal
+those of the whole-model pass (:func:`smoothrot.calibration.capture_splits`): the same hooks see
+the same tensors in the same order.
+
+Weights come from a :class:`LayerWeights` source: :class:`ResidentWeights` moves modules of a
+loaded model to the device and back; :class:`SafetensorsWeights` fills a model built on the
+``meta`` device (:func:`smoothrot.models.empty_model`) from a safetensors checkpoint just before
+a layer runs, and drops the tensors afterwards, so the model never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from smoothrot.calibration import CaptureSpec, SiteRecord, capture_sites
+from smoothrot.mappings import ResolvedSite, architecture_of
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model it should fill (missing tensor, wrong shape)."""
+
+
+class LayerWeights(Protocol):
+    """Where a module's tensors live between the moments it runs.
+
+    ``prefix`` is the module's qualified name plus a dot (``model.layers.3.``; empty for the
+    whole model), which is how checkpoints name its tensors.
+    """
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        """Put every tensor of ``module`` on ``device``, ready to run."""
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        """Free the device memory ``materialize`` took."""
+
+
+@dataclass(frozen=True)
+class ResidentWeights:
+    """Weights of a loaded model: moved to the compute device to run, then back to ``home``."""
+
+    home: torch.device
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        module.to(device)
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        module.to(self.home)
+
+
+def _tensor_groups(module: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    """Parameters and buffers of ``module``, tied names grouped: ``[(names, tensor)]``."""
+    groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+    return list(groups.values())
+
+
+def _assign(module: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Point every name of a (tied) group at one ``value``, keeping parameters parameters."""
+    param = nn.Parameter(value, requires_grad=False)
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = param
+        else:
+            owner._buffers[leaf] = value
+
+
+class SafetensorsWeights:
+    """Tensors read from a safetensors checkpoint (one file, or a folder of shards) on demand.
+
+    Each ``materialize`` opens the files it needs and closes them again, so no memory map of
+    the checkpoint stays resident while later layers run. Floating-point tensors are cast to the
+    dtype of the model's (meta) tensor they fill. Tensors the checkpoint does not hold but the
+    module already has (e.g. rotary ``inv_freq`` computed at construction) are only moved.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.files = self._index(self.path)
+
+    def __repr__(self) -> str:
+        return f"SafetensorsWeights({str(self.path)!r})"
+
+    @staticmethod
+    def _index(path: Path) -> dict[str, Path]:
+        """``{tensor name: file}`` from the shard index, or from the files' headers."""
+        if not path.exists():
+            raise FileNotFoundError(
+                f"weights path {path} does not exist; pass a .safetensors file or the folder "
+                "save_pretrained wrote"
+            )
+        index = path / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            return {name: path / file for name, file in weight_map.items()}
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        if not files or files[0].suffix != ".safetensors":
+            raise ValueError(
+                f"{path} holds no *.safetensors file; pass a .safetensors file or a folder "
+                "written by save_pretrained(..., safe_serialization=True)"
+            )
+        names: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                names.update(dict.fromkeys(f.keys(), file))
+        return names
+
+    def _key(self, prefix: str, names: list[str]) -> str | None:
+        return next((prefix + n for n in names if prefix + n in self.files), None)
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        wanted: dict[Path, list[tuple[str, list[str], torch.Tensor]]] = {}
+        for names, tensor in _tensor_groups(module):
+            key = self._key(prefix, names)
+            if key is not None:
+                wanted.setdefault(self.files[key], []).append((key, names, tensor))
+            elif tensor.is_meta:
+                raise CheckpointError(
+                    f"checkpoint {self.path} has no tensor {prefix + names[0]!r}; point the "
+                    "weights at the checkpoint of this model config (all shards, written by "
+                    "save_pretrained(..., safe_serialization=True))"
+                )
+            else:
+                _assign(module, names, tensor.to(device))
+        for file, entries in wanted.items():
+            with safe_open(file, framework="pt") as f:
+                for key, names, like in entries:
+                    value = f.get_tensor(key)
+                    if value.shape != like.shape:
+                        raise CheckpointError(
+                            f"checkpoint {file}: tensor {key!r} has shape {list(value.shape)} but "
+                            f"the model expects {list(like.shape)}; the checkpoint was written "
+                            "for another config"
+                        )
+                    dtype = like.dtype if value.is_floating_point() else value.dtype
+                    _assign(module, names, value.to(device=device, dtype=dtype))
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        for names, tensor in _tensor_groups(module):
+            if self._key(prefix, names) is not None:
+                _assign(module, names, torch.empty_like(tensor, device="meta"))
+            else:
+                _assign(module, names, tensor.to("cpu"))
+
+
+@dataclass
+class _LayerInput:
+    """One batch's input to a decoder layer, on the CPU: hidden states and the other arguments."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _LayerInputsCaught(Exception):
+    """Raised by the pre-hook on layer 0: its inputs are all that is needed from the model."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _home(model: nn.Module) -> torch.device:
+    """Where the model's weights live (the CPU for a model on ``meta``)."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+@contextmanager
+def _outside_layers(model: nn.Module, layers_path: str) -> Iterator[None]:
+    """Detach the decoder layers for a while, so a weight source sees only the rest."""
+    parent_name, _, leaf = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layers = getattr(parent, leaf)
+    setattr(parent, leaf, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(parent, leaf, layers)
+
+
+def _check_shared_layer_inputs(model: nn.Module, seq_len: int) -> None:
+    """Layer 0's inputs serve every layer only if all layers see the same attention mask."""
+    config = model.config.get_text_config()
+    kinds = sorted(set(getattr(config, "layer_types", None) or ()))
+    window = getattr(config, "sliding_window", None)
+    if len(kinds) > 1 and window is not None and seq_len > window:
+        raise ValueError(
+            f"sequential calibration reuses layer 0's attention mask for every layer, but "
+            f"{type(model).__name__} mixes attention types {kinds} and seq_len={seq_len} exceeds "
+            f"sliding_window={window}; set calibration.sequential: false or data.seq_len <= "
+            f"{window}"
+        )
+
+
+def _catch_layer_inputs(model: nn.Module, layer0: nn.Module, windows: torch.Tensor,
+                        batch_size: int, device: torch.device, name: str) -> list[_LayerInput]:
+    """Run the model up to layer 0 on every batch; its inputs, offloaded to the CPU."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _LayerInputsCaught(args, kwargs)
+
+    cached = []
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            except _LayerInputsCaught as caught:
+                args = _to(caught.args, "cpu")
+                cached.append(_LayerInput(args[0], args[1:], _to(caught.kwargs, "cpu")))
+            else:
+                raise RuntimeError(
+                    f"{name}.0 never ran in {type(model).__name__}'s forward pass; fix the "
+                    "layers path of its table in smoothrot/mappings.py"
+                )
+    finally:
+        handle.remove()
+    return cached
+
+
+def _run_layer(layer: nn.Module, batch: _LayerInput, device: torch.device) -> torch.Tensor:
+    out = layer(batch.hidden.to(device), *_to(batch.args, device), **_to(batch.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_sequential(
+    model: nn.Module,
+    sites: Sequence[ResolvedSite],
+    specs: dict[str, CaptureSpec],
+    batch_size: int,
+    *,
+    device: torch.device | str | None = None,
+    weights: LayerWeights | None = None,
+) -> dict[str, dict[str, SiteRecord]]:
+    """Record every split one decoder layer at a time: ``{split: {site: SiteRecord}}``.
+
+    ``device`` runs the layers (default: where the weights are); ``weights`` says where they
+    are between runs (default: resident in the model, moved back after each layer). Layers after
+    the last one holding a site never run.
+    """
+    if not sites:
+        return {split: {} for split in specs}
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers)
+    _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
+    device = torch.device(device) if device is not None else _home(model)
+    weights = weights if weights is not None else ResidentWeights(_home(model))
+    by_layer: dict[int, list[ResolvedSite]] = {}
+    for rs in sites:
+        by_layer.setdefault(rs.layer_index, []).append(rs)
+    last = max(by_layer)
+    log.info("sequential calibration: layers 0-%d of %s on %s, weights %s", last,
+             type(model).__name__, device, weights)
+
+    with _outside_layers(model, arch.layers):
+        weights.materialize(model, "", device)
+    try:
+        cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
+                                            arch.layers)
+                 for split, spec in specs.items()}
+    finally:
+        with _outside_layers(model, arch.layers):
+            weights.release(model, "")
+
+    records: dict[str, dict[str, SiteRecord]] = {split: {} for split in specs}
+    for index in tqdm(range(last + 1), desc="sequential calibration", leave=False):
+        layer, prefix = layers[index], f"{arch.layers}.{index}."
+        weights.materialize(layer, prefix, device)
+        try:
+            for split, spec in specs.items():
+                with capture_sites(by_layer.get(index, []), total_tokens=spec.total_tokens,
+                                   keep_index=spec.keep_index, quantiles=spec.quantiles,
+                                   stop_forward=False) as recorded:
+                    for batch in cache[split]:
+                        batch.hidden = _run_layer(layer, batch, device).cpu()
+                records[split].update(recorded)
+        finally:
+            weights.release(layer, prefix)
+    return records

@@ -1,0 +1,39 @@
+"""Sequential calibration on the real SmolLM2: same records as the whole-model pass, also with
+weights streamed from a safetensors copy."""
+
+import pytest
+import torch
+
+from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
+from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.mappings import resolve_sites
+from smoothrot.models import empty_model, save_float_checkpoint
+from smoothrot.sequential import SafetensorsWeights, capture_sequential
+
+pytestmark = pytest.mark.integration
+
+
+def _assert_same(a, b):
+    for site, rec in a.items():
+        assert torch.equal(rec.tokens(), b[site].tokens()), site
+        assert torch.equal(rec.absmax.value(), b[site].absmax.value()), site
+        assert torch.equal(rec.quantiles.value(0.99), b[site].quantiles.value(0.99)), site
+
+
+def test_sequential_equals_whole_model_on_smollm2(smollm2, tmp_path):
+    model, tok = smollm2
+    docs = split_documents(load_documents("pydoc"), {"calibration": 0.5}, 0)["calibration"]
+    windows = token_windows(tok, docs, 3, 64, seed=0, split_name="calibration")
+    specs = {"calibration": CaptureSpec(windows, token_subset(windows.numel(), 50, 0),
+                                        (0.99, 1.0))}
+    sites = resolve_sites(model, ["all"])
+    assert len(sites) == 120
+    whole = capture_splits(model, sites, specs, batch_size=2)["calibration"]
+    _assert_same(whole, capture_sequential(model, sites, specs, batch_size=2)["calibration"])
+
+    save_float_checkpoint(model, tmp_path)
+    streamed = empty_model(tmp_path)
+    got = capture_sequential(streamed, resolve_sites(streamed, ["all"]), specs, batch_size=2,
+                             weights=SafetensorsWeights(tmp_path))["calibration"]
+    _assert_same(whole, got)
+    assert all(p.is_meta for p in streamed.parameters())

@@ -1,0 +1,167 @@
+"""Sequential (layer-at-a-time) calibration records exactly what the whole-model pass records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from smoothrot.calibration import CaptureSpec, SiteRecord, capture_splits, token_subset
+from smoothrot.config import ConfigError, FitConfig, config_from_dict
+from smoothrot.mappings import resolve_sites
+from smoothrot.models import empty_model
+from smoothrot.pipeline import Timer, _calibrate
+from smoothrot.sequential import (
+    CheckpointError,
+    ResidentWeights,
+    SafetensorsWeights,
+    capture_sequential,
+)
+from tests.arch.tiny import tiny_model
+from tests.conftest import tiny_llama
+
+QUANTILES = (0.9, 0.99, 1.0)
+
+
+def _specs(vocab: int, seq_len: int = 8) -> dict[str, CaptureSpec]:
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, vocab, (5, seq_len), generator=gen)
+    return {
+        "calibration": CaptureSpec(calib, token_subset(calib.numel(), 13, seed=1), QUANTILES),
+        "selection": CaptureSpec(torch.randint(0, vocab, (3, seq_len), generator=gen)),
+    }
+
+
+def _assert_same(a: dict[str, dict[str, SiteRecord]], b: dict[str, dict[str, SiteRecord]]):
+    assert a.keys() == b.keys()
+    for split in a:
+        assert list(a[split]) == list(b[split])
+        for site, rec in a[split].items():
+            other = b[split][site]
+            assert torch.equal(rec.tokens(), other.tokens()), (split, site)
+            assert rec.tokens().numel() > 0
+            if rec.absmax is not None:
+                assert torch.equal(rec.absmax.value(), other.absmax.value())
+                for q in QUANTILES[:-1]:
+                    assert torch.equal(rec.quantiles.value(q), other.quantiles.value(q))
+
+
+def test_sequential_equals_whole_model():
+    model = tiny_llama(layers=3)
+    sites = resolve_sites(model, ["all"])
+    specs = _specs(model.config.vocab_size)
+    whole = capture_splits(model, sites, specs, batch_size=2)
+    seq = capture_sequential(model, sites, specs, batch_size=2)
+    _assert_same(whole, seq)
+    assert seq["calibration"][sites[0].name].tokens().shape == (13, 64)
+    assert seq["selection"][sites[-1].name].tokens().shape == (24, 96)
+
+
+def test_pipeline_calibrate_same_data_either_way():
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["down_proj", "qkv"])
+    gen = torch.Generator().manual_seed(3)
+    windows = {k: torch.randint(0, 128, (n, 8), generator=gen)
+               for k, n in (("calibration", 4), ("selection", 2), ("heldout", 2))}
+    cfg = config_from_dict({"data": {"seq_len": 8, "train_tokens": 10},
+                            "search": {"quantiles": [0.9, 1.0]}})
+    seq_cfg = config_from_dict({**{"data": {"seq_len": 8, "train_tokens": 10},
+                                   "search": {"quantiles": [0.9, 1.0]}},
+                                "calibration": {"sequential": True}})
+    a = _calibrate(model, sites, windows, cfg, Timer())
+    b = _calibrate(model, sites, windows, seq_cfg, Timer())
+    for site in a:
+        for q in (0.9, 1.0):
+            assert torch.equal(a[site].act_stats[q], b[site].act_stats[q])
+        for split in ("train_x", "selection_x", "heldout_x"):
+            assert torch.equal(getattr(a[site], split), getattr(b[site], split))
+        assert a[site].train_x.shape[0] == 10
+
+
+def test_calibration_config_rejects_unknown_key_and_round_trips():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['sequentail'\] in calibration"):
+        config_from_dict({"calibration": {"sequentail": True}})
+    with pytest.raises(ConfigError, match=r"calibration\.sequential='yes' must be true or false"):
+        config_from_dict({"calibration": {"sequential": "yes"}})
+    assert FitConfig().calibration.sequential is False
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny tied-embedding llama saved as 3+ safetensors shards with an index."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    return tmp_path
+
+
+def test_disk_streamed_weights_same_statistics_and_released(checkpoint):
+    assert (checkpoint / "model.safetensors.index.json").is_file()
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    specs = _specs(reference.config.vocab_size)
+    expected = capture_splits(reference, resolve_sites(reference, ["all"]), specs, batch_size=2)
+
+    model = empty_model(checkpoint)
+    layers = model.model.layers
+    on_device: list[list[bool]] = []  # per layer run: which layers hold real weights
+    for layer in layers:
+        layer.register_forward_pre_hook(
+            lambda *_: on_device.append([not next(m.parameters()).is_meta for m in layers]))
+    got = capture_sequential(model, resolve_sites(model, ["all"]), specs, batch_size=2,
+                             weights=SafetensorsWeights(checkpoint))
+    _assert_same(expected, got)
+    # 3 + 2 batches: caught before layer 0 with no layer loaded, then through each layer with
+    # only the running layer materialized.
+    assert on_device == [[False, False]] * 5 + [[True, False]] * 5 + [[False, True]] * 5
+    assert all(p.is_meta for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"
+
+
+def test_resident_weights_go_back_home():
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["down_proj"])
+    weights = ResidentWeights(torch.device("cpu"))
+    capture_sequential(model, sites, _specs(128), batch_size=4, weights=weights)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_missing_tensor_is_one_line_error(tmp_path):
+    model = tiny_llama(layers=2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if k != "model.layers.1.mlp.down_proj.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    empty = empty_model(model.config)
+    with pytest.raises(CheckpointError) as err:
+        capture_sequential(empty, resolve_sites(empty, ["down_proj"]), _specs(128), 2,
+                           weights=SafetensorsWeights(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "has no tensor 'model.layers.1.mlp.down_proj.weight'" in msg
+    assert "save_pretrained" in msg
+
+
+def test_wrong_shape_and_bad_paths(tmp_path):
+    model = tiny_llama(layers=2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(state, tmp_path / "model.safetensors")
+    empty = empty_model(model.config)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' has shape "
+                                              r"\[95, 64\] but the model expects \[96, 64\]"):
+        capture_sequential(empty, resolve_sites(empty, ["down_proj"]), _specs(128), 2,
+                           weights=SafetensorsWeights(tmp_path / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SafetensorsWeights(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no \*.safetensors file"):
+        SafetensorsWeights(tmp_path / "empty")
+
+
+def test_mixed_attention_types_refused_when_masks_differ():
+    model = tiny_model("gemma2")  # alternating sliding (window 8) / full attention
+    sites = resolve_sites(model, ["down_proj"])
+    with pytest.raises(ValueError, match="seq_len=12 exceeds sliding_window=8"):
+        capture_sequential(model, sites, _specs(96, seq_len=12), batch_size=2)
+    whole = capture_splits(model, sites, _specs(96, seq_len=8), batch_size=2)
+    seq = capture_sequential(model, sites, _specs(96, seq_len=8), batch_size=2)
+    _assert_same(whole, seq)
