@@ -187,9 +187,18 @@ class Quantizer:
         g = check_group_size(x.shape[-1], self.group_size, what)
         return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
 
-    def global_amax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The per-tensor abs-max NVFP4's FP32 global scale is derived from (else None)."""
-        return x.abs().amax() if self.fmt == "nvfp4" else None
+    def global_amax(self, x: torch.Tensor, batch_dims: int = 0) -> torch.Tensor | None:
+        """The per-tensor abs-max NVFP4's FP32 global scale is derived from (else None).
+
+        With ``batch_dims`` leading dims, one abs-max per batch entry, shaped to broadcast
+        against the grouped tensor ``[*batch, ..., groups, g]``.
+        """
+        if self.fmt != "nvfp4":
+            return None
+        if batch_dims == 0:
+            return x.abs().amax()
+        amax = x.abs().flatten(batch_dims).amax(dim=-1)
+        return amax.reshape(*amax.shape, *([1] * (x.dim() - batch_dims + 1)))
 
     # -- parameters -------------------------------------------------------------------------
     def params(
@@ -251,13 +260,19 @@ class Quantizer:
         return self.params(xg, best_clip, global_amax, ste=ste)
 
     # -- whole tensors ----------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, ste: bool = False, what: str = "tensor") -> torch.Tensor:
-        """Fake-quantize ``x`` over its last dim; the result has ``x``'s shape and dtype."""
+    def __call__(
+        self, x: torch.Tensor, ste: bool = False, what: str = "tensor", batch_dims: int = 0
+    ) -> torch.Tensor:
+        """Fake-quantize ``x`` over its last dim; the result has ``x``'s shape and dtype.
+
+        ``batch_dims`` leading dims index independent tensors (e.g. search candidates): only
+        NVFP4's per-tensor global scale looks beyond a row, and it is taken per batch entry.
+        """
         if not x.is_floating_point():
             raise TypeError(f"fake quantization expects a floating-point tensor, got {x.dtype}")
         xf = x.to(torch.float32) if x.dtype in _HALF_DTYPES else x
         xg = self.grouped(xf, what)
-        qp = self.fit(xg, self.global_amax(xf), ste=ste)
+        qp = self.fit(xg, self.global_amax(xf, batch_dims), ste=ste)
         return self.quantize_with(xg, qp, ste=ste).reshape(x.shape).to(x.dtype)
 
 
@@ -273,22 +288,25 @@ def activation_quantizer(scheme: QuantScheme) -> Quantizer:
 
 
 def quantize_weight_spec(
-    w: torch.Tensor, scheme: QuantScheme, ste: bool = False
+    w: torch.Tensor, scheme: QuantScheme, ste: bool = False, batch_dims: int = 0
 ) -> torch.Tensor:
-    """Fake-quantize a Linear weight ``[out, in]`` as ``scheme`` says (RTN, optional MSE clip).
+    """Fake-quantize a Linear weight ``[*batch, out, in]`` as ``scheme`` says (RTN, MSE clip).
 
     With the MSE search, clip ratios are chosen without gradient and then held fixed, so under
     ``ste`` the gradient is that of RTN at the chosen ratio.
     """
-    return weight_quantizer(scheme)(w, ste=ste, what=f"scheme {scheme.name!r} weight")
+    return weight_quantizer(scheme)(w, ste=ste, what=f"scheme {scheme.name!r} weight",
+                                    batch_dims=batch_dims)
 
 
 def quantize_activation_spec(
-    x: torch.Tensor, scheme: QuantScheme, ste: bool = False
+    x: torch.Tensor, scheme: QuantScheme, ste: bool = False, batch_dims: int = 0
 ) -> torch.Tensor:
-    """Fake-quantize activations ``[..., tokens, in]`` dynamically as ``scheme`` says.
+    """Fake-quantize activations ``[*batch, ..., tokens, in]`` dynamically as ``scheme`` says.
 
-    NVFP4's global scale is the abs-max of the whole tensor passed in (deployments calibrate it
-    statically per tensor; it only decides where E4M3 block scales underflow).
+    NVFP4's global scale is the abs-max of the whole tensor passed in, per batch entry
+    (deployments calibrate it statically per tensor; it only decides where E4M3 block scales
+    underflow).
     """
-    return activation_quantizer(scheme)(x, ste=ste, what=f"scheme {scheme.name!r} activation")
+    return activation_quantizer(scheme)(x, ste=ste, what=f"scheme {scheme.name!r} activation",
+                                        batch_dims=batch_dims)

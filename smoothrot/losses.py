@@ -81,10 +81,10 @@ class InputTransform:
         return self.kv_heads * self.head_dim if self.tied else in_features
 
     def expand(self, scales: torch.Tensor) -> torch.Tensor:
-        """Per-input-channel scales from the (possibly tied) scale vector."""
+        """Per-input-channel scales from (possibly tied) scale vectors ``[..., n_scales]``."""
         if not self.tied:
             return scales
-        return scales[_tie_index(self.heads, self.kv_heads, self.head_dim).to(scales.device)]
+        return scales[..., _tie_index(self.heads, self.kv_heads, self.head_dim).to(scales.device)]
 
     def tied_max(self, values: torch.Tensor) -> torch.Tensor:
         """Per-input-channel statistic reduced to the scale vector by max over tied channels."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_weight_spec
-from smoothrot.losses import TransformArg, output_loss, quantized_output, transform_weight
+from smoothrot.fake_quant import quantize_activation_spec, quantize_weight_spec
+from smoothrot.losses import TransformArg, transform_input, transform_weight
 from smoothrot.policies import smoothing_scales
 
 
@@ -30,7 +30,32 @@ class Choice:
     q: float
 
 
+# Elements of the largest per-chunk tensor [candidates, tokens, n] in the batched search; bounds
+# its memory (64M float32 = 256 MB) while batching enough candidates to amortise per-op overhead.
+_CHUNK_ELEMENTS = 1 << 26
+
+
 @torch.no_grad()
+def candidate_losses(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    scheme: QuantScheme,
+    rotate: TransformArg = True,
+) -> torch.Tensor:
+    """Selection losses [C] of C candidate scale vectors ``scales`` [C, n_scales], batched.
+
+    Each candidate gets exactly the arithmetic of :func:`~smoothrot.losses.quantized_output`
+    (per-row quantizers; NVFP4 global scales per candidate).
+    """
+    s = scales.float()[:, None, :]
+    w_q = quantize_weight_spec(transform_weight(weight, s, rotate), scheme, batch_dims=1)
+    x_q = quantize_activation_spec(transform_input(x, s, rotate), scheme, batch_dims=1)
+    y_q = torch.matmul(x_q, w_q.transpose(-1, -2))
+    return (y - y_q).pow(2).sum(dim=-1).mean(dim=-1)
+
+
 def candidate_loss(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -40,9 +65,7 @@ def candidate_loss(
     rotate: TransformArg = True,
 ) -> float:
     """Selection loss of one candidate scale vector (with the site's rotation, default H)."""
-    s = scales.float()
-    w_q = quantize_weight_spec(transform_weight(weight, s, rotate), scheme)
-    return float(output_loss(y, quantized_output(x, weight, s, rotate, scheme, weight_q=w_q)))
+    return float(candidate_losses(x, y, weight, scales[None], scheme, rotate)[0])
 
 
 @torch.no_grad()
@@ -59,17 +82,17 @@ def grid_losses(
 ) -> torch.Tensor:
     """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64).
 
-    ``rotate``: the site's input transform (tied GQA scales, per-head H); default full H.
+    All candidates of the site are scored in batched tensor ops, in chunks bounded by
+    ``_CHUNK_ELEMENTS``. ``rotate``: the site's input transform (tied GQA scales, per-head H).
     """
     w = weight.float()
     x = x_sel.float()
     y = x @ w.T
-    table = torch.empty(len(alphas), len(quantiles), dtype=torch.float64)
-    for i, alpha in enumerate(alphas):
-        for j, q in enumerate(quantiles):
-            s = smoothing_scales(act_stats[q], weight_stat, alpha, site=site)
-            table[i, j] = candidate_loss(x, y, w, s, scheme, rotate)
-    return table
+    scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
+                          for alpha in alphas for q in quantiles])
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel() + w.numel()))
+    losses = [candidate_losses(x, y, w, part, scheme, rotate) for part in scales.split(chunk)]
+    return torch.cat(losses).double().reshape(len(alphas), len(quantiles))
 
 
 def select_policies(

@@ -1,12 +1,14 @@
 """Grid search, policy selection, trained scales and held-out error on synthetic outlier data."""
 
+import pytest
 import torch
 
-from smoothrot.config import TrainConfig, get_scheme
+from smoothrot.config import QuantScheme, TrainConfig, get_scheme
 from smoothrot.evaluate import layer_error
 from smoothrot.lightning_module import fit_scales
+from smoothrot.losses import output_loss, quantized_output
 from smoothrot.policies import smoothing_scales
-from smoothrot.search import candidate_loss, grid_losses, select_policies
+from smoothrot.search import candidate_loss, candidate_losses, grid_losses, select_policies
 from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
 
 W4A4 = get_scheme("w4a4")
@@ -38,8 +40,9 @@ def test_grid_and_selection():
     table = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, "site")
     assert table.shape == (3, 3) and torch.isfinite(table).all()
     s = smoothing_scales(stats[0.99], weight_absmax(w), 0.5)
-    expected = float(table[1, 1])
-    assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - expected) < 1e-6 * expected
+    expected = float(output_loss(x @ w.T, quantized_output(x, w, s, True, W4A4)))
+    assert abs(float(table[1, 1]) - expected) < 1e-5 * expected
+    assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - expected) < 1e-5 * expected
 
     tables = {"a": torch.tensor([[3.0, 2.0, 5.0], [4.0, 1.0, 2.5]]),
               "b": torch.tensor([[1.0, 9.0, 1.0], [0.4, 0.5, 1.0]])}
@@ -53,6 +56,31 @@ def test_grid_and_selection():
     assert {(c.alpha, c.q) for c in ch["joint_global"].values()} == {(0.5, 0.99)}
     assert (ch["joint"]["a"].alpha, ch["joint"]["a"].q) == (0.5, 0.99)
     assert (ch["joint"]["b"].alpha, ch["joint"]["b"].q) == (0.5, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "rotate"),
+    [
+        (W4A4, True),
+        (get_scheme("w8a8"), False),
+        (get_scheme("nvfp4"), True),
+        (get_scheme("mxfp4"), "head:d=32"),
+        (QuantScheme("g32asym", 4, 4, w_group_size=32, w_symmetric=False, w_mse_clip=True),
+         True),
+        (W4A4, "head:d=16:tie=6/2"),
+    ],
+)
+def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, rotate: bool | str):
+    """The vectorized search scores each candidate exactly as the per-candidate loss does."""
+    x, w = outlier_data(tokens=256)
+    gen = torch.Generator().manual_seed(3)
+    n_scales = 32 if "tie" in str(rotate) else x.shape[1]
+    cands = torch.exp(torch.randn(5, n_scales, generator=gen))
+    batched = candidate_losses(x, x @ w.T, w, cands, scheme, rotate)
+    single = torch.stack([output_loss(x @ w.T, quantized_output(x, w, c, rotate, scheme))
+                          for c in cands])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=0)
+    assert len(set(batched.tolist())) == 5  # candidates were not mixed up
 
 
 def test_rotation_and_smoothing_reduce_error_on_outliers():
