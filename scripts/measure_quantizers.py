@@ -2,6 +2,8 @@
 
     python scripts/measure_quantizers.py weights   # weight-only RTN, every linear of every block
     python scripts/measure_quantizers.py gptq      # down_proj sites: GPTQ variants vs RTN
+    python scripts/measure_quantizers.py ppl --config configs/quick.yaml \
+        --scales outputs/issue7_quick/scales.safetensors --evaluation-samples 64
 
 ``weights``: perplexity on the evaluation split with every linear of every decoder block
 fake-quantized (weights only, no transform): per-channel vs group size, symmetric vs asymmetric,
@@ -10,8 +12,12 @@ MSE clip search, NVFP4 / MXFP4 weights.
 ``gptq``: for each site, the fused weight W·diag(s)·H (s: max policy with --alpha, or s = 1 with
 --alpha -1) rounded by RTN and by GPTQ variants (inputs X' or Q_a(X'), act-order or not, static
 or dynamic groups, damping, calibration tokens); output error of Q_a(X')·Ŵᵀ on the selection
-split (what a choice may look at) and on held-out tokens (what is reported). Writes JSON and a
-Markdown table to --output-dir.
+split (what a choice may look at) and on held-out tokens (what is reported).
+
+``ppl``: re-evaluate a finished fit_scales run on a larger evaluation sample: its trained scales
+(``--scales``) with RTN weights vs with the pipeline's GPTQ (same config, so the same calibration
+and selection tokens and the same selected damping), perplexity on ``--evaluation-samples``
+windows of the evaluation split. Writes JSON and a Markdown table to --output-dir.
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ from pathlib import Path
 import torch
 
 from smoothrot.calibration import capture_sites, run_model, token_subset
-from smoothrot.config import DataConfig, QuantScheme, get_scheme
+from smoothrot.config import DataConfig, QuantScheme, get_scheme, load_config
 from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.evaluate import layer_error, perplexity
 from smoothrot.fake_quant import quantize_weight_spec
-from smoothrot.gptq import gptq_fused_weight
+from smoothrot.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.losses import transform_weight
 from smoothrot.mappings import resolve_sites
 from smoothrot.models import load_model
@@ -159,6 +165,39 @@ def measure_gptq(model, windows, args) -> dict:
     return result
 
 
+def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Perplexity of a run's trained scales with RTN vs selected-GPTQ weights, larger eval."""
+    from safetensors.torch import load_file
+
+    from smoothrot.pipeline import Timer, _calibrate, method_plan  # the run's exact calibration
+    from smoothrot.surgery import transformed
+
+    cfg = load_config(args.config)
+    model, tokenizer = load_model(cfg.model.name)
+    sites = resolve_sites(model, cfg.layers)
+    data_cfg = dataclasses.replace(cfg.data, evaluation_samples=args.evaluation_samples)
+    windows = _windows(tokenizer, data_cfg, cfg.seed)
+    data = _calibrate(model, sites, windows, cfg, Timer())
+    stored = load_file(args.scales)
+    res: dict = {"float": perplexity(model, windows["evaluation"], desc="float")}
+    for scheme_name in args.schemes:
+        scheme = get_scheme(scheme_name)
+        scales = {rs.name: stored[f"{scheme.name}/trained/{rs.name}"].float() for rs in sites}
+        picks = {rs.name: gptq_fused_weight_selected(
+            rs.linear.weight.detach().float(), scales[rs.name], rs.transform.arg,
+            data[rs.name].train_x, data[rs.name].selection_x, scheme) for rs in sites}
+        gptq_w = {site: pick.weight_q for site, pick in picks.items()}
+        for method, wq in (("trained", {}), ("trained+gptq", gptq_w)):
+            plans = {rs.name: method_plan(method, scales[rs.name], wq.get(rs.name))
+                     for rs in sites}
+            with transformed(sites, plans, scheme):
+                res[f"{scheme.name} {method}"] = perplexity(model, windows["evaluation"],
+                                                            desc=f"{scheme.name} {method}")
+            log.info("%s %s ppl %.3f", scheme.name, method, res[f"{scheme.name} {method}"])
+        res[f"{scheme.name} damping"] = [p.damp for p in picks.values()]
+    return res, windows
+
+
 def _markdown_gptq(res: dict) -> str:
     lines = [f"alpha={res['alpha']} (−1: Hadamard only), {len(res['sites'])} sites", ""]
     for scheme, block in res["schemes"].items():
@@ -176,7 +215,10 @@ def _markdown_gptq(res: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["weights", "gptq"])
+    p.add_argument("part", choices=["weights", "gptq", "ppl"])
+    p.add_argument("--config", default="configs/quick.yaml", help="ppl: the run's config")
+    p.add_argument("--scales", help="ppl: the run's scales.safetensors")
+    p.add_argument("--evaluation-samples", type=int, default=64)
     p.add_argument("--model", default="embedded:smollm2")
     p.add_argument("--layers", nargs="+", default=["down_proj"])
     p.add_argument("--schemes", nargs="+", default=["w4a4", "nvfp4"])
@@ -188,19 +230,26 @@ def main() -> None:
     p.add_argument("--output-dir", default="outputs/quantizers")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args()
+    if args.part == "ppl" and not args.scales:
+        p.error("ppl needs --scales, the fit's scales.safetensors (and its --config)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
-    data_cfg = DataConfig(calibration_samples=args.calibration_samples)
-    windows = _windows(tokenizer, data_cfg, args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.part == "ppl":
+        res, windows = measure_ppl(args)
+        md = "| model | perplexity |\n|---|---:|\n" + "\n".join(
+            f"| {k} | {v:.3f} |" for k, v in res.items() if isinstance(v, float))
+    else:
+        model, tokenizer = load_model(args.model)
+        windows = _windows(tokenizer, DataConfig(calibration_samples=args.calibration_samples),
+                           args.seed)
     if args.part == "weights":
         res = measure_weights(model, windows)
         md = "| weights (all block linears) | perplexity |\n|---|---:|\n" + "\n".join(
             f"| {k} | {v:.3f} |" for k, v in res.items())
-    else:
+    elif args.part == "gptq":
         res = measure_gptq(model, windows, args)
         md = _markdown_gptq(res)
     meta = {"model": args.model, "tokens": {k: int(v.numel()) for k, v in windows.items()},

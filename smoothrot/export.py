@@ -1,4 +1,4 @@
-"""Export fused, rotated checkpoints (float, W8A8, W4A4) and load them again with one call.
+"""Export fused, rotated checkpoints (float, W8A8, W4A4, NVFP4, MXFP4) and load them again.
 
 Formats (docs/equivalence.md has the math, README "Export" the usage):
 
@@ -11,6 +11,15 @@ Formats (docs/equivalence.md has the math, README "Export" the usage):
   dynamic per-token symmetric activation quantization, declared in ``quantization_config`` the way
   llm-compressor writes it. Only the planned sites' linears are quantized (the rest is in
   ``ignore``).
+* ``nvfp4`` / ``mxfp4``: compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``
+  checkpoints as llm-compressor writes them (``weight_packed``: two E2M1 codes per byte,
+  ``weight_scale``: E4M3 per 16 / E8M0 per 32, NVFP4's FP32 ``weight_global_scale`` and the
+  static ``input_global_scale`` from calibration tokens), ``quantization_config`` from
+  compressed-tensors' own ``NVFP4`` / ``MXFP4`` presets.
+
+Plans whose fused weight was rounded offline (GPTQ, ``SitePlan.weight_q``) store those codes: the
+scales come from the fused float weight, as GPTQ's do, and compressed-tensors' compressor then
+recovers exactly the GPTQ codes (checked, one-line error otherwise).
 
 The online rotation is declared in ``config.json`` under ``"smoothrot"`` (read by
 :func:`load_pretrained`) and, when compressed-tensors can express it (a Sylvester Hadamard: power
@@ -48,6 +57,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from smoothrot import fp4
+from smoothrot.calibration import run_model
 from smoothrot.config import ConfigError, QuantScheme, get_scheme
 from smoothrot.evaluate import perplexity
 from smoothrot.fake_quant import weight_quantizer
@@ -82,7 +93,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fused", "w8a8", "w4a4")
+FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
+FP4_FORMATS = ("nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
 DECLARATION_KEY = "smoothrot"
@@ -95,6 +107,12 @@ TRANSFORM_GROUP = "smoothrot"
 # difference to the in-memory fake-quant model (quantized), see docs/equivalence.md.
 LOGIT_TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 PPL_TOLERANCE = 0.005
+# How load_pretrained's smoothrot activation quantizer computes each format's dynamic scale.
+ACTIVATION_SCALE = {
+    "int": "max|x_token| * clip / (2^(bits-1) - 1)",
+    "nvfp4": "e4m3(G * max|x_block16| / 6) / G, G = 448*6 / max|x| of the batch (dynamic)",
+    "mxfp4": "2^floor(log2 max|x_block32|) / 4, one power up if the mantissa >= 1.75 (E8M0)",
+}
 
 
 class ExportError(ValueError):
@@ -179,11 +197,9 @@ def _resolve_planned(model: nn.Module, plans: Mapping[str, SitePlan]) -> list[Re
         raise ExportError(f"plans name {missing}, which are not qualified site names of this model")
     for rs in sites:
         plan = plans[rs.name]
-        if plan.weight_q is not None:
-            raise ExportError(
-                f"{rs.name}: the plan carries offline-quantized weights (GPTQ); export supports "
-                "round-to-nearest methods only, e.g. --method trained"
-            )
+        if plan.weight_q is not None and tuple(plan.weight_q.shape) != tuple(rs.weight.shape):
+            raise ExportError(f"{rs.name}: weight_q has shape {tuple(plan.weight_q.shape)} but "
+                              f"the site's fused weight is {tuple(rs.weight.shape)}")
         if plan.scales is not None and tuple(plan.scales.shape) != (rs.n_scales,):
             raise ExportError(
                 f"{rs.name}: scales have shape {tuple(plan.scales.shape)} but the model needs "
@@ -280,13 +296,18 @@ def _ct_transform_configs(entries: Mapping[str, Mapping[str, Any]], precision: t
 
 
 def _export_scheme(fmt: str, scheme: str | None) -> QuantScheme | None:
-    """The quantization scheme of a quantized format; its bits must match the format."""
+    """The quantization scheme of a quantized format; it must be what the format stores."""
     if fmt == "fused":
         return None
     try:
         qs = get_scheme(scheme or fmt)
     except ConfigError as exc:
         raise ExportError(str(exc)) from None
+    if fmt in FP4_FORMATS:
+        if (qs.w_format, qs.a_format) != (fmt, fmt):
+            raise ExportError(f"format {fmt} needs an {fmt} scheme (weights and activations), "
+                              f"got {qs.name!r}; pass --scheme {fmt}")
+        return qs
     bits = int(fmt[1])
     if (qs.w_bits, qs.a_bits) != (bits, bits):
         raise ExportError(f"format {fmt} needs a W{bits}A{bits} scheme, got {qs.name!r}")
@@ -294,8 +315,9 @@ def _export_scheme(fmt: str, scheme: str | None) -> QuantScheme | None:
              and qs.w_group_size is None and qs.a_group_size is None)
     if not plain:
         raise ExportError(
-            f"scheme {qs.name!r} uses groups, asymmetry or FP4; export writes per-channel "
-            "symmetric int weights and per-token int activations only (w8a8, w4a4, *-mse)"
+            f"scheme {qs.name!r} uses groups, asymmetry or FP4; format {fmt} writes per-channel "
+            "symmetric int weights and per-token int activations (w8a8, w4a4, *-mse); FP4 "
+            "schemes export as --format nvfp4 or mxfp4"
         )
     return qs
 
@@ -384,49 +406,128 @@ def package_versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def _weight_scale(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """(compute-dtype weight, per-row scale [out, 1]) exactly as smoothrot.fake_quant computes.
+def _weight_params(
+    weight: torch.Tensor, scheme: QuantScheme, weight_q: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weight to compress, compressed-tensors weight parameters) as smoothrot.fake_quant has them.
 
-    Half weights are quantized in float32, as fake_quant does, so compressed-tensors must see the
-    float32 weight and scale to reproduce its integers.
+    The scales are fitted on the fused float ``weight`` (in float32 for half weights, as
+    fake_quant computes), so compressed-tensors' compressor reproduces fake_quant's codes. NVFP4's
+    stored block scale is the E4M3 number S with scale = S / G (exact: rounding S/G·G to E4M3
+    recovers S). ``weight_q`` (GPTQ) is compressed instead of the float weight; it must lie on the
+    same grid, so the compressor stores its codes rather than new ones.
     """
     wf = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
     quant = weight_quantizer(scheme)
-    qp = quant.fit(quant.grouped(wf), quant.global_amax(wf))
-    return wf, qp.scale.reshape(weight.shape[0], 1)
+    global_amax = quant.global_amax(wf)
+    qp = quant.fit(quant.grouped(wf), global_amax)
+    params = {"weight_scale": qp.scale.reshape(weight.shape[0], -1)}
+    if scheme.w_format == "nvfp4":
+        global_scale = fp4.nvfp4_global_scale(global_amax).reshape(1)
+        params = {"weight_scale": fp4.round_e4m3(params["weight_scale"] * global_scale),
+                  "weight_global_scale": global_scale}
+    if weight_q is None:
+        return wf, params
+    wq = weight_q.detach().to(device=wf.device, dtype=wf.dtype)
+    on_grid = quant.quantize_with(quant.grouped(wq), qp).reshape(wq.shape)
+    if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
+        raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
+                          "(GPTQ with dynamic groups?); round with act_order or static_groups")
+    return wq, params
 
 
-def _quantize_sites(model: nn.Module, linear_names: list[str], scheme: QuantScheme):
-    """Quantize the named linears in place with compressed-tensors; returns the ModelCompressor."""
-    from compressed_tensors.compressors import ModelCompressor
+def _ct_scheme(scheme: QuantScheme, targets: list[str]):
+    """compressed-tensors' QuantizationScheme for ``scheme``: its own NVFP4 / MXFP4 preset, or
+    per-channel int weights with dynamic per-token int activations."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
-        QuantizationConfig,
         QuantizationScheme,
-        QuantizationStatus,
-        apply_quantization_config,
+        preset_name_to_scheme,
     )
+
+    if scheme.w_format in FP4_FORMATS:
+        return preset_name_to_scheme(scheme.w_format.upper(), targets)
 
     def args(bits: int, strategy: str, dynamic: bool) -> QuantizationArgs:
         return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy,
                                 dynamic=dynamic)
 
-    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=linear_names,
-        weights=args(scheme.w_bits, "channel", False),
-        input_activations=args(scheme.a_bits, "token", True),
-    )})
+    return QuantizationScheme(targets=targets, weights=args(scheme.w_bits, "channel", False),
+                              input_activations=args(scheme.a_bits, "token", True))
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
+                  batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """max |x| over ``windows`` of each named linear's input as its kernel sees it, i.e. after
+    the online rotation hooks already registered (the static part of NVFP4 activations)."""
+    amax = {name: torch.zeros((), dtype=torch.float32) for name in names}
+
+    def recorder(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            value = args[0].detach().abs().amax().float().cpu()
+            amax[name] = torch.maximum(amax[name], value)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
+    try:
+        run_model(model, windows, batch_size, "input global scales")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
+
+
+def _quantize_sites(
+    model: nn.Module,
+    linear_names: list[str],
+    scheme: QuantScheme,
+    weights_q: Mapping[str, torch.Tensor],
+    input_amax: Mapping[str, torch.Tensor],
+):
+    """Quantize the named linears in place with compressed-tensors; returns the ModelCompressor.
+
+    The parameters are smoothrot's (:func:`_weight_params`); compressed-tensors' compressor for
+    the scheme's format (int-quantized, nvfp4- / mxfp4-pack-quantized) rounds and packs them.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    qcfg = QuantizationConfig(config_groups={"group_0": _ct_scheme(scheme, linear_names)})
     apply_quantization_config(model, qcfg)
     for name in linear_names:
         linear = model.get_submodule(name)
-        wf, scale = _weight_scale(linear.weight.detach(), scheme)
-        linear.weight.data = wf
-        linear.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
+        weight, params = _weight_params(linear.weight.detach(), scheme, weights_q.get(name), name)
+        if name in input_amax:
+            params["input_global_scale"] = fp4.nvfp4_global_scale(input_amax[name]).reshape(1)
+        linear.weight.data = weight
+        for key, value in params.items():
+            setattr(linear, key, nn.Parameter(value.contiguous(), requires_grad=False))
         linear.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     compressor.remove_decompression_hook(model)
     return compressor
+
+
+def _linear_weights_q(
+    model: nn.Module, sites: Sequence[ResolvedSite], plans: Mapping[str, SitePlan]
+) -> dict[str, torch.Tensor]:
+    """Each linear's rows of its site's offline-quantized fused weight (``SitePlan.weight_q``)."""
+    names = _module_names(model)
+    out = {}
+    for rs in sites:
+        weight_q = plans[rs.name].weight_q
+        if weight_q is None:
+            continue
+        rows = [lin.out_features for lin in rs.linears]
+        for linear, part in zip(rs.linears, weight_q.split(rows), strict=True):
+            out[names[id(linear)]] = part
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,13 +566,17 @@ def export_model(
     overwrite: bool = False,
     residual_seed: int | None = None,
     provenance: Mapping[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> Path:
     """Write ``model`` transformed by ``plans`` (qualified site name → SitePlan) to ``path``.
 
     The model itself is not modified (a copy is fused). ``scheme`` picks the quantizer of a
-    quantized format (default: the format's preset). ``residual_seed`` re-applies the R1 residual
-    rotation the scales were fitted under. ``provenance`` (method, α/q, data hash, headline
-    errors, ...) goes into ``smoothrot.json``. Returns the path.
+    quantized format (default: the format's preset). Plans with ``weight_q`` (GPTQ) store those
+    codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
+    NVFP4's static input global scales (max |x·H| per linear; required for ``nvfp4``).
+    ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under.
+    ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``.
+    Returns the path.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -482,30 +587,46 @@ def export_model(
     _refuse_existing(path, overwrite)
     target = resolve_dtype(dtype)
     qscheme = _export_scheme(fmt, scheme)
+    gptq = any(p.weight_q is not None for p in plans.values())
+    if gptq and qscheme is None:
+        raise ExportError("plans carry offline-quantized weights (GPTQ), which the float format "
+                          "'fused' cannot store; export a quantized format, e.g. w4a4 or nvfp4")
+    static_inputs = qscheme is not None and qscheme.a_format == "nvfp4"
+    if static_inputs and calibration is None:
+        raise ExportError("nvfp4 stores static input global scales; pass calibration token "
+                          "windows (calibration=..., the fit's calibration split)")
 
     # The copy is fused in the export dtype, as apply_plans fuses a model loaded in that dtype
     # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
+    # GPTQ weights replace the fused float weights only when compressed (their scales come from
+    # the float weights).
     work, residual = _prepared_copy(model, target, residual_seed)
     sites = _resolve_planned(work, plans)
-    for handle in apply_plans(sites, plans):
-        handle.remove()  # the online part is declared in config.json instead
-    if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
-        # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
-        # parameter and its value (rare path, so the common one fuses once).
-        fresh, _ = _prepared_copy(model, target, residual_seed)
-        check_representable(fresh, _resolve_planned(fresh, plans), plans, target)
-        raise ExportError(f"fused weights are not finite in {dtype}; export float32")
-    entries = _site_entries(work, sites, plans)
+    weights_q = _linear_weights_q(work, sites, plans)
+    handles = apply_plans(sites, {k: replace(p, weight_q=None) for k, p in plans.items()})
+    try:
+        if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
+            # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
+            # parameter and its value (rare path, so the common one fuses once).
+            fresh, _ = _prepared_copy(model, target, residual_seed)
+            check_representable(fresh, _resolve_planned(fresh, plans), plans, target)
+            raise ExportError(f"fused weights are not finite in {dtype}; export float32")
+        entries = _site_entries(work, sites, plans)
+        linears = [name for e in entries.values() for name in e["linears"]]
+        input_amax = (_input_absmax(work, linears, calibration)
+                      if static_inputs and calibration is not None else {})
+    finally:
+        for handle in handles:
+            handle.remove()  # the online part is declared in config.json instead
     precision = torch.float64 if target == torch.float64 else torch.float32
     ct_full, ct_online, ct_reason = _ct_transform_configs(entries, precision)
     if ct_online is not None:
         from compressed_tensors.transform import apply_transform_config
 
         apply_transform_config(work, ct_online)  # registers the transform weights to save
-    linears = [name for e in entries.values() for name in e["linears"]]
     compressor = None
     if qscheme is not None:
-        compressor = _quantize_sites(work, linears, qscheme)
+        compressor = _quantize_sites(work, linears, qscheme, weights_q, input_amax)
         compressor.transform_config = ct_full
     elif ct_full is not None:
         from compressed_tensors.compressors import ModelCompressor
@@ -519,14 +640,15 @@ def export_model(
         "loader": "smoothrot.load_pretrained",
         "sites": entries,
         "activation_quantization": None if qscheme is None else {
-            "scheme": qscheme.name, "num_bits": qscheme.a_bits, "clip": qscheme.a_clip,
-            "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
-            "scale": "max|x_token| * clip / (2^(bits-1) - 1)",
+            "scheme": qscheme.name, "format": qscheme.a_format, "num_bits": qscheme.a_bits,
+            "group_size": qscheme.a_group_size, "clip": qscheme.a_clip, "symmetric": True,
+            "dynamic": True, "scale": ACTIVATION_SCALE[qscheme.a_format],
         },
         "weight_quantization": None if qscheme is None else {
-            "scheme": qscheme.name, "num_bits": qscheme.w_bits, "clip": qscheme.w_clip,
-            "mse_clip": qscheme.w_mse_clip, "type": "int", "symmetric": True,
-            "strategy": "channel",
+            "scheme": qscheme.name, "format": qscheme.w_format, "num_bits": qscheme.w_bits,
+            "group_size": qscheme.w_group_size, "clip": qscheme.w_clip,
+            "mse_clip": qscheme.w_mse_clip, "symmetric": True,
+            "rounding": "gptq" if gptq else "rtn",
         },
         "transform_config_groups": sorted(ct_full.config_groups) if ct_full else [],
         "transform_config_note": ct_reason if ct_full is None else None,
@@ -584,11 +706,14 @@ def read_declaration(path: str | Path) -> dict[str, Any]:
 
 
 def _declared_scheme(decl: Mapping[str, Any]) -> QuantScheme | None:
+    """The scheme a quantized export was written with (older exports: int, per channel/token)."""
     aq, wq = decl.get("activation_quantization"), decl.get("weight_quantization")
     if aq is None:
         return None
     return QuantScheme(aq["scheme"], w_bits=wq["num_bits"], a_bits=aq["num_bits"],
-                       w_clip=wq["clip"], a_clip=aq["clip"])
+                       w_clip=wq["clip"], a_clip=aq["clip"], w_format=wq.get("format", "int"),
+                       a_format=aq.get("format", "int"), w_group_size=wq.get("group_size"),
+                       a_group_size=aq.get("group_size"), w_mse_clip=wq.get("mse_clip", False))
 
 
 def _has_ct_transform(module: nn.Module) -> bool:
@@ -615,6 +740,44 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+def _checkpoint_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a (possibly sharded) safetensors checkpoint folder."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys.intersection(f.keys())})
+    missing = sorted(keys - set(out))
+    if missing:
+        raise ExportError(f"{path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
+                          "was it written by another tool?")
+    return out
+
+
+@torch.no_grad()
+def _dequantize_nvfp4_exactly(model: nn.Module, path: Path, linears: list[str]) -> None:
+    """Redo compressed-tensors' NVFP4 decompression of ``linears`` in the compute dtype.
+
+    Its decompressor unpacks the E2M1 codes to bfloat16 and so rounds every dequantized weight
+    E2M1·S/G to bfloat16 (≈0.2 % off in a float32 model); here the same unpack and dequantize
+    functions run in float32 (float64 for float64 exports), as smoothrot's fake quant computes.
+    """
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    args = preset_name_to_scheme("NVFP4", linears).weights
+    suffixes = ("weight_packed", "weight_scale", "weight_global_scale")
+    tensors = _checkpoint_tensors(path, {f"{n}.{s}" for n in linears for s in suffixes})
+    for name in linears:
+        weight = model.get_submodule(name).weight
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        packed, scale, global_scale = (tensors[f"{name}.{s}"] for s in suffixes)
+        codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=work)
+        value = dequantize(codes, scale.to(work), args=args, global_scale=global_scale,
+                           dtype=work)
+        weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+
 def load_pretrained(
     path: str | Path,
     *,
@@ -623,12 +786,13 @@ def load_pretrained(
     activation_quantizer: str = "smoothrot",
 ) -> PreTrainedModel:
     """Load an export as a working model: weights via transformers (+ compressed-tensors), and
-    the declared online rotation (and, for w8a8/w4a4, dynamic activation quantization) as hooks.
+    the declared online rotation (and, for quantized formats, activation quantization) as hooks.
 
     ``activation_quantizer``: ``smoothrot`` (default) dequantizes the weights at load time and
-    quantizes activations with smoothrot's RTN (scale max|x|/(2^(b-1)−1)), reproducing the
-    in-memory fake-quant model exactly; ``compressed-tensors`` keeps compressed-tensors' own
-    forward, whose dynamic scale is max|x|/((2^b−1)/2) (a slightly different grid).
+    quantizes activations with smoothrot's fake quantizer (int: scale max|x|/(2^(b-1)−1);
+    NVFP4: dynamic global scale), reproducing the in-memory fake-quant model exactly;
+    ``compressed-tensors`` keeps compressed-tensors' own forward, whose int dynamic scale is
+    max|x|/((2^b−1)/2) and whose NVFP4 global input scale is the calibrated static one.
     The hook handles are kept in ``model.smoothrot_hooks``.
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -639,12 +803,20 @@ def load_pretrained(
         raise ExportError(f"activation_quantizer={activation_quantizer!r}; choose one of "
                           f"{list(ACTIVATION_QUANTIZERS)}")
     scheme = _declared_scheme(decl)
+    if (decl["format"] in FP4_FORMATS and activation_quantizer == "compressed-tensors"
+            and (dtype or decl["dtype"]) != "bfloat16"):
+        raise ExportError(f"compressed-tensors decompresses {decl['format']} weights to bfloat16, "
+                          "which fails in a float model; pass dtype='bfloat16' or "
+                          "activation_quantizer='smoothrot'")
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype) if dtype else "auto",
                               "local_files_only": True}
     if scheme is not None and activation_quantizer == "smoothrot":
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if decl["format"] == "nvfp4" and activation_quantizer == "smoothrot":
+        _dequantize_nvfp4_exactly(model, path, [n for e in decl["sites"].values()
+                                                for n in e["linears"]])
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -710,14 +882,21 @@ def verify_export(
     *,
     activation_quantizer: str = "smoothrot",
     batch_size: int = 4,
+    plans: Mapping[str, SitePlan] | None = None,
 ) -> dict[str, Any]:
     """Reload an export and compare it with the original ``model`` on token ``windows``.
 
     fused: relative Frobenius error of the logits against the untransformed model (limit by
-    dtype: 1e-10 float64, 1e-4 float32). w8a8/w4a4: perplexity against the in-memory fake-quant
-    model built from the same plans (limit 0.5 % relative). Returns the numbers and ``passed``.
+    dtype: 1e-10 float64, 1e-4 float32). Quantized formats: perplexity against the in-memory
+    fake-quant model built from the same plans (limit 0.5 % relative). ``plans`` default to the
+    export's stored scales; a GPTQ export needs the plans with their ``weight_q``. Returns the
+    numbers and ``passed``.
     """
     decl = read_declaration(path)
+    gptq = (decl.get("weight_quantization") or {}).get("rounding") == "gptq"
+    if gptq and plans is None:
+        raise ExportError(f"{path} holds GPTQ-rounded weights; pass the plans with their weight_q "
+                          "to compare it with the in-memory model")
     reloaded = load_pretrained(path, activation_quantizer=activation_quantizer,
                                device=str(next(model.parameters()).device))
     target = resolve_dtype(decl["dtype"])
@@ -737,7 +916,7 @@ def verify_export(
         result = {"format": decl["format"], "dtype": decl["dtype"], "logit_rel_error": rel,
                   "limit": limit, "passed": rel <= limit}
     else:
-        plans = plans_from_export(path)
+        plans = plans_from_export(path) if plans is None else plans
         sites = [rs for rs in resolve_sites(reference, list(plans)) if rs.name in plans]
         with transformed(sites, plans, scheme):
             ppl_memory = perplexity(reference, windows, batch_size, desc="in-memory ppl")
@@ -750,8 +929,9 @@ def verify_export(
         if activation_quantizer != "smoothrot":
             # A different activation grid by design: report the difference, check only sanity.
             result.update(limit=None, passed=math.isfinite(ppl_reload), note=(
-                "compressed-tensors' dynamic scale max|x|/((2^b-1)/2) differs from smoothrot's "
-                "max|x|/(2^(b-1)-1); the 0.5 % limit applies to activation_quantizer='smoothrot'"))
+                "compressed-tensors quantizes activations on another grid (int: dynamic scale "
+                "max|x|/((2^b-1)/2), not max|x|/(2^(b-1)-1); nvfp4: the static calibrated global "
+                "scale); the 0.5 % limit applies to activation_quantizer='smoothrot'"))
     log.info("verify %s: %s", path, result)
     return result
 
@@ -864,12 +1044,14 @@ def export_from_scales_file(
     dtype: str = "float32",
     overwrite: bool = False,
     report: Mapping[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> Path:
     """Export ``model`` with the ``method`` scales of ``scheme`` from a fit's scales file.
 
-    ``scheme`` defaults to the format's (``w4a4``, ``w8a8``); for ``fused`` to the run's first
-    scheme. ``report`` (the run's report.json) adds provenance and the R1 setting. A scales file
-    of another model (fingerprint or shapes) is a one-line error.
+    ``scheme`` defaults to the format's (``w4a4``, ``w8a8``, ``nvfp4``, ...); for ``fused`` to
+    the run's first scheme. ``report`` (the run's report.json) adds provenance and the R1
+    setting; ``calibration`` token windows are needed by ``nvfp4`` (see :func:`export_model`).
+    A scales file of another model (fingerprint or shapes) is a one-line error.
     """
     scales_path = Path(scales_path)
     _refuse_existing(Path(out), overwrite)
@@ -908,7 +1090,7 @@ def export_from_scales_file(
     return export_model(
         model, plans, out, fmt=fmt, dtype=dtype,
         scheme=scheme if fmt != "fused" else None, tokenizer=tokenizer, overwrite=overwrite,
-        residual_seed=residual_seed, provenance=provenance,
+        residual_seed=residual_seed, provenance=provenance, calibration=calibration,
     )
 
 
@@ -924,6 +1106,10 @@ def check_export_request(
             raise ExportError(f"--export {fmt} needs scheme {fmt} in --schemes "
                               f"(have {list(schemes)})")
         _refuse_existing(targets[fmt], overwrite)
+    if formats and method.endswith("+gptq"):
+        raise ExportError(f"--export-method {method}: GPTQ weights are not kept in the scales "
+                          "file; export a scale method (e.g. trained), or call "
+                          "smoothrot.export.export_model with plans carrying weight_q")
     if formats and method not in ("rtn", "hadamard") and method not in methods:
         raise ExportError(f"--export-method {method} is not among the run's methods "
                           f"{list(methods)}")

@@ -1,7 +1,9 @@
 """Reports: report.md, report.json, PNG plots, scales.safetensors and the terminal summary.
 
 Every number here was measured on held-out tokens (layer errors) or on the disjoint evaluation
-text (perplexity); "% vs SmoothRot-max" is (method − max) / max, negative is better.
+text (perplexity); "% vs SmoothRot-max" is (method − max) / max, negative is better. Each method
+row names its weight quantizer (RTN or GPTQ, and the scheme's weight format), and runs with
+several schemes (``--schemes w4a4 nvfp4``) get one side-by-side table.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from smoothrot.config import config_to_dict
-from smoothrot.pipeline import FitResult, SchemeResult
+from smoothrot.config import QuantScheme, config_to_dict, get_scheme
+from smoothrot.pipeline import GPTQ_SUFFIX, FitResult, SchemeResult
 
 BASELINE = "smoothrot_max"
 LABELS = {
@@ -33,6 +35,23 @@ LABELS = {
 }
 
 
+def _weight_format(scheme: QuantScheme) -> str:
+    if scheme.w_format == "nvfp4":
+        return "NVFP4 (E2M1, E4M3 scale per 16, FP32 global)"
+    if scheme.w_format == "mxfp4":
+        return "MXFP4 (E2M1, E8M0 scale per 32)"
+    group = "per-channel" if scheme.w_group_size is None else f"group {scheme.w_group_size}"
+    sym = "sym" if scheme.w_symmetric else "asym"
+    mse = ", MSE clip" if scheme.w_mse_clip else ""
+    return f"int{scheme.w_bits} {sym} {group}{mse}"
+
+
+def weight_quantizer_label(scheme_name: str, method: str) -> str:
+    """How a method's weights were rounded under a scheme, e.g. ``GPTQ, int4 sym per-channel``."""
+    rounding = "GPTQ" if method.endswith(GPTQ_SUFFIX) else "RTN"
+    return f"{rounding}, {_weight_format(get_scheme(scheme_name))}"
+
+
 def _pct(value: float, base: float) -> float:
     return 100.0 * (value - base) / base if base > 0 else float("nan")
 
@@ -42,13 +61,15 @@ def _mean(values: list[float]) -> float:
 
 
 def summarize(sr: SchemeResult) -> dict[str, dict[str, float]]:
-    """Per method: mean MSE, mean relative error, % vs SmoothRot-max (of the mean and per layer)."""
+    """Per method: weight quantizer, mean MSE, mean relative error, % vs SmoothRot-max (of the
+    mean and per layer) and perplexity if measured."""
     base = sr.errors[BASELINE]
     base_mean = _mean([e.mse for e in base.values()])
     out = {}
     for method, errs in sr.errors.items():
         mse = _mean([e.mse for e in errs.values()])
         out[method] = {
+            "weight_quantizer": weight_quantizer_label(sr.scheme, method),
             "mean_mse": mse,
             "mean_relative": _mean([e.relative for e in errs.values()]),
             "pct_vs_max": _pct(mse, base_mean),
@@ -91,18 +112,40 @@ def to_json(result: FitResult) -> dict[str, Any]:
     }
 
 
+def side_by_side(result: FitResult) -> dict[str, dict[str, dict[str, float]]]:
+    """method → scheme → summary row, methods in first-seen order (a method a scheme lacks is
+    absent from that method's entry)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for sr in result.schemes:
+        for method, row in summarize(sr).items():
+            out.setdefault(method, {})[sr.scheme] = row
+    return out
+
+
 def summary_table(result: FitResult) -> str:
     """A short plain-text table for the terminal."""
     lines = []
     ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
     lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
     for sr in result.schemes:
-        header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}"
+        header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}  weights"
         lines.append(f"\n{sr.scheme.upper():<20}{header}")
         for method, row in summarize(sr).items():
             p = f"{row['perplexity']:10.3f}" if "perplexity" in row else f"{'-':>10}"
             lines.append(f"{LABELS[method]:<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
-                         f"{row['mean_relative']:10.4f}{p}")
+                         f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
+    if len(result.schemes) > 1:
+        schemes = [sr.scheme for sr in result.schemes]
+        lines.append(f"\n{'side by side':<20}" + "".join(
+            f"{s.upper() + ' MSE':>14}{'ppl':>9}" for s in schemes))
+        for method, rows in side_by_side(result).items():
+            cells = []
+            for s in schemes:
+                row = rows.get(s)
+                mse = f"{row['mean_mse']:14.4g}" if row else f"{'-':>14}"
+                p = f"{row['perplexity']:9.3f}" if row and "perplexity" in row else f"{'-':>9}"
+                cells.append(mse + p)
+            lines.append(f"{LABELS[method]:<20}" + "".join(cells))
     total = sum(result.timings.values())
     lines.append(f"\ntotal {total:.0f} s")
     return "\n".join(lines)
@@ -118,15 +161,30 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
               "disjoint evaluation text with every selected site fake-quantized.")
     if result.float_perplexity is not None:
         md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
+    if len(result.schemes) > 1:
+        schemes = [sr.scheme.upper() for sr in result.schemes]
+        md += ["", "## Schemes side by side", "",
+               "Held-out mean MSE (% vs that scheme's SmoothRot-max) and perplexity.", "",
+               "| method | " + " | ".join(f"{s} mean MSE | {s} ppl" for s in schemes) + " |",
+               "|---|" + "---:|---:|" * len(schemes)]
+        for method, rows in side_by_side(result).items():
+            cells = []
+            for sr in result.schemes:
+                row = rows.get(sr.scheme)
+                cells.append("- | -" if row is None else
+                             f"{row['mean_mse']:.5g} ({row['pct_vs_max']:+.1f}%) | "
+                             + (f"{row['perplexity']:.3f}" if "perplexity" in row else "-"))
+            md.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     for sr in result.schemes:
         md += ["", f"## {sr.scheme.upper()}", "",
-               "| method | mean MSE | % vs SmoothRot-max | mean of per-layer % "
+               "| method | weights | mean MSE | % vs SmoothRot-max | mean of per-layer % "
                "| mean rel. error | perplexity |",
-               "|---|---:|---:|---:|---:|---:|"]
+               "|---|---|---:|---:|---:|---:|---:|"]
         for method, row in summarize(sr).items():
             p = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"
-            md.append(f"| {LABELS[method]} | {row['mean_mse']:.5g} | {row['pct_vs_max']:+.1f}% | "
-                      f"{row['mean_layer_pct_vs_max']:+.1f}% | {row['mean_relative']:.4f} | {p} |")
+            md.append(f"| {LABELS[method]} | {row['weight_quantizer']} | {row['mean_mse']:.5g} | "
+                      f"{row['pct_vs_max']:+.1f}% | {row['mean_layer_pct_vs_max']:+.1f}% | "
+                      f"{row['mean_relative']:.4f} | {p} |")
         glob = {m: next(iter(c.values())) for m, c in sr.choices.items() if m != "joint"}
         if glob:
             md.append("")

@@ -1,12 +1,13 @@
-"""Export fitted scales as a fused / W8A8 / W4A4 checkpoint, and verify an export.
+"""Export fitted scales as a fused / W8A8 / W4A4 / NVFP4 / MXFP4 checkpoint, and verify one.
 
     python train/export.py export --scales outputs/fit_scales/scales.safetensors --format w4a4
     python train/export.py verify outputs/fit_scales/export-w4a4
 
 An export loads again with one call: ``smoothrot.load_pretrained(path)``. ``verify`` reloads it
 and compares it with the original model: logits for ``fused``, perplexity against the in-memory
-fake-quant model for ``w8a8``/``w4a4`` (limits in docs/equivalence.md). Exit status 1 if a check
-fails, 2 on a usage error (one line on stderr).
+fake-quant model for the quantized formats (limits in docs/equivalence.md). ``nvfp4`` also
+stores static input scales, calibrated on --samples windows of --data's calibration split.
+Exit status 1 if a check fails, 2 on a usage error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # Kept literal so `--help` does not import torch; tests check them against smoothrot.export.
-FORMATS = ("fused", "w8a8", "w4a4")
+FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
 
@@ -35,8 +36,8 @@ def load_model(name: str, **kwargs: Any):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Write a fused (float), W8A8 or W4A4 checkpoint from a fit's scales, or "
-        "verify one against the original model.",
+        description="Write a fused (float), W8A8, W4A4, NVFP4 or MXFP4 checkpoint from a fit's "
+        "scales, or verify one against the original model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     verbosity = p.add_mutually_exclusive_group()
@@ -74,20 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verify_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="pydoc", help="text for the check (its evaluation split)")
-    p.add_argument("--samples", type=int, default=8, help="token windows")
+    p.add_argument("--data", default="pydoc", help="text for the check (its evaluation split) "
+                   "and for nvfp4's input scales (its calibration split)")
+    p.add_argument("--samples", type=int, default=8, help="token windows (per use)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     p.add_argument("--activation-quantizer", default="smoothrot", choices=ACTIVATION_QUANTIZERS,
-                   help="who quantizes activations of a w8a8/w4a4 reload")
+                   help="who quantizes activations of a quantized reload")
 
 
-def _windows(tokenizer: Any, args: argparse.Namespace):
+def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"):
+    """--samples token windows of --seq-len from ``split`` of --data (the fit's default split)."""
     from smoothrot.config import DataConfig
     from smoothrot.data import load_documents, split_documents, token_windows
 
     splits = split_documents(load_documents(args.data), DataConfig().fractions, 0)
-    return token_windows(tokenizer, splits["evaluation"], args.samples, args.seq_len, seed=0,
-                         split_name="evaluation")
+    return token_windows(tokenizer, splits[split], args.samples, args.seq_len, seed=0,
+                         split_name=split)
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -99,9 +102,11 @@ def run_export(args: argparse.Namespace) -> Path:
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     out = Path(args.out) if args.out else scales.parent / f"export-{args.format}"
     model, tokenizer = load_model(args.model or meta["model"], gguf_file=args.gguf_file)
+    calibration = _windows(tokenizer, args, "calibration") if args.format == "nvfp4" else None
     path = export_from_scales_file(
         scales, args.format, out, model=model, tokenizer=tokenizer, method=args.method,
         scheme=args.scheme, dtype=args.dtype, overwrite=args.overwrite, report=report,
+        calibration=calibration,
     )
     print(f"exported {args.format} to {path}; "
           f"load it with smoothrot.load_pretrained({str(path)!r})")

@@ -31,7 +31,7 @@ from smoothrot.config import (
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 # smoothrot.export.FORMATS / EXPORT_DTYPES, literal so `--help` needs no torch (tests compare).
-EXPORT_FORMATS = ("fused", "w8a8", "w4a4")
+EXPORT_FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 EPILOG = """\
@@ -174,9 +174,13 @@ def plan_exports(cfg: FitConfig, args: argparse.Namespace) -> dict[str, Path]:
 
 def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Path],
                 result, scales: str) -> list[Path]:
-    """Write each --export format from the saved scales (the model is loaded once more)."""
+    """Write each --export format from the saved scales (the model is loaded once more).
+
+    nvfp4's static input scales are calibrated on the run's own calibration windows.
+    """
     if not targets:
         return []
+    from smoothrot.data import load_documents, split_documents, token_windows
     from smoothrot.export import export_from_scales_file
     from smoothrot.models import load_model
     from smoothrot.report import to_json
@@ -185,11 +189,18 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
         cfg.model.name, gguf_file=cfg.model.gguf_file,
         trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
     )
+    calibration = None
+    if "nvfp4" in targets:
+        splits = split_documents(load_documents(cfg.data.source), cfg.data.fractions, cfg.seed)
+        calibration = token_windows(tokenizer, splits["calibration"],
+                                    cfg.data.calibration_samples, cfg.data.seq_len,
+                                    seed=cfg.seed, split_name="calibration")
     report = to_json(result)
     return [
         export_from_scales_file(scales, fmt, target, model=model, tokenizer=tokenizer,
                                 method=args.export_method, dtype=args.export_dtype,
-                                overwrite=args.overwrite, report=report)
+                                overwrite=args.overwrite, report=report,
+                                calibration=calibration)
         for fmt, target in targets.items()
     ]
 

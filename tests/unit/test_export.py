@@ -1,4 +1,5 @@
-"""Exports reload to the same function (fused) / the same fake-quant model (w8a8, w4a4)."""
+"""Exports reload to the same function (fused) / the same fake-quant model (w8a8, w4a4, nvfp4,
+mxfp4, RTN or GPTQ weights)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from smoothrot import export as ex
 from smoothrot.config import FitConfig, get_scheme
 from smoothrot.export import ExportError, export_model, load_pretrained
+from smoothrot.fake_quant import quantize_weight_spec
+from smoothrot.fp4 import nvfp4_global_scale
+from smoothrot.gptq import gptq_fused_weight
 from smoothrot.mappings import resolve_sites
 from smoothrot.models import model_fingerprint
 from smoothrot.pipeline import FitResult, SchemeResult
@@ -28,6 +32,7 @@ from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
 
 
 def _plans(model, layers=("down_proj",), decades=4.0, seed=2):
@@ -337,12 +342,162 @@ def test_load_pretrained_rejects_a_plain_checkpoint(tmp_path):
     _one_line(info)
 
 
-def test_gptq_plans_are_refused(tmp_path):
+def _ckpt(path, key):
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return f.get_tensor(key)
+
+
+def _rotated_input_absmax(model, plans, ids):
+    """max |x·H| at each down_proj input of the fused float model (what input_global_scale is)."""
+    ref = _in_memory(model, plans)
+    amax = {}
+    for rs in resolve_sites(ref, list(plans)):
+        rs.linear.register_forward_pre_hook(
+            lambda _m, a, name=rs.name: amax.__setitem__(
+                name, max(amax.get(name, 0.0), float(a[0].abs().max()))))
+    _logits(ref, ids)
+    return amax
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp4_reload_reproduces_the_fake_quant_model(tmp_path, fmt, dtype):
     model = tiny_llama()
-    name = "model.layers.0.mlp.down_proj"
-    plans = {name: SitePlan(None, True, weight_q=torch.zeros(64, 96))}
-    with pytest.raises(ExportError, match="GPTQ"):
-        export_model(model, plans, tmp_path / "x", fmt="w4a4")
+    plans = _plans(model)
+    name = str(dtype).split(".")[1]
+    path = export_model(model, plans, tmp_path / fmt, fmt=fmt, dtype=name, calibration=CALIB)
+    loaded = load_pretrained(path)
+    ref = _in_memory(model, plans, get_scheme(fmt), dtype)
+    for a, b in zip(resolve_sites(loaded, ["down_proj"]), resolve_sites(ref, ["down_proj"]),
+                    strict=True):
+        assert torch.equal(a.linear.weight, b.linear.weight)  # same E2M1 codes and scales
+    assert torch.equal(_logits(loaded), _logits(ref))
+    result = ex.verify_export(path, model, IDS)
+    assert result["passed"] and result["ppl_rel_diff"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_checkpoint_is_what_compressed_tensors_writes(tmp_path, fmt):
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    model = tiny_llama()
+    plans = _plans(model)
+    path = export_model(model, plans, tmp_path / fmt, fmt=fmt, calibration=CALIB)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    preset = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(
+        fmt.upper(), list(plans))}).model_dump(exclude=["quant_method"])["config_groups"]
+    assert (qc["format"], qc["quantization_status"]) == (f"{fmt}-pack-quantized", "compressed")
+    assert qc["config_groups"]["group_0"].pop("format") == f"{fmt}-pack-quantized"
+    assert preset["group_0"].pop("format") is None  # the preset leaves it to the compressor
+    assert qc["config_groups"] == preset
+    assert "lm_head" in qc["ignore"] and "model.layers.0.mlp.up_proj" in qc["ignore"]
+    site = "model.layers.1.mlp.down_proj"
+    packed, scale = _ckpt(path, f"{site}.weight_packed"), _ckpt(path, f"{site}.weight_scale")
+    block = 16 if fmt == "nvfp4" else 32
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (64, 96 // 2)
+    assert tuple(scale.shape) == (64, 96 // block)
+    assert scale.dtype == (torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8)
+    if fmt == "nvfp4":
+        fused = resolve_sites(_in_memory(model, plans), [site])[0].linear.weight
+        assert torch.equal(_ckpt(path, f"{site}.weight_global_scale"),
+                           nvfp4_global_scale(fused.abs().max()).reshape(1))
+        amax = _rotated_input_absmax(model, plans, CALIB)[site]
+        assert torch.equal(_ckpt(path, f"{site}.input_global_scale"),
+                           nvfp4_global_scale(torch.tensor(amax)).reshape(1))
+        # compressed-tensors' own decompression rounds the weight to bfloat16 (why load_pretrained
+        # redoes it in float32): equal to ours after that rounding, not before.
+        from transformers import CompressedTensorsConfig
+
+        ct = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=CompressedTensorsConfig(dequantize=True))
+        ours = load_pretrained(path).get_submodule(site).weight
+        theirs = ct.get_submodule(site).weight
+        assert torch.equal(theirs, ours.bfloat16().float()) and not torch.equal(theirs, ours)
+
+
+def test_nvfp4_with_compressed_tensors_activations(tmp_path):
+    """compressed-tensors' NVFP4 forward (static calibrated global input scale) after our
+    rotation: not the fake-quant model's dynamic global scale, but of the same quality."""
+    model = tiny_llama()
+    plans = _plans(model, decades=0.5)
+    path = export_model(model, plans, tmp_path / "e", fmt="nvfp4", calibration=CALIB)
+    with pytest.raises(ExportError, match="bfloat16") as info:
+        load_pretrained(path, activation_quantizer="compressed-tensors")
+    _one_line(info)
+    ct = _logits(load_pretrained(path, dtype="bfloat16", activation_quantizer="compressed-tensors"))
+    fake_quant = _logits(_in_memory(model, plans, get_scheme("nvfp4"), torch.bfloat16))
+    ref = _logits(model)
+    assert torch.isfinite(ct).all() and not torch.equal(ct, fake_quant)
+    assert _rel(ct, ref) <= 1.5 * _rel(fake_quant, ref)
+
+
+def _gptq_plans(model, plans, scheme, **kwargs):
+    """Plans whose fused weights are GPTQ-rounded on correlated random inputs."""
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for rs in resolve_sites(model, list(plans)):
+        x = (torch.randn(256, 8, generator=gen) @ torch.randn(8, rs.in_features, generator=gen)
+             + 0.1 * torch.randn(256, rs.in_features, generator=gen))
+        wq = gptq_fused_weight(rs.weight, plans[rs.name].scales, rs.transform.arg, x, scheme,
+                               **kwargs)
+        out[rs.name] = SitePlan(plans[rs.name].scales, True, weight_q=wq)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["w4a4", "nvfp4", "mxfp4"])
+def test_gptq_codes_are_stored_not_requantized(tmp_path, fmt):
+    model = tiny_llama()
+    scheme = get_scheme(fmt)
+    plans = _gptq_plans(model, _plans(model, decades=0.5), scheme)
+    path = export_model(model, plans, tmp_path / fmt, fmt=fmt, calibration=CALIB)
+    loaded = load_pretrained(path)
+    fused = _in_memory(model, {k: SitePlan(p.scales, True) for k, p in plans.items()})
+    for a, b in zip(resolve_sites(loaded, list(plans)), resolve_sites(fused, list(plans)),
+                    strict=True):
+        wq = plans[a.name].weight_q
+        assert _rel(a.linear.weight, wq) <= 1e-6  # the GPTQ codes (scales equal up to 1 ulp)
+        rtn = quantize_weight_spec(b.linear.weight, scheme)
+        assert float((a.linear.weight != rtn).float().mean()) > 0.05  # not a re-quantization
+    ref = _in_memory(model, plans, scheme)
+    assert _rel(_logits(loaded), _logits(ref)) <= 1e-5
+    decl = ex.read_declaration(path)
+    assert decl["weight_quantization"]["rounding"] == "gptq"
+    with pytest.raises(ExportError, match="GPTQ-rounded") as info:
+        ex.verify_export(path, model, IDS)
+    _one_line(info)
+    result = ex.verify_export(path, model, IDS, plans=plans)
+    assert result["passed"] and result["ppl_rel_diff"] <= 1e-5
+
+
+def test_gptq_and_fp4_requests_that_cannot_be_honoured(tmp_path):
+    model = tiny_llama()
+    plans = _plans(model)
+    site = next(iter(plans))
+    gptq = {site: SitePlan(plans[site].scales, True, weight_q=torch.randn(64, 96))}
+    with pytest.raises(ExportError, match="'fused' cannot store") as info:
+        export_model(model, gptq, tmp_path / "a")
+    _one_line(info)
+    with pytest.raises(ExportError, match="not on the w4a4 grid") as info:
+        export_model(model, gptq, tmp_path / "b", fmt="w4a4")
+    _one_line(info)
+    with pytest.raises(ExportError, match="has shape") as info:
+        export_model(model, {site: SitePlan(None, True, weight_q=torch.zeros(64, 95))},
+                     tmp_path / "c", fmt="w4a4")
+    _one_line(info)
+    with pytest.raises(ExportError, match="calibration token windows") as info:
+        export_model(model, plans, tmp_path / "d", fmt="nvfp4")
+    _one_line(info)
+    with pytest.raises(ExportError, match="needs an mxfp4 scheme") as info:
+        export_model(model, plans, tmp_path / "e", fmt="mxfp4", scheme="nvfp4")
+    _one_line(info)
+    with pytest.raises(ExportError, match="export as --format nvfp4") as info:
+        export_model(model, plans, tmp_path / "f", fmt="w4a4", scheme="w4a4-g128")
+    _one_line(info)
+    with pytest.raises(ExportError, match="not kept in the scales file") as info:
+        ex.check_export_request(["nvfp4"], {"nvfp4": tmp_path / "g"}, ["nvfp4"],
+                                ["trained+gptq"], "trained+gptq", "float32", False)
+    _one_line(info)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- from a fit's scales.safetensors ----------------------------------------------------------
@@ -429,7 +584,7 @@ def test_export_cli_export_verify_and_mismatch(tmp_path, monkeypatch, capsys):
     model = tiny_llama()
     scales, _, _ = _scales_file(tmp_path, model)
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, None))
-    monkeypatch.setattr(cli, "_windows", lambda tokenizer, args: IDS)
+    monkeypatch.setattr(cli, "_windows", lambda tokenizer, args, split="evaluation": IDS)
     assert cli.main(["-q", "export", "--scales", str(scales), "--format", "w4a4", "--verify"]) == 0
     out = tmp_path / "export-w4a4"
     assert (out / "config.json").is_file() and "load_pretrained" in capsys.readouterr().out
@@ -441,6 +596,20 @@ def test_export_cli_export_verify_and_mismatch(tmp_path, monkeypatch, capsys):
     assert cli.main(["-q", "export", "--scales", str(scales), "--format", "fused"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "fitted on" in err and "\n" not in err
+
+
+def test_export_cli_nvfp4_calibrates_on_the_calibration_split(tmp_path, monkeypatch, capsys):
+    cli = _import_script("export")
+    model = tiny_llama()
+    scales, _, _ = _scales_file(tmp_path, model, scheme="nvfp4")
+    splits = []
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, None))
+    monkeypatch.setattr(cli, "_windows",
+                        lambda tokenizer, args, split="evaluation": splits.append(split) or IDS)
+    assert cli.main(["-q", "export", "--scales", str(scales), "--format", "nvfp4",
+                     "--verify"]) == 0
+    assert splits == ["calibration", "evaluation"]
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["ppl_rel_diff"] == 0.0
 
 
 @pytest.mark.parametrize(("argv", "message"), [

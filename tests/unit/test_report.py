@@ -5,22 +5,31 @@ import torch
 from smoothrot.config import FitConfig
 from smoothrot.evaluate import LayerError
 from smoothrot.pipeline import FitResult, SchemeResult
-from smoothrot.report import plot, summarize
+from smoothrot.report import plot, summarize, summary_table, to_json, to_markdown
 
 
-def _result() -> FitResult:
-    sites = ["a", "b"]
-    sr = SchemeResult(scheme="w4a4")
+def _scheme(name: str = "w4a4", factor: float = 1.0, gptq: bool = False) -> SchemeResult:
+    sr = SchemeResult(scheme=name)
     sr.errors = {
-        "rtn": {"a": LayerError(4.0, 0.4), "b": LayerError(2.0, 0.2)},
-        "smoothrot_max": {"a": LayerError(2.0, 0.2), "b": LayerError(2.0, 0.1)},
-        "trained": {"a": LayerError(1.0, 0.1), "b": LayerError(1.0, 0.05)},
+        "rtn": {"a": LayerError(4.0 * factor, 0.4), "b": LayerError(2.0 * factor, 0.2)},
+        "smoothrot_max": {"a": LayerError(2.0 * factor, 0.2), "b": LayerError(2.0 * factor, 0.1)},
+        "trained": {"a": LayerError(1.0 * factor, 0.1), "b": LayerError(1.0 * factor, 0.05)},
     }
-    sr.scales = {m: {s: torch.rand(8, dtype=torch.float64) + 0.1 for s in sites}
+    sr.scales = {m: {s: torch.rand(8, dtype=torch.float64) + 0.1 for s in ("a", "b")}
                  for m in ("smoothrot_max", "trained")}
-    sr.perplexity = {"rtn": 30.0, "smoothrot_max": 20.0, "trained": 15.0}
-    return FitResult(config=FitConfig(), model_name="m", model_fingerprint="f", sites=sites,
-                     data_hash={}, tokens={}, float_perplexity=10.0, schemes=[sr], timings={})
+    sr.perplexity = {"rtn": 30.0 * factor, "smoothrot_max": 20.0 * factor,
+                     "trained": 15.0 * factor}
+    if gptq:
+        sr.errors["trained+gptq"] = {"a": LayerError(0.5 * factor, 0.05),
+                                     "b": LayerError(0.5 * factor, 0.02)}
+        sr.perplexity["trained+gptq"] = 12.0 * factor
+    return sr
+
+
+def _result(*schemes: SchemeResult) -> FitResult:
+    return FitResult(config=FitConfig(), model_name="m", model_fingerprint="f", sites=["a", "b"],
+                     data_hash={}, tokens={}, float_perplexity=10.0,
+                     schemes=list(schemes) or [_scheme()], timings={})
 
 
 def test_summary_percentages_are_relative_to_smoothrot_max():
@@ -38,3 +47,30 @@ def test_plots_are_written_atomically(tmp_path):
     assert names == ["layer_error_w4a4.png", "scales_w4a4.png"]  # no temp files left behind
     assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     assert len(files) == 2
+
+
+def test_schemes_side_by_side_and_weight_quantizer_rows():
+    result = _result(_scheme("w4a4", gptq=True), _scheme("nvfp4", factor=0.5, gptq=True))
+    rows = {sr.scheme: summarize(sr) for sr in result.schemes}
+    assert rows["w4a4"]["trained"]["weight_quantizer"] == "RTN, int4 sym per-channel"
+    assert rows["w4a4"]["trained+gptq"]["weight_quantizer"] == "GPTQ, int4 sym per-channel"
+    assert rows["nvfp4"]["trained+gptq"]["weight_quantizer"].startswith("GPTQ, NVFP4")
+    assert rows["nvfp4"]["trained+gptq"]["mean_mse"] == 0.25
+    assert rows["nvfp4"]["trained+gptq"]["pct_vs_max"] == -75.0
+    md = to_markdown(result, [])
+    assert "| trained + GPTQ | 0.5 (-75.0%) | 12.000 | 0.25 (-75.0%) | 6.000 |" in md
+    assert "| W4A4 mean MSE | W4A4 ppl | NVFP4 mean MSE | NVFP4 ppl |" in md
+    assert "| trained + GPTQ | GPTQ, int4 sym per-channel | 0.5 | -75.0% |" in md
+    assert md.count("## Schemes side by side") == 1
+    table = summary_table(result).splitlines()
+    side = table[table.index(next(t for t in table if t.startswith("side by side"))):]
+    assert side[0].split() == ["side", "by", "side", "W4A4", "MSE", "ppl", "NVFP4", "MSE", "ppl"]
+    gptq_row = next(t for t in side if t.startswith("trained + GPTQ"))
+    assert gptq_row.split()[3:] == ["0.5", "12.000", "0.25", "6.000"]
+    summary = to_json(result)["schemes"]["nvfp4"]["summary"]["trained+gptq"]
+    assert summary["perplexity"] == 6.0 and summary["weight_quantizer"].startswith("GPTQ")
+
+
+def test_one_scheme_has_no_side_by_side_table():
+    assert "side by side" not in to_markdown(_result(), []).lower()
+    assert "side by side" not in summary_table(_result())
