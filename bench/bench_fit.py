@@ -3,7 +3,9 @@
     python bench/bench_fit.py [--config configs/default.yaml] [--no-perplexity]
 
 Both are measured in this one process on this machine, so the ratio is comparable across
-machines; the per-stage breakdown shows where the time goes.
+machines; the per-stage breakdown shows where the time goes. The job's report is written to
+--output-dir exactly as ``train/fit_scales.py`` writes it, so one run gives both the timing and
+the numbers it timed.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import logging
 import time
 from pathlib import Path
 
-import torch
+from machine import describe  # bench/machine.py (scripts run from bench/)
 
 from smoothrot.calibration import run_model
 from smoothrot.config import load_config
 from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.models import load_model
 from smoothrot.pipeline import run_fit
+from smoothrot.report import summary_table, write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +52,10 @@ def main() -> None:
     start = time.perf_counter()
     result = run_fit(cfg)
     total = time.perf_counter() - start
-    print(f"machine: {torch.get_num_threads()} torch threads, {cfg.model.device}")
+    paths = write_outputs(result, Path(args.output_dir))
+    print(summary_table(result))
+    print(f"report: {paths['report_md']}")
+    print(f"machine: {describe(cfg.model.device)}")
     print(f"calibration tokens: {calib.numel()}; schemes {cfg.schemes}; sites {len(result.sites)}")
     print(f"one plain forward pass over the calibration tokens: {forward:.1f} s")
     print(f"fit_scales job: {total:.1f} s  ->  ratio {total / forward:.1f}x")

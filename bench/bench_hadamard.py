@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from machine import describe  # bench/machine.py (scripts run from bench/)
 
 from smoothrot.hadamard import hadamard_matrix, hadamard_transform
 
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    print(f"machine: {describe(args.device)}")
     print(f"{'n':>7}{'fast (ms)':>12}{'dense (ms)':>12}{'speed-up':>10}   "
           f"[{args.tokens} tokens, float32, {args.device}, {torch.get_num_threads()} threads]")
     for n in args.sizes:
