@@ -122,10 +122,13 @@ class CaptureSpec:
     windows: torch.Tensor
     keep_index: torch.Tensor | None = None
     quantiles: tuple[float, ...] | None = None
+    # Tokens of the whole stream when ``windows`` is one process's share (distributed.py): the
+    # quantile buffers are sized for it so the merged statistics stay exact.
+    stream_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
-        return self.windows.numel()
+        return self.windows.numel() if self.stream_tokens is None else self.stream_tokens
 
 
 def capture_splits(

@@ -220,6 +220,20 @@ class CalibrationConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel processes (docs/distributed.md): calibration windows and every training
+    batch are split across ``devices × num_nodes`` ranks and merged exactly."""
+
+    devices: int = 1
+    num_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("devices", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distributed.{key}={getattr(self, key)} must be at least 1")
+
+
+@dataclass
 class FitConfig:
     """Everything ``train/fit_scales.py`` needs; one YAML file maps onto it."""
 
@@ -228,6 +242,7 @@ class FitConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     layers: list[str] = field(default_factory=lambda: ["down_proj"])
     schemes: list[str] = field(default_factory=lambda: ["w4a4", "w8a8"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))

@@ -17,6 +17,10 @@ Interrupted training resumes *exactly* (same scales, bit for bit, as an uninterr
   reuses instead of training again;
 * both files carry a key of the inputs (weight, tokens, initial scales, hyperparameters), so a
   checkpoint from another model or config is refused instead of silently continued.
+
+Data-parallel (distributed.py: DDP over the current process group) each rank trains on a fixed
+slice of every batch and only rank 0 writes files; with the same number of processes resume is
+still bit-exact.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics import MeanMetric
 
 from smoothrot.config import QuantScheme, TrainConfig
+from smoothrot.distributed import (
+    broadcast_object,
+    is_rank_zero,
+    rank,
+    shard_bounds,
+    trainer_kwargs,
+    world_size,
+)
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.scales import LogScales
 
@@ -101,7 +113,8 @@ class ScaleFitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         value = self.val_loss.compute().double()
         self.val_loss.reset()
-        self.log("val_loss", value.float(), prog_bar=True)
+        # Already reduced over ranks by the metric; sync_dist only states it (and is exact).
+        self.log("val_loss", value.float(), prog_bar=True, sync_dist=True)
         if value < self.best_val:
             self.best_val.copy_(value)
             self.best_scales.copy_(self.log_scales.scales())
@@ -140,25 +153,36 @@ class EpochTokenSampler(Sampler[int]):
     trainer (its ``global_step``, which a checkpoint restores exactly); without it g0 = epoch·V
     from :meth:`set_epoch`. Lightning's own epoch counter is not used: after a restart at an
     epoch end it is one ahead of the loop in Lightning 2.6, which would skip an epoch of data.
+
+    Data-parallel, rank ``part`` of ``parts`` yields its fixed contiguous slice of every batch
+    (:attr:`shard_size` indices), so batch g is still a pure function of (seed, g) and the ranks'
+    slices concatenated are the 1-process batch.
     """
 
     def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int,
-                 first_step: Callable[[], int] | None = None) -> None:
-        if n < 1 or batch_size < 1 or steps_per_epoch < 1:
+                 first_step: Callable[[], int] | None = None, part: int = 0,
+                 parts: int = 1) -> None:
+        if n < 1 or batch_size < parts or steps_per_epoch < 1 or not 0 <= part < parts:
             raise ValueError(
-                f"EpochTokenSampler needs n, batch_size, steps_per_epoch >= 1, got "
-                f"{n}, {batch_size}, {steps_per_epoch}"
+                f"EpochTokenSampler needs n, steps_per_epoch >= 1, batch_size >= parts and "
+                f"0 <= part < parts, got {n}, {steps_per_epoch}, {batch_size}, {part}, {parts}"
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.steps_per_epoch = steps_per_epoch
         self.first_step = first_step
         self.epoch = 0
+        self.lo, self.hi = shard_bounds(batch_size, part, parts)
+
+    @property
+    def shard_size(self) -> int:
+        """Indices this rank takes from each batch (the DataLoader's batch size)."""
+        return self.hi - self.lo
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.batch_size * self.steps_per_epoch
+        return self.shard_size * self.steps_per_epoch
 
     def _pass(self, k: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(_derived_seed(self.seed, k))
@@ -170,12 +194,13 @@ class EpochTokenSampler(Sampler[int]):
         else:
             step = self.epoch * self.steps_per_epoch
         start = step * self.batch_size
-        stop = start + len(self)
+        stop = start + self.batch_size * self.steps_per_epoch
         out = []
         for k in range(start // self.n, (stop - 1) // self.n + 1):
             lo, hi = max(start - k * self.n, 0), min(stop - k * self.n, self.n)
             out.append(self._pass(k)[lo:hi])
-        return iter(torch.cat(out).tolist())
+        batches = torch.cat(out).view(self.steps_per_epoch, self.batch_size)
+        return iter(batches[:, self.lo:self.hi].reshape(-1).tolist())
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:
@@ -291,13 +316,14 @@ def fit_scales(
         checkpoint_dir = Path(checkpoint_dir)
         final = checkpoint_dir / FINAL_SCALES
         done_key = f"{key}|steps={cfg.steps}"
-        if resume:
-            stored = _load_final(final, done_key)
+        if resume:  # rank 0 owns the files; every rank must take the same branch
+            stored = broadcast_object(_load_final(final, done_key) if is_rank_zero() else None)
             if stored is not None:
                 log.info("%s: training already finished; reusing %s", checkpoint_dir, final)
                 return stored
+            # Lightning loads the checkpoint on every rank: multi-node needs a shared output dir.
             ckpt = _resume_point(checkpoint_dir / LAST_CKPT, key, cfg.steps)
-        else:  # a fresh run must not leave stale files that a later --resume would pick up
+        elif is_rank_zero():  # a fresh run must not leave stale files a later --resume would use
             for stale in (final, checkpoint_dir / LAST_CKPT):
                 stale.unlink(missing_ok=True)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -305,17 +331,26 @@ def fit_scales(
     L.seed_everything(seed, workers=True, verbose=False)
     module = ScaleFitModule(weight, init_scales, scheme, rotate, cfg.lr, cfg.log_bound, key)
     w = weight.detach().float()
+    # Data-parallel: each rank takes its slice of every batch and of the selection rows; DDP
+    # averages the gradients and the validation MeanMetric syncs, so all ranks decide alike.
+    if world_size() > 1 and cfg.batch_tokens % world_size():
+        log.warning("train.batch_tokens=%d is not a multiple of %d processes: unequal batch "
+                    "shares weigh tokens unequally, so steps differ from a 1-process run",
+                    cfg.batch_tokens, world_size())
     sampler = EpochTokenSampler(train_x.shape[0], cfg.batch_tokens, cfg.val_every, seed,
-                                first_step=lambda: trainer.global_step)
-    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=cfg.batch_tokens,
+                                first_step=lambda: trainer.global_step, part=rank(),
+                                parts=world_size())
+    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=sampler.shard_size,
                        sampler=sampler)
-    val = DataLoader(TensorDataset(val_x, val_x @ w.T), batch_size=4096, shuffle=False)
+    lo, hi = shard_bounds(val_x.shape[0])
+    val = DataLoader(TensorDataset(val_x[lo:hi], val_x[lo:hi] @ w.T), batch_size=4096,
+                     shuffle=False)
     all_callbacks = list(callbacks or [])
     if checkpoint_dir is not None:
         all_callbacks.append(EpochEndCheckpoint(checkpoint_dir / LAST_CKPT))
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        **trainer_kwargs(),
         max_steps=cfg.steps,
         check_val_every_n_epoch=1,  # one epoch = val_every steps (the sampler's length)
         num_sanity_val_steps=0,
@@ -337,7 +372,7 @@ def fit_scales(
         _interruptible(trainer, trainer.validate, model=module, dataloaders=val, verbose=False)
     best = module.best_scales.detach().cpu().clone()
     best_val = float(module.best_val)
-    if final is not None:
+    if final is not None and is_rank_zero():
         _save_final(final, best, best_val, done_key)
     return best, best_val
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
 from smoothrot.config import FitConfig, get_scheme
 from smoothrot.data import load_documents, split_documents, text_hash, token_windows
+from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.fake_quant import check_group_size
 from smoothrot.gptq import gptq_fused_weight_selected
@@ -114,8 +115,9 @@ def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str,
         "heldout": CaptureSpec(windows["heldout"]),
     }
     capture = capture_sequential if cfg.calibration.sequential else capture_splits
-    with timer.stage("calibration"):
-        records = capture(model, sites, specs, batch)
+    with timer.stage("calibration"):  # each rank captures its share of the windows, then merge
+        records = capture(model, sites, {k: shard_spec(v) for k, v in specs.items()}, batch)
+        records = {split: merge_records(r) for split, r in records.items()}
     calib_rec, sel_rec, ho_rec = records["calibration"], records["selection"], records["heldout"]
     data = {}
     for rs in sites:
@@ -228,7 +230,12 @@ def _run_scheme(
 
 
 def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
-    """Run the whole job described by ``cfg`` and return its measurements."""
+    """Run the whole job described by ``cfg`` and return its measurements.
+
+    With ``cfg.distributed`` above one process this starts (or joins) the process group first;
+    every rank returns the same result.
+    """
+    launch(cfg.distributed, "cpu" if cfg.model.device == "cpu" else "gpu")
     torch.manual_seed(cfg.seed)
     timer = Timer()
     with timer.stage("load model"):

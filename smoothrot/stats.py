@@ -89,6 +89,17 @@ class AbsMaxObserver:
         """Number of rows (tokens) seen so far."""
         return self._count
 
+    def state(self) -> tuple[torch.Tensor, int]:
+        """(running max ``[channels]``, rows seen): what another process needs to merge this."""
+        return self._max.clone(), self._count
+
+    def load_state(self, max_abs: torch.Tensor, count: int) -> None:
+        """Replace the running state, e.g. with a max all-reduced across processes."""
+        if tuple(max_abs.shape) != (self.channels,):
+            raise ValueError(f"state of shape {tuple(max_abs.shape)}; expected ({self.channels},)")
+        self._max = max_abs.detach().to("cpu", torch.float32).clone()
+        self._count = int(count)
+
     def value(self) -> torch.Tensor:
         """Per-channel max |x| as a float32 CPU tensor ``[channels]`` (a copy)."""
         if self._count == 0:
@@ -204,6 +215,22 @@ class AbsQuantileObserver:
     def count(self) -> int:
         """Number of rows (tokens) seen so far."""
         return self._count
+
+    def state(self) -> tuple[torch.Tensor, int]:
+        """(top values ``[channels, <= k]``, rows seen): what another process needs to merge."""
+        return self._compact().clone(), self._count
+
+    def load_state(self, top: torch.Tensor, count: int) -> None:
+        """Replace the buffer with one from :meth:`state` (e.g. received from another process)."""
+        if top.dim() != 2 or top.shape[0] != self.channels or top.shape[1] > self.k:
+            raise ValueError(
+                f"state of shape {tuple(top.shape)}; expected ({self.channels}, <= {self.k})"
+            )
+        self._pending.clear()
+        self._pending_cols = 0
+        self._top = top.detach().to("cpu", torch.float32).contiguous()
+        self._top_sorted = False
+        self._count = int(count)
 
     def value(self, q: float) -> torch.Tensor:
         """Exact ``q``-quantile of |x| per channel, float32 CPU ``[channels]``.

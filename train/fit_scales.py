@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "training)")
     p.add_argument("--seed", type=int, help="seed: random seed (same seed, same scales)")
     p.add_argument("--device", help="model.device: cpu, cuda, cuda:N or auto")
+    p.add_argument("--devices", type=int, help="distributed.devices: processes on this node "
+                   "(one per GPU, or CPU processes); above 1 calibration and training run "
+                   "data-parallel (docs/distributed.md)")
     p.add_argument("--output-dir", help="output_dir: where report.md/json, plots, "
                    "scales.safetensors and checkpoints/ go; an existing folder is reused and "
                    "its report files are replaced")
@@ -118,6 +121,7 @@ def resolve_config(args: argparse.Namespace) -> FitConfig:
         ("model", "name"): args.model,
         ("model", "gguf_file"): args.gguf_file,
         ("model", "device"): args.device,
+        ("distributed", "devices"): args.devices,
         ("data", "source"): args.data,
         ("schemes",): args.schemes,
         ("methods",): args.methods,
@@ -251,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore")
     # Imported here, not at the top, so `--help` stays instant; Lightning sets its loggers'
     # levels on import, so quieten them afterwards.
+    from smoothrot.distributed import is_rank_zero
     from smoothrot.pipeline import run_fit
     from smoothrot.report import summary_table, write_outputs
 
@@ -261,6 +266,8 @@ def _run(args: argparse.Namespace) -> int:
         out = prepare_output_dir(cfg.output_dir)
         exports = plan_exports(cfg, args)
         result = run_fit(cfg, resume=args.resume)
+        if not is_rank_zero():  # every rank holds the result; rank 0 writes and prints it
+            return 0
         paths = write_outputs(result, out)
         exported = run_exports(cfg, args, exports, result, paths["scales"])
     # Every error smoothrot raises for a bad input is one of these (ConfigError, ModelLoadError,
