@@ -1,9 +1,10 @@
 """Peak memory of calibration: whole model vs one decoder layer at a time.
 
-Every case runs in a fresh subprocess and reports its own peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the high-water mark since the process started)
-and, on CUDA, ``torch.cuda.max_memory_allocated``; "baseline" is the RSS after importing torch and
-transformers, before anything is built. Cases:
+Every case runs in a fresh subprocess and reports its own peak resident set size (``VmHWM``, the
+high-water mark since the process started; ``getrusage`` where /proc is missing) and, on CUDA,
+``torch.cuda.max_memory_allocated``; "baseline" is the RSS after importing torch and smoothrot,
+before anything is built (importing transformers' model code is part of every case's growth).
+Kept training rows grow with the number of sites (rows × in_features × 4 bytes per site). Cases:
 
 - SmolLM2-135M (``embedded:smollm2``, saved once as float32 safetensors): whole-model pass
   vs sequential with the model resident vs sequential with weights streamed from disk;
@@ -50,7 +51,18 @@ QUANTILES = (0.99, 0.999, 1.0)
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process so far, MiB.
+
+    Linux's ``getrusage`` ``ru_maxrss`` survives ``exec``, so a child would report its parent's
+    peak; ``VmHWM`` in /proc belongs to the process image alone. Elsewhere: ``ru_maxrss``.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _prepare_smollm2(work: Path, samples: int, seq_len: int) -> None:
