@@ -259,6 +259,13 @@ class FitConfig:
             raise ConfigError(
                 f"residual_rotation={self.residual_rotation!r} must be true or false"
             )
+        processes = self.distributed.devices * self.distributed.num_nodes
+        for key in ("calibration_samples", "selection_samples", "heldout_samples"):
+            if getattr(self.data, key) < processes:  # every rank needs a window of each split
+                raise ConfigError(
+                    f"data.{key}={getattr(self.data, key)} is fewer than the {processes} "
+                    f"processes; raise data.{key} to at least {processes} or use fewer devices"
+                )
         if not self.schemes:
             raise ConfigError(f"schemes must not be empty; choose from {sorted(PRESET_SCHEMES)}")
         for name in self.schemes:

@@ -30,9 +30,11 @@ class Choice:
     q: float
 
 
-# Elements of the largest per-chunk tensor [candidates, tokens, n] in the batched search; bounds
-# its memory (64M float32 = 256 MB) while batching enough candidates to amortise per-op overhead.
-_CHUNK_ELEMENTS = 1 << 26
+# Elements of the largest per-chunk tensor [candidates, tokens, n] in the batched search. On CPU
+# large batches lose more to cache misses than they save in per-op overhead (measured on a
+# down_proj-sized site, 2048 tokens × 1536 channels, 40 candidates: 2.6 s with one candidate per
+# chunk, 3.7 s with 16), so CPU batches stay small; GPUs get wide batches (256 MB float32).
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 @torch.no_grad()
@@ -82,15 +84,17 @@ def grid_losses(
 ) -> torch.Tensor:
     """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64).
 
-    All candidates of the site are scored in batched tensor ops, in chunks bounded by
-    ``_CHUNK_ELEMENTS``. ``rotate``: the site's input transform (tied GQA scales, per-head H).
+    All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
+    per device type by ``_CHUNK_ELEMENTS``. ``rotate``: the site's input transform (tied GQA
+    scales, per-head H).
     """
     w = weight.float()
     x = x_sel.float()
     y = x @ w.T
     scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
                           for alpha in alphas for q in quantiles])
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel() + w.numel()))
+    budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
+    chunk = max(1, budget // max(1, x.numel() + w.numel()))
     losses = [candidate_losses(x, y, w, part, scheme, rotate) for part in scales.split(chunk)]
     return torch.cat(losses).double().reshape(len(alphas), len(quantiles))
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from smoothrot import search
 from smoothrot.config import QuantScheme, TrainConfig, get_scheme
 from smoothrot.evaluate import layer_error
 from smoothrot.lightning_module import fit_scales
@@ -81,6 +82,15 @@ def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, rotate: boo
                           for c in cands])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=0)
     assert len(set(batched.tolist())) == 5  # candidates were not mixed up
+
+
+def test_grid_is_the_same_whatever_the_chunk_size(monkeypatch):
+    x, w = outlier_data(tokens=256)
+    stats = stats_of(x, [0.99, 1.0])
+    args = (x, w, stats, weight_absmax(w), [0.3, 0.6], [0.99, 1.0], W4A4, "site")
+    whole = grid_losses(*args)
+    monkeypatch.setattr(search, "_CHUNK_ELEMENTS", {"cpu": 1})  # one candidate per chunk
+    torch.testing.assert_close(grid_losses(*args), whole, rtol=1e-6, atol=0)
 
 
 def test_rotation_and_smoothing_reduce_error_on_outliers():
