@@ -69,6 +69,7 @@ from smoothrot.surgery import (
     OnlineInputTransform,
     SitePlan,
     apply_plans,
+    linear_weights_q,
     online_rotation,
     site_parameters,
     transformed,
@@ -517,17 +518,9 @@ def _quantize_sites(
 def _linear_weights_q(
     model: nn.Module, sites: Sequence[ResolvedSite], plans: Mapping[str, SitePlan]
 ) -> dict[str, torch.Tensor]:
-    """Each linear's rows of its site's offline-quantized fused weight (``SitePlan.weight_q``)."""
+    """Each linear's final offline-quantized weight by module name (``linear_weights_q``)."""
     names = _module_names(model)
-    out = {}
-    for rs in sites:
-        weight_q = plans[rs.name].weight_q
-        if weight_q is None:
-            continue
-        rows = [lin.out_features for lin in rs.linears]
-        for linear, part in zip(rs.linears, weight_q.split(rows), strict=True):
-            out[names[id(linear)]] = part
-    return out
+    return {names[id(linear)]: w for linear, w in linear_weights_q(sites, plans).items()}
 
 
 # ---------------------------------------------------------------------------------------------

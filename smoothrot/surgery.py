@@ -136,18 +136,47 @@ def online_rotation(rs: ResolvedSite, rotate: bool) -> TransformArg:
     return rs.transform
 
 
-@torch.no_grad()
-def _store_weight_q(rs: ResolvedSite, weight_q: torch.Tensor) -> None:
-    if weight_q.shape != (sum(lin.out_features for lin in rs.linears), rs.in_features):
-        raise ValueError(
-            f"{rs.name}: weight_q has shape {tuple(weight_q.shape)}, expected "
-            f"{tuple(rs.weight.shape)}"
-        )
-    start = 0
-    for linear in rs.linears:
-        stop = start + linear.out_features
-        linear.weight.copy_(weight_q[start:stop].to(linear.weight))
-        start = stop
+def linear_weights_q(
+    sites: Sequence[ResolvedSite], plans: Mapping[str, SitePlan]
+) -> dict[nn.Module, torch.Tensor]:
+    """Each linear's final offline-quantized weight (from its site's ``SitePlan.weight_q``).
+
+    A linear can be a group member and another site's source (up_proj for down_proj, v_proj for
+    o_proj); its site's ``weight_q`` was computed from the unfolded weight, so the other site's
+    ``1/s`` row division is applied to it here, as :func:`fold_into_source` applies it to the
+    float weight. For integer formats (per-row or per-group scales) this is exact: quantizing
+    ``diag(d)·W`` row by row (RTN or GPTQ) gives ``diag(d)·Q(W)``. FP4 block scales are rounded
+    to FP8, so there it is the nearest equivalent, not bit-identical.
+    """
+    folds: dict[nn.Module, list[tuple[ResolvedSite, SitePlan]]] = {}
+    for rs in sites:
+        if rs.name in plans and rs.smooth_from_kind == "linear_rows":
+            folds.setdefault(rs.smooth_from, []).append((rs, plans[rs.name]))
+    out: dict[nn.Module, torch.Tensor] = {}
+    for rs in sites:
+        weight_q = plans[rs.name].weight_q if rs.name in plans else None
+        if weight_q is None:
+            continue
+        if weight_q.shape != (sum(lin.out_features for lin in rs.linears), rs.in_features):
+            raise ValueError(
+                f"{rs.name}: weight_q has shape {tuple(weight_q.shape)}, expected "
+                f"{tuple(rs.weight.shape)}"
+            )
+        parts = weight_q.split([lin.out_features for lin in rs.linears])
+        for linear, part in zip(rs.linears, parts, strict=True):
+            w = part.double().clone()
+            for src, src_plan in folds.get(linear, []):
+                if src_plan.rotate and src.site.rotation == "head_offline":
+                    raise ValueError(
+                        f"{rs.name}: its offline-quantized (GPTQ) weights cannot take "
+                        f"{src.name}'s offline per-head rotation (rows would leave the grid); "
+                        "use the head_online rotation or RTN for this site"
+                    )
+                if src_plan.scales is not None:
+                    lo, hi = src.rows or (0, linear.out_features)
+                    w[lo:hi] = w[lo:hi] / src_plan.scales.double().unsqueeze(1)
+            out[linear] = w.to(part.dtype)
+    return out
 
 
 def apply_plans(
@@ -163,11 +192,14 @@ def apply_plans(
     quantization), one per linear of every planned site.
     """
     active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
+    weights_q = linear_weights_q(sites, plans)  # checked before anything is changed
     for rs, plan in active:
         fuse_site(rs, plan.scales, plan.rotate)
     for rs, plan in active:
         if plan.weight_q is not None:
-            _store_weight_q(rs, plan.weight_q)
+            with torch.no_grad():
+                for linear in rs.linears:
+                    linear.weight.copy_(weights_q[linear].to(linear.weight))
         elif scheme is not None:
             with torch.no_grad():
                 for linear in rs.linears:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smoothrot.config import get_scheme
+from smoothrot.config import QuantScheme, get_scheme
 from smoothrot.mappings import UnsupportedArchitectureError, resolve_sites
 from smoothrot.surgery import SitePlan, apply_plans, transformed
 from tests.conftest import tiny_llama
@@ -233,3 +233,33 @@ def test_fold_into_layernorm_divides_bias_too(llama):
     with transformed([rs], {"x": SitePlan(scales, True)}), torch.no_grad():
         out = linear(norm(x))  # the pre-hook applies H online
     assert torch.allclose(out, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", [get_scheme("w4a4"), QuantScheme("g32", 4, 4, w_group_size=32)])
+def test_offline_weights_of_a_source_linear_keep_its_row_folding(scheme):
+    """up_proj is in gate_up and down_proj's source, v_proj in qkv and o_proj's: a weight_q fitted
+    on the unfolded weight must still get the other site's 1/s rows (whole-model GPTQ bug).
+
+    Storing RTN codes of each site's own fused weight as weight_q must give the RTN model.
+    """
+    from smoothrot.fake_quant import quantize_weight_spec
+    from smoothrot.losses import transform_weight
+
+    model = tiny_llama(dtype=torch.float64)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    sites = resolve_sites(model, ["all"])
+    gen = torch.Generator().manual_seed(4)
+    plans = {rs.name: SitePlan(torch.exp(torch.randn(rs.n_scales, generator=gen,
+                                                     dtype=torch.float64)), True)
+             for rs in sites}
+    with transformed(sites, plans, scheme):
+        rtn = _logits(model, ids)
+    offline = {
+        rs.name: SitePlan(p.scales, True, quantize_weight_spec(
+            transform_weight(rs.weight.detach(), p.scales, rs.transform.arg), scheme))
+        for rs, p in zip(sites, plans.values(), strict=True)
+    }
+    with transformed(sites, offline, scheme):
+        stored = _logits(model, ids)
+    assert torch.isfinite(stored).all()
+    assert (stored - rtn).abs().max() <= 1e-9 * rtn.abs().max()
