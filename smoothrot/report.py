@@ -122,6 +122,11 @@ def side_by_side(result: FitResult) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def _ppl_cell(value: float, width: int) -> str:
+    """A perplexity right-aligned in ``width``; a diverged one (≥ 1e5) in 3 significant digits."""
+    return (f"{value:.3f}" if value < 1e5 else f"{value:.3g}").rjust(width)
+
+
 def summary_table(result: FitResult) -> str:
     """A short plain-text table for the terminal."""
     lines = []
@@ -131,7 +136,7 @@ def summary_table(result: FitResult) -> str:
         header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}  weights"
         lines.append(f"\n{sr.scheme.upper():<20}{header}")
         for method, row in summarize(sr).items():
-            p = f"{row['perplexity']:10.3f}" if "perplexity" in row else f"{'-':>10}"
+            p = _ppl_cell(row["perplexity"], 10) if "perplexity" in row else f"{'-':>10}"
             lines.append(f"{LABELS[method]:<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
     if len(result.schemes) > 1:
@@ -143,7 +148,7 @@ def summary_table(result: FitResult) -> str:
             for s in schemes:
                 row = rows.get(s)
                 mse = f"{row['mean_mse']:14.4g}" if row else f"{'-':>14}"
-                p = f"{row['perplexity']:9.3f}" if row and "perplexity" in row else f"{'-':>9}"
+                p = _ppl_cell(row["perplexity"], 9) if row and "perplexity" in row else f"{'-':>9}"
                 cells.append(mse + p)
             lines.append(f"{LABELS[method]:<20}" + "".join(cells))
     total = sum(result.timings.values())

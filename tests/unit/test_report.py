@@ -74,3 +74,14 @@ def test_schemes_side_by_side_and_weight_quantizer_rows():
 def test_one_scheme_has_no_side_by_side_table():
     assert "side by side" not in to_markdown(_result(), []).lower()
     assert "side by side" not in summary_table(_result())
+
+
+def test_diverged_perplexity_keeps_the_columns_apart():
+    sr = _scheme()
+    sr.perplexity["rtn"] = 5058452094.955
+    table = summary_table(_result(sr, _scheme("w8a8"))).splitlines()
+    row = next(t for t in table if t.startswith("RTN"))
+    assert row.split()[1:5] == ["3", "+50.0%", "0.3000", "5.06e+09"]
+    side = next(t for t in table[table.index(next(t for t in table if "side" in t)):]
+                if t.startswith("RTN"))
+    assert side.split()[1:] == ["3", "5.06e+09", "3", "30.000"]
