@@ -164,6 +164,9 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
     md.append("Layer errors are measured on held-out tokens (never used for any choice); "
               "α, q and early stopping are chosen on the selection split; perplexity is on the "
               "disjoint evaluation text with every selected site fake-quantized.")
+    if result.config.residual_rotation:
+        md.append("The residual stream is rotated (R1, docs/whole_model.md) under every method, "
+                  "RTN included; the float perplexity is of the rotated float model (R1 is exact).")
     if result.float_perplexity is not None:
         md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
     if len(result.schemes) > 1:

@@ -85,3 +85,10 @@ def test_diverged_perplexity_keeps_the_columns_apart():
     side = next(t for t in table[table.index(next(t for t in table if "side" in t)):]
                 if t.startswith("RTN"))
     assert side.split()[1:] == ["3", "5.06e+09", "3", "30.000"]
+
+
+def test_report_says_when_the_residual_stream_is_rotated():
+    result = _result()
+    assert "R1" not in to_markdown(result, [])
+    result.config.residual_rotation = True
+    assert "residual stream is rotated (R1" in to_markdown(result, [])
