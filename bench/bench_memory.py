@@ -33,8 +33,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import describe  # noqa: E402  (bench/machine.py)
-
 from smoothrot.calibration import CaptureSpec, capture_splits, token_subset  # noqa: E402
 from smoothrot.mappings import resolve_sites  # noqa: E402
 from smoothrot.models import empty_model  # noqa: E402
@@ -191,6 +189,8 @@ def main() -> None:
                         str(REPO), str(work), str(args.smollm2_samples)],
                        check=True, stderr=subprocess.DEVNULL)
         _prepare_llama(work, (16, 32))
+        from machine import describe  # bench/machine.py; run as a script, bench/ is on the path
+
         print(f"machine: {describe(args.device)}")
         print(f"prepared checkpoints in {time.perf_counter() - start:.0f} s", flush=True)
         results = {}

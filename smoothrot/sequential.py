@@ -17,6 +17,9 @@ a layer runs, and drops the tensors afterwards, so the model never sits in memor
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -169,6 +172,28 @@ class SafetensorsWeights:
                 _assign(module, names, tensor.to("cpu"))
 
 
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def _return_freed_memory() -> None:
+    """Give a released layer's heap memory back to the OS.
+
+    glibc raises its mmap threshold when a large block is freed, so later layer-sized tensors
+    come from the heap and its free space is kept: measured on a random ~1B LLaMA streamed from
+    disk, peak RSS then grew 1.4× from 16 to 32 layers; trimming after each layer keeps it flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @dataclass
 class _LayerInput:
     """One batch's input to a decoder layer, on the CPU: hidden states and the other arguments."""
@@ -315,4 +340,5 @@ def capture_sequential(
                 records[split].update(recorded)
         finally:
             weights.release(layer, prefix)
+            _return_freed_memory()
     return records
