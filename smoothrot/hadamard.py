@@ -405,11 +405,37 @@ def _butterfly(y: torch.Tensor) -> torch.Tensor:
     return src.view(y.shape)
 
 
+@functools.cache
+def _cuda_kernel() -> object | None:
+    """The fused CUDA kernel ``fast_hadamard_transform.hadamard_transform``, if installed."""
+    try:
+        from fast_hadamard_transform import hadamard_transform as kernel
+    except ImportError:
+        return None
+    logger.info("using the fast-hadamard-transform CUDA kernel for power-of-two factors")
+    return kernel
+
+
+# The fused kernel's limits: float32/half inputs, power-of-two sizes up to 2**15.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_MAX_SIZE = 1 << 15
+
+
+def _sylvester_part(y: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Sylvester transform of the last dim: the fused CUDA kernel where it applies
+    (same Sylvester order, scale 1), else the torch butterfly."""
+    size = y.shape[-1]
+    kernel = _cuda_kernel() if y.is_cuda else None
+    if kernel is None or y.dtype not in _KERNEL_DTYPES or not 1 < size <= _KERNEL_MAX_SIZE:
+        return _butterfly(y)
+    return kernel(y.reshape(-1, size).contiguous(), 1.0).reshape(y.shape)
+
+
 def _apply(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     """x @ H (or x @ Hᵀ) without autograd; x is [..., n] in a float32/float64 dtype."""
     n = x.shape[-1]
     k, m = _require(n)
-    y = _butterfly(x.reshape(-1, k, 1 << m))
+    y = _sylvester_part(x.reshape(-1, k, 1 << m))
     if k > 1:
         # (x @ kron(A, B))[a-block] = Aᵀ·X·B with X = x viewed as [k, 2**m]; B is symmetric,
         # so x @ kron(A, B)ᵀ = A·X·B.

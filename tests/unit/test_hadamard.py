@@ -364,3 +364,14 @@ def test_transform_cuda_matches_cpu(dtype: torch.dtype, n: int) -> None:
     h = hadamard_matrix(12, dtype=dtype, device="cuda")
     assert h.device.type == "cuda"
     assert h.dtype == dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or hd._cuda_kernel() is None,
+                    reason="needs CUDA and the fast-hadamard-transform package")
+@pytest.mark.parametrize("n", [64, 1536, 14336])
+def test_cuda_kernel_matches_the_butterfly(n: int) -> None:
+    x = torch.randn(5, n, generator=_gen(n)).cuda()
+    k = n // (n & -n)
+    fused = hd._sylvester_part(x.reshape(5, k, n // k))
+    torch.testing.assert_close(fused, hd._butterfly(x.reshape(5, k, n // k)),
+                               rtol=1e-5, atol=1e-4)
