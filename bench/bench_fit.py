@@ -19,7 +19,7 @@ from machine import describe  # bench/machine.py (scripts run from bench/)
 
 from smoothrot.calibration import run_model
 from smoothrot.config import load_config
-from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.data import split_windows
 from smoothrot.models import load_model
 from smoothrot.pipeline import run_fit
 from smoothrot.report import summary_table, write_outputs
@@ -40,9 +40,7 @@ def main() -> None:
 
     model, tok = load_model(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
                             device=cfg.model.device)
-    splits = split_documents(load_documents(cfg.data.source), cfg.data.fractions, cfg.seed)
-    calib = token_windows(tok, splits["calibration"], cfg.data.calibration_samples,
-                          cfg.data.seq_len, seed=cfg.seed, split_name="calibration")
+    calib = split_windows(tok, cfg.data, cfg.seed, ["calibration"])[1]["calibration"]
     run_model(model, calib[:1], 1, "warm-up")
     start = time.perf_counter()
     run_model(model, calib, max(1, 2048 // cfg.data.seq_len), "forward")

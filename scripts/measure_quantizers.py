@@ -33,7 +33,7 @@ import torch
 
 from smoothrot.calibration import capture_sites, run_model, token_subset
 from smoothrot.config import DataConfig, QuantScheme, get_scheme, load_config
-from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.data import split_windows
 from smoothrot.evaluate import layer_error, perplexity
 from smoothrot.fake_quant import quantize_weight_spec
 from smoothrot.gptq import gptq_fused_weight, gptq_fused_weight_selected
@@ -83,14 +83,6 @@ GPTQ_VARIANTS = [
     ("gptq 1024 tokens damp 10", {"damp": 10.0}, False, 1024),
     ("gptq damp 1", {"damp": 1.0}, False, 4096),
 ]
-
-
-def _windows(tokenizer, cfg: DataConfig, seed: int) -> dict[str, torch.Tensor]:
-    splits = split_documents(load_documents(cfg.source), cfg.fractions, seed)
-    samples = {"calibration": cfg.calibration_samples, "selection": cfg.selection_samples,
-               "heldout": cfg.heldout_samples, "evaluation": cfg.evaluation_samples}
-    return {name: token_windows(tokenizer, splits[name], n, cfg.seq_len, seed=seed,
-                                split_name=name) for name, n in samples.items()}
 
 
 def measure_weights(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -176,7 +168,7 @@ def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
     model, tokenizer = load_model(cfg.model.name)
     sites = resolve_sites(model, cfg.layers)
     data_cfg = dataclasses.replace(cfg.data, evaluation_samples=args.evaluation_samples)
-    windows = _windows(tokenizer, data_cfg, cfg.seed)
+    _, windows = split_windows(tokenizer, data_cfg, cfg.seed)
     data = _calibrate(model, sites, windows, cfg, Timer())
     stored = load_file(args.scales)
     res: dict = {"float": perplexity(model, windows["evaluation"], desc="float")}
@@ -243,8 +235,8 @@ def main() -> None:
             f"| {k} | {v:.3f} |" for k, v in res.items() if isinstance(v, float))
     else:
         model, tokenizer = load_model(args.model)
-        windows = _windows(tokenizer, DataConfig(calibration_samples=args.calibration_samples),
-                           args.seed)
+        data_cfg = DataConfig(calibration_samples=args.calibration_samples)
+        _, windows = split_windows(tokenizer, data_cfg, args.seed)
     if args.part == "weights":
         res = measure_weights(model, windows)
         md = "| weights (all block linears) | perplexity |\n|---|---:|\n" + "\n".join(

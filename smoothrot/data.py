@@ -18,9 +18,12 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from smoothrot.config import DataConfig
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -384,6 +387,23 @@ def token_windows(
         seq_len,
     )
     return windows.contiguous()
+
+
+def split_windows(
+    tokenizer: Any, cfg: DataConfig, seed: int, names: Sequence[str] = SPLITS
+) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """Every split's documents and the token windows of ``names``, as ``cfg`` describes them.
+
+    The one recipe for a run's tokens, so the job, its export and the benchmarks all see exactly
+    the same windows for the same config and seed.
+    """
+    splits = split_documents(load_documents(cfg.source), cfg.fractions, seed)
+    windows = {
+        name: token_windows(tokenizer, splits[name], getattr(cfg, f"{name}_samples"),
+                            cfg.seq_len, seed=seed, split_name=name)
+        for name in names
+    }
+    return splits, windows
 
 
 def text_hash(docs: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
 from smoothrot.config import FitConfig, get_scheme
-from smoothrot.data import load_documents, split_documents, text_hash, token_windows
+from smoothrot.data import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.fake_quant import check_group_size
@@ -261,19 +261,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
             check_group_size(rs.in_features, scheme.w_group_size, f"{rs.name} {scheme.name}")
             check_group_size(rs.in_features, scheme.a_group_size, f"{rs.name} {scheme.name}")
     with timer.stage("load data"):
-        docs = load_documents(cfg.data.source)
-        splits = split_documents(docs, cfg.data.fractions, cfg.seed)
-        samples = {
-            "calibration": cfg.data.calibration_samples,
-            "selection": cfg.data.selection_samples,
-            "heldout": cfg.data.heldout_samples,
-            "evaluation": cfg.data.evaluation_samples,
-        }
-        windows = {
-            name: token_windows(tokenizer, splits[name], n, cfg.data.seq_len, seed=cfg.seed,
-                                split_name=name)
-            for name, n in samples.items()
-        }
+        splits, windows = split_windows(tokenizer, cfg.data, cfg.seed)
     data = _calibrate(model, sites, windows, cfg, timer)
     float_ppl = None
     if cfg.perplexity:

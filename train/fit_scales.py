@@ -184,7 +184,7 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
     """
     if not targets:
         return []
-    from smoothrot.data import load_documents, split_documents, token_windows
+    from smoothrot.data import split_windows
     from smoothrot.export import export_from_scales_file
     from smoothrot.models import load_model
     from smoothrot.report import to_json
@@ -195,10 +195,8 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
     )
     calibration = None
     if "nvfp4" in targets:
-        splits = split_documents(load_documents(cfg.data.source), cfg.data.fractions, cfg.seed)
-        calibration = token_windows(tokenizer, splits["calibration"],
-                                    cfg.data.calibration_samples, cfg.data.seq_len,
-                                    seed=cfg.seed, split_name="calibration")
+        _, windows = split_windows(tokenizer, cfg.data, cfg.seed, ["calibration"])
+        calibration = windows["calibration"]
     report = to_json(result)
     return [
         export_from_scales_file(scales, fmt, target, model=model, tokenizer=tokenizer,

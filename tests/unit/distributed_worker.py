@@ -89,6 +89,7 @@ def calibration_case() -> dict[str, torch.Tensor]:
 
 
 def training_problem() -> dict[str, torch.Tensor]:
+    """One small outlier-heavy site to train (also test_resume.py's problem)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(260, 48, generator=g)
     x[:, :2] *= 30.0

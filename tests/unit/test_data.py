@@ -16,6 +16,7 @@ from smoothrot.data import (
     chunk_documents,
     load_documents,
     split_documents,
+    split_windows,
     text_hash,
     token_windows,
 )
@@ -255,3 +256,23 @@ def test_text_hash_is_short_and_sensitive() -> None:
     digest = text_hash(["a", "b"])
     assert len(digest) == 16 and digest == text_hash(["a", "b"])
     assert digest != text_hash(["a", "c"]) and digest != text_hash(["ab"])
+
+
+def test_split_windows_is_the_config_recipe(tmp_path: Path) -> None:
+    """The job, its export and the benches get the same tokens from one config and seed."""
+    from smoothrot.config import DataConfig
+
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(_docs(80, words=120)))
+    cfg = DataConfig(source=str(path), seq_len=32, calibration_samples=6, selection_samples=2,
+                     heldout_samples=3, evaluation_samples=4)
+    tok = FakeTokenizer()
+    splits, windows = split_windows(tok, cfg, seed=3)
+    assert splits == split_documents(load_documents(str(path)), cfg.fractions, 3)
+    assert {k: tuple(v.shape) for k, v in windows.items()} == {
+        "calibration": (6, 32), "selection": (2, 32), "heldout": (3, 32), "evaluation": (4, 32)}
+    assert torch.equal(windows["heldout"], token_windows(tok, splits["heldout"], 3, 32, seed=3,
+                                                         split_name="heldout"))
+    _, only = split_windows(tok, cfg, seed=3, names=["calibration"])
+    assert list(only) == ["calibration"] and torch.equal(only["calibration"],
+                                                         windows["calibration"])

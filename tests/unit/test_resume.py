@@ -18,6 +18,7 @@ from smoothrot.lightning_module import (
     ResumeError,
     fit_scales,
 )
+from tests.unit.distributed_worker import training_problem
 
 W4A4 = get_scheme("w4a4")
 CFG = TrainConfig(steps=13, lr=0.05, batch_tokens=64, val_every=5)
@@ -25,12 +26,7 @@ CFG = TrainConfig(steps=13, lr=0.05, batch_tokens=64, val_every=5)
 
 @pytest.fixture(scope="module")
 def problem() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(260, 48, generator=g)
-    x[:, :2] *= 30.0
-    x[::37, 7] = 500.0
-    return {"w": torch.randn(16, 48, generator=g) / 7, "x": x[:200], "val": x[200:],
-            "init": torch.ones(48, dtype=torch.float64)}
+    return training_problem()
 
 
 def _fit(
