@@ -22,7 +22,7 @@ from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
 log = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last site's hook: nothing after it is needed for calibration."""
 
 
@@ -101,7 +101,7 @@ def capture_sites(
             seen.add(name)
             if stop_forward and len(seen) == len(records):
                 seen.clear()
-                raise _StopForward
+                raise StopForward
 
         handles.append(rs.linear.register_forward_pre_hook(hook))
     try:
@@ -152,5 +152,5 @@ def run_model(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: st
     device = next(model.parameters()).device
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        with suppress(_StopForward):
+        with suppress(StopForward):
             model(input_ids=batch, use_cache=False)

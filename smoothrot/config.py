@@ -220,6 +220,18 @@ class CalibrationConfig:
 
 
 @dataclass
+class GPTQConfig:
+    """How the ``+gptq`` methods round weights (gptq.py, sequential.py).
+
+    ``sequential`` computes each site's Hessian (and its damping choice) from the inputs of the
+    model with every earlier site already quantized, weights and activations, instead of the
+    float model's inputs.
+    """
+
+    sequential: bool = True
+
+
+@dataclass
 class DistributedConfig:
     """Data-parallel processes (docs/distributed.md): calibration windows and every training
     batch are split across ``devices × num_nodes`` ranks and merged exactly."""
@@ -242,6 +254,7 @@ class FitConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     layers: list[str] = field(default_factory=lambda: ["down_proj"])
     schemes: list[str] = field(default_factory=lambda: ["w4a4", "w8a8"])

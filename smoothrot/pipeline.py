@@ -10,26 +10,26 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
-from smoothrot.config import FitConfig, get_scheme
+from smoothrot.config import FitConfig, QuantScheme, get_scheme
 from smoothrot.data import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.fake_quant import check_group_size
-from smoothrot.gptq import gptq_fused_weight_selected
+from smoothrot.gptq import GPTQChoice, gptq_fused_weight_selected
 from smoothrot.lightning_module import fit_scales
 from smoothrot.mappings import ResolvedSite, resolve_sites
 from smoothrot.models import load_model, model_fingerprint
 from smoothrot.policies import check_finite, smoothing_scales
 from smoothrot.residual import rotate_residual
 from smoothrot.search import Choice, grid_losses, select_policies
-from smoothrot.sequential import capture_sequential
+from smoothrot.sequential import capture_sequential, gptq_sequential
 from smoothrot.stats import weight_absmax
 from smoothrot.surgery import SitePlan, transformed
 
@@ -105,18 +105,27 @@ def method_plan(
     return SitePlan(scales=scales, rotate=method != "rtn", weight_q=weight_q)
 
 
-def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str, SiteData]:
-    batch = max(1, 2048 // cfg.data.seq_len)
+def _batch_size(cfg: FitConfig) -> int:
+    return max(1, 2048 // cfg.data.seq_len)
+
+
+def _capture_specs(windows: dict[str, torch.Tensor], cfg: FitConfig) -> dict[str, CaptureSpec]:
+    """Calibration (statistics, the seeded training rows), selection and held-out splits."""
     calib = windows["calibration"]
     keep = token_subset(calib.numel(), cfg.data.train_tokens, cfg.seed)
-    specs = {
+    return {
         "calibration": CaptureSpec(calib, keep, tuple(cfg.search.quantiles)),
         "selection": CaptureSpec(windows["selection"]),
         "heldout": CaptureSpec(windows["heldout"]),
     }
+
+
+def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str, SiteData]:
+    specs = _capture_specs(windows, cfg)
     capture = capture_sequential if cfg.calibration.sequential else capture_splits
     with timer.stage("calibration"):  # each rank captures its share of the windows, then merge
-        records = capture(model, sites, {k: shard_spec(v) for k, v in specs.items()}, batch)
+        records = capture(model, sites, {k: shard_spec(v) for k, v in specs.items()},
+                          _batch_size(cfg))
         records = {split: merge_records(r) for split, r in records.items()}
     calib_rec, sel_rec, ho_rec = records["calibration"], records["selection"], records["heldout"]
     data = {}
@@ -133,6 +142,30 @@ def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str,
             heldout_x=ho_rec[rs.name].tokens(),
         )
     return data
+
+
+def _gptq(model, sites: list[ResolvedSite], scales: dict[str, torch.Tensor | None],
+          weights: dict[str, torch.Tensor], data: dict[str, SiteData],
+          windows: dict[str, torch.Tensor], cfg: FitConfig, scheme: QuantScheme,
+          method: str) -> dict[str, GPTQChoice]:
+    """GPTQ of every site's fused weight, damping (or RTN) chosen on the selection split.
+
+    Sequential (``cfg.gptq.sequential``): on the inputs of the model quantized so far, so the
+    selection losses are measured there too; otherwise on the float model's captured rows.
+    """
+    def round_site(rs: ResolvedSite, x: torch.Tensor, x_selection: torch.Tensor) -> GPTQChoice:
+        return gptq_fused_weight_selected(weights[rs.name], scales[rs.name], rs.transform.arg,
+                                          x, x_selection, scheme)
+
+    if not cfg.gptq.sequential:
+        return {rs.name: round_site(rs, data[rs.name].train_x, data[rs.name].selection_x)
+                for rs in tqdm(sites, desc=f"{scheme.name} {method}", leave=False)}
+    specs = _capture_specs(windows, cfg)
+    plans = {rs.name: method_plan(method, scales[rs.name]) for rs in sites}
+    return gptq_sequential(model, sites, plans, scheme,
+                           {k: replace(specs[k], quantiles=None) for k in ("calibration",
+                                                                           "selection")},
+                           _batch_size(cfg), round_site)
 
 
 def _run_scheme(
@@ -191,12 +224,7 @@ def _run_scheme(
         base = method.removesuffix(GPTQ_SUFFIX)
         scales[method] = scales[base]
         with timer.stage(f"{scheme.name}: gptq"):
-            picks = {
-                rs.name: gptq_fused_weight_selected(
-                    weights[rs.name], scales[base][rs.name], rs.transform.arg,
-                    data[rs.name].train_x, data[rs.name].selection_x, scheme)
-                for rs in tqdm(sites, desc=f"{scheme.name} {method}", leave=False)
-            }
+            picks = _gptq(model, sites, scales[base], weights, data, windows, cfg, scheme, method)
         weights_q[method] = {site: pick.weight_q for site, pick in picks.items()}
         for site, pick in picks.items():
             result.selection_loss[site][method] = pick.selection_loss

@@ -13,6 +13,9 @@ Weights come from a :class:`LayerWeights` source: :class:`ResidentWeights` moves
 loaded model to the device and back; :class:`SafetensorsWeights` fills a model built on the
 ``meta`` device (:func:`smoothrot.models.empty_model`) from a safetensors checkpoint just before
 a layer runs, and drops the tensors afterwards, so the model never sits in memory whole.
+
+The same walk serves sequential GPTQ (:func:`gptq_sequential`): each site is rounded on the
+inputs of the model quantized so far, and the quantized layer's output feeds the next layer.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import ctypes.util
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,8 +36,11 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothrot.calibration import CaptureSpec, SiteRecord, capture_sites
+from smoothrot.calibration import CaptureSpec, SiteRecord, StopForward, capture_sites
+from smoothrot.config import QuantScheme
+from smoothrot.gptq import GPTQChoice
 from smoothrot.mappings import ResolvedSite, architecture_of
+from smoothrot.surgery import SitePlan, transformed
 
 log = logging.getLogger(__name__)
 
@@ -342,3 +348,59 @@ def capture_sequential(
             weights.release(layer, prefix)
             _return_freed_memory()
     return records
+
+
+@torch.no_grad()
+def gptq_sequential(
+    model: nn.Module,
+    sites: Sequence[ResolvedSite],
+    plans: Mapping[str, SitePlan],
+    scheme: QuantScheme,
+    specs: dict[str, CaptureSpec],
+    batch_size: int,
+    round_site: Callable[[ResolvedSite, torch.Tensor, torch.Tensor], GPTQChoice],
+) -> dict[str, GPTQChoice]:
+    """GPTQ site by site on the inputs of the model quantized so far (GPTQ's "sequential" mode).
+
+    Per-site GPTQ on the float model's inputs rounds every linear for an input it will never
+    see: upstream layers are quantized too, and their error grows with depth. Here the decoder
+    layers run one at a time over cached hidden states; inside a layer each site in turn (table
+    order: q/k/v, o, gate/up, down) is captured with the sites before it already quantized
+    (weights *and* activations, as ``scheme`` says), rounded by ``round_site(site, calibration
+    rows, selection rows)``, and the layer's quantized output becomes the next layer's input.
+    ``specs`` holds the ``calibration`` and ``selection`` splits; every rank runs the whole
+    walk (no sharding), so the result is the same on every process.
+    """
+    if not sites:
+        return {}
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers)
+    _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
+    device = _home(model)
+    by_layer: dict[int, list[ResolvedSite]] = {}
+    for rs in sites:
+        by_layer.setdefault(rs.layer_index, []).append(rs)
+    cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
+                                        arch.layers)
+             for split, spec in specs.items()}
+    choices: dict[str, GPTQChoice] = {}
+    for index in tqdm(range(max(by_layer) + 1), desc="sequential GPTQ", leave=False):
+        layer, layer_sites = layers[index], by_layer.get(index, [])
+        done: dict[str, SitePlan] = {}
+        for rs in layer_sites:
+            rows = {}
+            with transformed(layer_sites, done, scheme):
+                for split, spec in specs.items():
+                    with capture_sites([rs], total_tokens=spec.total_tokens,
+                                       keep_index=spec.keep_index) as recorded:
+                        for batch in cache[split]:
+                            with suppress(StopForward):
+                                _run_layer(layer, batch, device)
+                    rows[split] = recorded[rs.name].tokens()
+            choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"])
+            done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
+        with transformed(layer_sites, done, scheme):
+            for batches in cache.values():
+                for batch in batches:
+                    batch.hidden = _run_layer(layer, batch, device).cpu()
+    return choices

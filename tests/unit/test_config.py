@@ -47,6 +47,7 @@ def test_unknown_key_is_rejected(tmp_path):
         ({"layers": []}, "layers must name"),
         ({"data": {"seq_len": 1}}, "seq_len"),
         ({"train": {"lr": -1.0}}, "lr"),
+        ({"gptq": {"sequential": "yes"}}, "gptq.sequential='yes' must be true or false"),
         ({"distributed": {"devices": 2}, "data": {"heldout_samples": 1}},
          r"heldout_samples=1 is fewer than the 2 processes"),
     ],

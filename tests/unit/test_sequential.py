@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from smoothrot.calibration import CaptureSpec, SiteRecord, capture_splits, token_subset
-from smoothrot.config import ConfigError, FitConfig, config_from_dict
+from smoothrot.config import ConfigError, FitConfig, config_from_dict, get_scheme
+from smoothrot.gptq import gptq_fused_weight_selected
 from smoothrot.mappings import resolve_sites
 from smoothrot.models import empty_model
 from smoothrot.pipeline import Timer, _calibrate
@@ -17,7 +20,9 @@ from smoothrot.sequential import (
     ResidentWeights,
     SafetensorsWeights,
     capture_sequential,
+    gptq_sequential,
 )
+from smoothrot.surgery import SitePlan, transformed
 from tests.arch.tiny import tiny_model
 from tests.conftest import tiny_llama
 
@@ -165,3 +170,34 @@ def test_mixed_attention_types_refused_when_masks_differ():
     whole = capture_splits(model, sites, _specs(96, seq_len=8), batch_size=2)
     seq = capture_sequential(model, sites, _specs(96, seq_len=8), batch_size=2)
     _assert_same(whole, seq)
+
+
+def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs():
+    """Site k's GPTQ inputs are exactly those of the whole model with sites < k quantized."""
+    model = tiny_llama(layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sites = resolve_sites(model, ["all"])
+    scheme = get_scheme("w4a4")
+    specs = {k: replace(v, quantiles=None) for k, v in _specs(model.config.vocab_size).items()}
+    plans = {rs.name: SitePlan(scales=None, rotate=True) for rs in sites}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def round_site(rs, x, x_selection):
+        seen[rs.name] = (x, x_selection)
+        return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform.arg, x,
+                                          x_selection, scheme)
+
+    choices = gptq_sequential(model, sites, plans, scheme, specs, 2, round_site)
+    assert list(choices) == [rs.name for rs in sites]
+    float_rows = capture_splits(model, sites, specs, batch_size=2)
+    for k, rs in enumerate(sites):
+        done = {s.name: replace(plans[s.name], weight_q=choices[s.name].weight_q)
+                for s in sites[:k]}
+        with transformed(sites, done, scheme):
+            ref = capture_splits(model, [rs], specs, batch_size=2)
+        for i, split in enumerate(("calibration", "selection")):
+            torch.testing.assert_close(seen[rs.name][i], ref[split][rs.name].tokens(),
+                                       rtol=1e-6, atol=1e-6)
+        moved = (seen[rs.name][0] - float_rows["calibration"][rs.name].tokens()).abs().max()
+        assert (moved == 0) == (k == 0), (rs.name, float(moved))  # only site 0 sees float inputs
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
