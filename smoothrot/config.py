@@ -165,10 +165,12 @@ class DataConfig:
 
 @dataclass
 class SearchConfig:
-    """Grids for the smoothing strength α and the activation quantile q."""
+    """Grids for the smoothing strength α, the activation quantile q and, once the scales are
+    fixed, each site's activation clip ratio (``[1.0]``: no clipping, the paper's setting)."""
 
     alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     quantiles: list[float] = field(default_factory=lambda: [0.99, 0.995, 0.999, 0.9999, 1.0])
+    act_clips: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self) -> None:
         if not self.alphas or not self.quantiles:
@@ -179,6 +181,11 @@ class SearchConfig:
         for q in self.quantiles:
             if not 0.0 < q <= 1.0:
                 raise ConfigError(f"search.quantiles contains {q}; q must be in (0, 1]")
+        if not self.act_clips:
+            raise ConfigError("search.act_clips must not be empty; [1.0] turns clipping off")
+        for c in self.act_clips:
+            if not 0.0 < c <= 1.0:
+                raise ConfigError(f"search.act_clips contains {c}; a clip ratio must be in (0, 1]")
         if 1.0 not in self.quantiles:
             # q = 1 is the max policy; the quantile search must be able to fall back to it.
             self.quantiles = [*self.quantiles, 1.0]

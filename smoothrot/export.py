@@ -73,6 +73,7 @@ from smoothrot.surgery import (
     online_rotation,
     site_parameters,
     transformed,
+    with_act_clip,
 )
 
 if TYPE_CHECKING:
@@ -258,6 +259,7 @@ def _site_entries(
             "rotation_size": _rotation_size(rs, spec),
             "offline_rotation": "head" if plan.rotate and rs.site.rotation == "head_offline"
             else None,
+            "activation_clip": plan.act_clip,
         }
     return entries
 
@@ -814,6 +816,11 @@ def load_pretrained(
     for p in model.parameters():
         p.requires_grad_(False)
     own_quant = scheme if activation_quantizer == "smoothrot" else None
+    if own_quant is None and scheme is not None and any(
+            e.get("activation_clip") not in (None, 1.0) for e in decl["sites"].values()):
+        log.warning("%s declares per-site activation clip ratios; compressed-tensors' activation "
+                    "quantizer has none, so they are not applied (use activation_quantizer="
+                    "'smoothrot' for the fitted model)", path)
 
     sites = {rs.name: rs for rs in resolve_sites(model, list(decl["sites"]))}
     names = _module_names(model)
@@ -833,7 +840,8 @@ def load_pretrained(
                 rot, skipped = False, skipped + 1  # the loader already rotates its input
             if rot is False and own_quant is None:
                 continue
-            hook = OnlineInputTransform(rot, scheme=own_quant)
+            hook = OnlineInputTransform(rot, scheme=own_quant if own_quant is None else
+                                        with_act_clip(own_quant, entry.get("activation_clip")))
             handles.append(linear.register_forward_pre_hook(hook))
     if skipped:
         log.info("%d linears already rotated by compressed-tensors transforms", skipped)
@@ -853,7 +861,8 @@ def plans_from_export(path: str | Path) -> dict[str, SitePlan]:
             scales = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     return {
         site: SitePlan(scales.get(site) if e["smoothed"] else None,
-                       e["online_rotation"] != "none" or e.get("offline_rotation") is not None)
+                       e["online_rotation"] != "none" or e.get("offline_rotation") is not None,
+                       act_clip=e.get("activation_clip"))
         for site, e in decl["sites"].items()
     }
 
@@ -1061,8 +1070,9 @@ def export_from_scales_file(
     if scheme is None:
         scheme = fmt if fmt != "fused" else (run_schemes[0] if run_schemes else "w4a4")
     sites = json.loads(meta.get("sites", "[]")) or sorted({k[2] for k in keys if k[0] == scheme})
+    clips = json.loads(meta.get("act_clips", "{}")).get(scheme, {}).get(method, {})
     if method in ("rtn", "hadamard"):
-        plans = {s: SitePlan(None, method != "rtn") for s in sites}
+        plans = {s: SitePlan(None, method != "rtn", act_clip=clips.get(s)) for s in sites}
     else:
         found = {k[2]: tensors["/".join(k)] for k in keys if k[0] == scheme and k[1] == method}
         if not found:
@@ -1072,7 +1082,7 @@ def export_from_scales_file(
         missing = [s for s in sites if s not in found]
         if missing:
             raise ExportError(f"{scales_path}: {method!r} scales of {scheme} miss sites {missing}")
-        plans = {s: SitePlan(found[s], True) for s in sites}
+        plans = {s: SitePlan(found[s], True, act_clip=clips.get(s)) for s in sites}
     config = (report or {}).get("config", {})
     if report is None:
         log.warning("no report.json for %s: exporting without provenance and assuming the fit "

@@ -28,7 +28,7 @@ from smoothrot.mappings import ResolvedSite, resolve_sites
 from smoothrot.models import load_model, model_fingerprint
 from smoothrot.policies import check_finite, smoothing_scales
 from smoothrot.residual import rotate_residual
-from smoothrot.search import Choice, grid_losses, select_policies
+from smoothrot.search import Choice, grid_losses, select_act_clip, select_policies
 from smoothrot.sequential import capture_sequential, gptq_sequential
 from smoothrot.stats import weight_absmax
 from smoothrot.surgery import SitePlan, transformed
@@ -62,6 +62,7 @@ class SchemeResult:
     errors: dict[str, dict[str, LayerError]] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
     selection_loss: dict[str, dict[str, float]] = field(default_factory=dict)
+    act_clips: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,13 +97,15 @@ class Timer:
 
 
 def method_plan(
-    method: str, scales: torch.Tensor | None, weight_q: torch.Tensor | None = None
+    method: str, scales: torch.Tensor | None, weight_q: torch.Tensor | None = None,
+    act_clip: float | None = None,
 ) -> SitePlan:
     """The transform a method applies to a site (RTN: none; the rest rotate).
 
-    ``weight_q``: the fused weight already quantized offline (GPTQ methods).
+    ``weight_q``: the fused weight already quantized offline (GPTQ methods); ``act_clip``: the
+    site's activation clip ratio (None: the scheme's).
     """
-    return SitePlan(scales=scales, rotate=method != "rtn", weight_q=weight_q)
+    return SitePlan(scales=scales, rotate=method != "rtn", weight_q=weight_q, act_clip=act_clip)
 
 
 def _batch_size(cfg: FitConfig) -> int:
@@ -145,27 +148,44 @@ def _calibrate(model, sites, windows, cfg: FitConfig, timer: Timer) -> dict[str,
 
 
 def _gptq(model, sites: list[ResolvedSite], scales: dict[str, torch.Tensor | None],
-          weights: dict[str, torch.Tensor], data: dict[str, SiteData],
+          clips: dict[str, float], weights: dict[str, torch.Tensor], data: dict[str, SiteData],
           windows: dict[str, torch.Tensor], cfg: FitConfig, scheme: QuantScheme,
           method: str) -> dict[str, GPTQChoice]:
     """GPTQ of every site's fused weight, damping (or RTN) chosen on the selection split.
 
     Sequential (``cfg.gptq.sequential``): on the inputs of the model quantized so far, so the
     selection losses are measured there too; otherwise on the float model's captured rows.
+    Each site's activations are quantized with its clip ratio ``clips[site]``.
     """
     def round_site(rs: ResolvedSite, x: torch.Tensor, x_selection: torch.Tensor) -> GPTQChoice:
         return gptq_fused_weight_selected(weights[rs.name], scales[rs.name], rs.transform.arg,
-                                          x, x_selection, scheme)
+                                          x, x_selection, replace(scheme, a_clip=clips[rs.name]))
 
     if not cfg.gptq.sequential:
         return {rs.name: round_site(rs, data[rs.name].train_x, data[rs.name].selection_x)
                 for rs in tqdm(sites, desc=f"{scheme.name} {method}", leave=False)}
     specs = _capture_specs(windows, cfg)
-    plans = {rs.name: method_plan(method, scales[rs.name]) for rs in sites}
+    plans = {rs.name: method_plan(method, scales[rs.name], act_clip=clips[rs.name])
+             for rs in sites}
     return gptq_sequential(model, sites, plans, scheme,
                            {k: replace(specs[k], quantiles=None) for k in ("calibration",
                                                                            "selection")},
                            _batch_size(cfg), round_site)
+
+
+def _select_clips(sites: list[ResolvedSite], method: str,
+                  scales: dict[str, torch.Tensor | None], weights: dict[str, torch.Tensor],
+                  data: dict[str, SiteData], grid: list[float],
+                  scheme: QuantScheme) -> dict[str, float]:
+    """Each site's activation clip ratio for ``method``'s scales (RTN weights), chosen on the
+    selection split; a one-entry grid is that clip everywhere, with no search."""
+    if len(grid) == 1:
+        return {rs.name: float(grid[0]) for rs in sites}
+    return {
+        rs.name: select_act_clip(data[rs.name].selection_x, weights[rs.name], scales[rs.name],
+                                 grid, scheme, rs.transform.arg if method != "rtn" else False)[0]
+        for rs in tqdm(sites, desc=f"{scheme.name} {method} clips", leave=False)
+    }
 
 
 def _run_scheme(
@@ -200,31 +220,42 @@ def _run_scheme(
             for s, c in choices[method].items()
         }
     result.choices = {m: choices[m] for m in POLICY_METHODS if m in cfg.methods}
+    clips = result.act_clips
+    needed = {m.removesuffix(GPTQ_SUFFIX) for m in cfg.methods}
+    trains = "trained" in needed
+    with timer.stage(f"{scheme.name}: activation clips"):
+        for method in [m for m in scales if m in needed or (trains and m == "joint")]:
+            clips[method] = _select_clips(sites, method, scales[method], weights, data,
+                                          cfg.search.act_clips, scheme)
     for s in tables:
         result.selection_loss[s] = {
             m: float(tables[s][alphas.index(choices[m][s].alpha), quantiles.index(choices[m][s].q)])
             for m in POLICY_METHODS
         }
-    if "trained" in cfg.methods or "trained" + GPTQ_SUFFIX in cfg.methods:
+    if trains:
         scales["trained"] = {}
         accelerator = "gpu" if next(model.parameters()).is_cuda else "cpu"
         with timer.stage(f"{scheme.name}: training"):
             for rs in tqdm(sites, desc=f"{scheme.name} training", leave=False):
                 d = data[rs.name]
                 best, loss = fit_scales(
-                    weights[rs.name], scales["joint"][rs.name], scheme, d.train_x, d.selection_x,
+                    weights[rs.name], scales["joint"][rs.name],
+                    replace(scheme, a_clip=clips["joint"][rs.name]), d.train_x, d.selection_x,
                     cfg.train, seed=cfg.seed + rs.layer_index, accelerator=accelerator,
                     checkpoint_dir=Path(cfg.output_dir) / "checkpoints" / scheme.name / rs.name,
                     resume=resume, rotate=rs.transform.arg,
                 )
                 scales["trained"][rs.name] = best
                 result.selection_loss[rs.name]["trained"] = loss
+        clips["trained"] = _select_clips(sites, "trained", scales["trained"], weights, data,
+                                         cfg.search.act_clips, scheme)
     weights_q: dict[str, dict[str, torch.Tensor]] = {}
     for method in [m for m in cfg.methods if m.endswith(GPTQ_SUFFIX)]:
         base = method.removesuffix(GPTQ_SUFFIX)
-        scales[method] = scales[base]
+        scales[method], clips[method] = scales[base], clips[base]
         with timer.stage(f"{scheme.name}: gptq"):
-            picks = _gptq(model, sites, scales[base], weights, data, windows, cfg, scheme, method)
+            picks = _gptq(model, sites, scales[base], clips[base], weights, data, windows, cfg,
+                          scheme, method)
         weights_q[method] = {site: pick.weight_q for site, pick in picks.items()}
         for site, pick in picks.items():
             result.selection_loss[site][method] = pick.selection_loss
@@ -237,7 +268,8 @@ def _run_scheme(
             result.errors[method] = {
                 rs.name: layer_error(data[rs.name].heldout_x, weights[rs.name],
                                      scales[method][rs.name],
-                                     rs.transform.arg if method != "rtn" else False, scheme,
+                                     rs.transform.arg if method != "rtn" else False,
+                                     replace(scheme, a_clip=clips[method][rs.name]),
                                      weight_q=weights_q.get(method, {}).get(rs.name))
                 for rs in sites
             }
@@ -247,7 +279,8 @@ def _run_scheme(
         with timer.stage(f"{scheme.name}: perplexity"):
             for method in methods:
                 plans = {rs.name: method_plan(method, scales[method][rs.name],
-                                              weights_q.get(method, {}).get(rs.name))
+                                              weights_q.get(method, {}).get(rs.name),
+                                              clips[method][rs.name])
                          for rs in sites}
                 with transformed(sites, plans, scheme):
                     result.perplexity[method] = perplexity(

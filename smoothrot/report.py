@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def to_json(result: FitResult) -> dict[str, Any]:
                 for s in result.sites
             },
             "selection_loss": sr.selection_loss,
+            "act_clips": sr.act_clips,
         }
     return {
         "model": result.model_name,
@@ -198,6 +200,12 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
             md.append("")
             md.append("Global choices: " + "; ".join(
                 f"{LABELS[m]} α={c.alpha:g}, q={c.q:g}" for m, c in glob.items()))
+        if len(result.config.search.act_clips) > 1:
+            md += ["", "Activation clip ratios chosen per site on the selection split "
+                   "(median, min–max): " + "; ".join(
+                       f"{LABELS[m]} {statistics.median(c.values()):g} ({min(c.values()):g}–"
+                       f"{max(c.values()):g})" for m, c in sr.act_clips.items()
+                       if m in sr.errors)]
         methods = list(sr.errors)
         md += ["", "Per-layer held-out MSE (last column: trained vs SmoothRot-max):", "",
                "| layer | " + " | ".join(LABELS[m] for m in methods) + " | joint α, q | Δ |",
@@ -266,13 +274,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_scales(result: FitResult, path: Path) -> None:
-    """All fitted scales as float64 tensors named ``<scheme>/<method>/<site>``."""
+    """All fitted scales as float64 tensors named ``<scheme>/<method>/<site>``; the activation
+    clip ratios (scheme → method → site) as JSON in the metadata."""
     tensors = {
         f"{sr.scheme}/{m}/{s}": v.double().contiguous()
         for sr in result.schemes for m, per_site in sr.scales.items() for s, v in per_site.items()
     }
     meta = {"model": result.model_name, "model_fingerprint": result.model_fingerprint,
-            "sites": json.dumps(result.sites)}
+            "sites": json.dumps(result.sites),
+            "act_clips": json.dumps({sr.scheme: sr.act_clips for sr in result.schemes})}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 

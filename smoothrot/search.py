@@ -7,12 +7,15 @@ Every candidate (α, q) of a site is scored by the same fake-quant output loss u
 * quantile: that α kept, each site its own q (the paper's quantile-only search);
 * joint (global): one (α, q) for all sites;
 * joint (per site): each site its own (α, q).
+
+Once a site's scales are fixed, :func:`select_act_clip` picks its activation clip ratio from
+``search.act_clips`` by the same loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -97,6 +100,39 @@ def grid_losses(
     chunk = max(1, budget // max(1, x.numel() + w.numel()))
     losses = [candidate_losses(x, y, w, part, scheme, rotate) for part in scales.split(chunk)]
     return torch.cat(losses).double().reshape(len(alphas), len(quantiles))
+
+
+@torch.no_grad()
+def select_act_clip(
+    x_sel: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    clips: Sequence[float],
+    scheme: QuantScheme,
+    rotate: TransformArg = True,
+    weight_q: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """The activation clip ratio of ``clips`` with the lowest selection loss, and that loss.
+
+    Per-token 4-bit grids are set by each token's largest entry, so the bulk of the entries get
+    a few levels only; clipping the largest ones (scale ``clip·max|x|``) trades their error for
+    a finer grid. The weight (``weight_q``, or the scheme's RTN of the fused weight) is fixed.
+    Ties go to the first candidate.
+    """
+    w = weight.float()
+    x = x_sel.float()
+    s = None if scales is None else scales.float()
+    w_q = (quantize_weight_spec(transform_weight(w, s, rotate), scheme) if weight_q is None
+           else weight_q.float())
+    x_t = transform_input(x, s, rotate)
+    y = x @ w.T
+    losses = [
+        float((y - quantize_activation_spec(x_t, replace(scheme, a_clip=c)) @ w_q.T)
+              .pow(2).sum(dim=-1).mean())
+        for c in clips
+    ]
+    best = min(range(len(clips)), key=losses.__getitem__)
+    return float(clips[best]), losses[best]
 
 
 def select_policies(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -38,11 +38,23 @@ class SitePlan:
     ``weight_q``, if given, is the fused weight W·diag(s)·H already quantized offline (e.g. by
     GPTQ); it is stored instead of the scheme's round-to-nearest of the fused weight. For a group
     it is the concatenation of the linears' weights along the output dim (``rs.weight``).
+    ``act_clip``, if given, replaces the scheme's activation clip ratio ``a_clip`` at this site's
+    inputs (chosen per site on the selection split, ``search.act_clips``).
     """
 
     scales: torch.Tensor | None
     rotate: bool
     weight_q: torch.Tensor | None = None
+    act_clip: float | None = None
+
+    def quant_scheme(self, scheme: QuantScheme) -> QuantScheme:
+        """``scheme`` as this site quantizes with it (its own activation clip, if any)."""
+        return with_act_clip(scheme, self.act_clip)
+
+
+def with_act_clip(scheme: QuantScheme, act_clip: float | None) -> QuantScheme:
+    """``scheme`` with a site's own activation clip ratio (None: the scheme's ``a_clip``)."""
+    return scheme if act_clip is None else replace(scheme, a_clip=act_clip)
 
 
 class OnlineInputTransform:
@@ -208,7 +220,8 @@ def apply_plans(
     for rs, plan in active:
         rotation = online_rotation(rs, plan.rotate)
         if rotation is not False or scheme is not None:
-            hook = OnlineInputTransform(rotation, scheme=scheme)
+            hook = OnlineInputTransform(
+                rotation, scheme=None if scheme is None else plan.quant_scheme(scheme))
             handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
     return handles
 

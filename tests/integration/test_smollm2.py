@@ -1,5 +1,6 @@
 """On the real embedded SmolLM2 and real pydoc text, with small budgets."""
 
+import copy
 import json
 
 import pytest
@@ -107,3 +108,26 @@ def test_same_seed_same_scales(smollm2, tmp_path, monkeypatch):
         assert torch.equal(a[method][site], b[method][site]), method
         assert torch.isfinite(a[method][site]).all()
     assert not torch.equal(a["trained"][site], c["trained"][site])
+
+
+def test_per_site_activation_clips_lower_held_out_error(smollm2, tmp_path, monkeypatch):
+    """W4A4, every site of two layers, R1: clip ratios chosen per site on the selection split
+    lower the held-out error of every method and the perplexity of rotation only."""
+    from smoothrot import pipeline
+
+    model, tok = smollm2  # R1 rotates the model in place: each run gets its own copy
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (copy.deepcopy(model), tok))
+    runs = {}
+    for name, grid in (("off", [1.0]), ("on", [1.0, 0.9, 0.8, 0.7, 0.6])):
+        cfg = _quick_config(tmp_path / name, "re:model\\.layers\\.(3|17)\\..*",
+                            residual_rotation=True, methods=["hadamard", "smoothrot_max"])
+        cfg.search.act_clips = grid
+        runs[name] = pipeline.run_fit(cfg).schemes[0]
+    off, on = runs["off"], runs["on"]
+    assert set(off.act_clips["hadamard"].values()) == {1.0}
+    picked = list(on.act_clips["hadamard"].values())
+    assert len(picked) == 8 and min(picked) < 1.0
+    for method in ("hadamard", "smoothrot_max"):
+        mse = {k: sum(e.mse for e in r.errors[method].values()) for k, r in runs.items()}
+        assert mse["on"] < 0.95 * mse["off"], (method, mse)
+    assert on.perplexity["hadamard"] < off.perplexity["hadamard"]

@@ -503,10 +503,11 @@ def test_gptq_and_fp4_requests_that_cannot_be_honoured(tmp_path):
 # --- from a fit's scales.safetensors ----------------------------------------------------------
 
 
-def _scales_file(tmp_path, model, method="trained", scheme="w4a4", drop=0):
+def _scales_file(tmp_path, model, method="trained", scheme="w4a4", drop=0, act_clips=None):
     plans = _plans(model)
     sr = SchemeResult(scheme=scheme, scales={method: {k: p.scales[:len(p.scales) - drop]
-                                                      for k, p in plans.items()}})
+                                                      for k, p in plans.items()}},
+                      act_clips={} if act_clips is None else {method: act_clips})
     result = FitResult(config=FitConfig(), model_name="tiny", model_fingerprint=
                        model_fingerprint(model), sites=list(plans), data_hash={"calibration": "ab"},
                        tokens={}, float_perplexity=None, schemes=[sr], timings={})
@@ -539,6 +540,25 @@ def test_export_from_scales_file_with_provenance(tmp_path):
                        _logits(_in_memory(model, plans, get_scheme("w4a4"))))
     fused = ex.export_from_scales_file(scales, "fused", tmp_path / "f", model=model)
     assert json.loads((fused / "smoothrot.json").read_text())["scheme"] == "w4a4"
+
+
+def test_per_site_activation_clips_travel_to_the_export_and_back(tmp_path):
+    """A fit's per-site clips (scales file) are declared per site and applied on reload."""
+    model = tiny_llama()
+    sites = [rs.name for rs in resolve_sites(model, ["down_proj"])]
+    clips = dict(zip(sites, [0.7, 0.85], strict=True))
+    scales, plans, report = _scales_file(tmp_path, model, act_clips=clips)
+    path = ex.export_from_scales_file(scales, "w4a4", tmp_path / "export-w4a4", model=model,
+                                      report=report)
+    declared = ex.read_declaration(path)["sites"]
+    assert {s: e["activation_clip"] for s, e in declared.items()} == clips
+    stored = ex.plans_from_export(path)
+    assert {s: p.act_clip for s, p in stored.items()} == clips
+    clipped = {s: SitePlan(p.scales, True, act_clip=clips[s]) for s, p in plans.items()}
+    reloaded = _logits(load_pretrained(path))
+    assert torch.equal(reloaded, _logits(_in_memory(model, clipped, get_scheme("w4a4"))))
+    assert not torch.equal(reloaded, _logits(_in_memory(model, plans, get_scheme("w4a4"))))
+    assert ex.verify_export(path, model, IDS)["ppl_rel_diff"] == 0.0
 
 
 def test_scales_of_another_model_are_one_line_errors(tmp_path):

@@ -118,3 +118,24 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     assert best1 < init_val  # training found something better than the policy
     assert abs(candidate_loss(val_x, val_x @ w.T, w, s1, W4A4) - best1) < 1e-3 * best1
     assert layer_error(test_x, w, s1, True, W4A4).mse < layer_error(test_x, w, init, True, W4A4).mse
+
+
+def test_act_clip_search_clips_heavy_tails_and_keeps_flat_inputs():
+    """4-bit per-token grids: clipping pays on heavy-tailed (Laplace) tokens; on ±1 tokens every
+    entry sits at the max, so any clip below 1 only adds error. The choice is the grid's argmin."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen)
+    sign = torch.randint(0, 2, (512, 64), generator=gen).float() * 2 - 1
+    laplace = torch.empty(512, 64).exponential_(generator=gen) * sign
+    flat = torch.randint(0, 2, (512, 64), generator=gen).float() * 2 - 1
+    clips = [1.0, 0.9, 0.8, 0.7, 0.6]
+    for x, expect_clipped in ((laplace, True), (flat, False)):
+        clip, loss = search.select_act_clip(x, w, None, clips, W4A4, rotate=False)
+        losses = [float(output_loss(x @ w.T, quantized_output(
+            x, w, None, False, QuantScheme("c", 4, 4, a_clip=c)))) for c in clips]
+        assert clip == clips[losses.index(min(losses))]
+        assert loss == pytest.approx(min(losses), rel=1e-5)
+        assert (clip < 1.0) == expect_clipped
+        if expect_clipped:
+            assert min(losses) < 0.95 * losses[0]
+    assert search.select_act_clip(laplace, w, None, [0.7], W4A4, rotate=False)[0] == 0.7

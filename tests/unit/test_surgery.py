@@ -263,3 +263,22 @@ def test_offline_weights_of_a_source_linear_keep_its_row_folding(scheme):
         stored = _logits(model, ids)
     assert torch.isfinite(stored).all()
     assert (stored - rtn).abs().max() <= 1e-9 * rtn.abs().max()
+
+
+def test_site_act_clip_replaces_the_scheme_clip_at_that_site_only(llama):
+    """A plan's act_clip quantizes that site's inputs exactly like a scheme with that a_clip."""
+    ids = torch.randint(0, 128, (1, 8))
+    sites = resolve_sites(llama, ["down_proj"])
+    w4a4 = get_scheme("w4a4")
+
+    def logits(clips: list[float | None], scheme: QuantScheme) -> torch.Tensor:
+        plans = {rs.name: SitePlan(None, True, act_clip=c)
+                 for rs, c in zip(sites, clips, strict=True)}
+        with transformed(sites, plans, scheme):
+            return _logits(llama, ids)
+
+    clipped = logits([0.6, None], w4a4)
+    assert torch.equal(clipped, logits([0.6, 1.0], w4a4))
+    assert not torch.equal(clipped, logits([None, None], w4a4))
+    assert torch.equal(logits([0.6, 0.6], w4a4),
+                       logits([None, None], QuantScheme("w4a4", 4, 4, a_clip=0.6)))
