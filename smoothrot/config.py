@@ -105,6 +105,9 @@ PRESET_SCHEMES: dict[str, QuantScheme] = {
         "w4a4-g128-asym", w_bits=4, a_bits=4, w_group_size=128, w_symmetric=False
     ),
     "w8a8-mse": QuantScheme("w8a8-mse", w_bits=8, a_bits=8, w_mse_clip=True),
+    # The two halves of W4A4, to see which side loses the perplexity (docs/whole_model.md).
+    "w4a8": QuantScheme("w4a8", w_bits=4, a_bits=8),
+    "w8a4": QuantScheme("w8a4", w_bits=8, a_bits=4),
     "nvfp4": QuantScheme("nvfp4", w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4",
                          w_group_size=16, a_group_size=16),
     "mxfp4": QuantScheme("mxfp4", w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4",
