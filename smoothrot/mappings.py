@@ -74,10 +74,11 @@ class SmoothingSite:
     ``smooth_from_rows`` of a fused one), ``norm`` (γ/s: signed γ is fine, s > 0) or
     ``offset_norm`` (weight = 1+γ as in Gemma: γ' = (1+γ)/s − 1).
 
-    ``rotation``: ``online`` (Hadamard on the group input, at run time), ``head_online``
-    (block-diagonal Hadamard over head_dim blocks on o_proj's input, at run time),
-    ``head_offline`` (the same H folded into v_proj's rows: exact because attention mixes tokens,
-    not a head's channels; free at run time) or ``none``.
+    ``rotation``: ``online`` (Hadamard over the whole group input, at run time; on o_proj's
+    input it mixes the heads too, as QuaRot does), ``head_online`` (block-diagonal Hadamard over
+    head_dim blocks on o_proj's input, at run time), ``head_offline`` (that per-head H folded into
+    v_proj's rows: exact because attention mixes tokens, not a head's channels; free at run time)
+    or ``none``.
 
     ``tie="kv_heads"``: one scale per v_proj row, shared by the o_proj input channels of all
     query heads reading that kv head (grouped-query attention).
@@ -165,7 +166,7 @@ def _attention_mlp_sites(norm_kind: str, mlp_norm: str) -> tuple[SmoothingSite, 
         SmoothingSite("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                       "input_layernorm", norm_kind),
         SmoothingSite("o_proj", ("self_attn.o_proj",), "self_attn.v_proj", "linear_rows",
-                      rotation="head_online", tie="kv_heads"),
+                      tie="kv_heads"),
         SmoothingSite("gate_up", ("mlp.gate_proj", "mlp.up_proj"), mlp_norm, norm_kind),
         SmoothingSite("down_proj", ("mlp.down_proj",), "mlp.up_proj", "linear_rows"),
     )
@@ -218,7 +219,7 @@ PHI3 = ArchitectureMap(
     sites=(
         SmoothingSite("qkv", ("self_attn.qkv_proj",), "input_layernorm", "norm"),
         SmoothingSite("o_proj", ("self_attn.o_proj",), "self_attn.qkv_proj", "linear_rows",
-                      rotation="head_online", smooth_from_rows="fused_qkv.v", tie="kv_heads"),
+                      smooth_from_rows="fused_qkv.v", tie="kv_heads"),
         SmoothingSite("gate_up", ("mlp.gate_up_proj",), "post_attention_layernorm", "norm"),
         SmoothingSite("down_proj", ("mlp.down_proj",), "mlp.gate_up_proj", "linear_rows",
                       smooth_from_rows="fused_gate_up.up"),

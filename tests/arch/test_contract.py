@@ -37,6 +37,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def _per_head(sites: list, rotation: str) -> list:
+    """o_proj sites with the per-head H (block-diagonal over head_dim) placed as ``rotation``
+    (``head_online`` or ``head_offline``) instead of the table's full H."""
+    return [dataclasses.replace(rs, site=dataclasses.replace(rs.site, rotation=rotation),
+                                transform=dataclasses.replace(rs.transform, rotation="head"))
+            for rs in sites]
+
+
 def _random_plans(sites, dtype=torch.float64, seed: int = 1, spread: float = 1.0) -> dict:
     """Log-normal positive scales (e^±3 range) on every site, rotation on."""
     gen = torch.Generator().manual_seed(seed)
@@ -134,10 +142,8 @@ class TestArchitectureContract:
         """Per-head H commutes with attention, so folding it into v_proj rows is exact too."""
         model = tiny_model(arch, torch.float64)
         ids = _ids()
-        sites = resolve_sites(model, ["o_proj"])
-        offline = [dataclasses.replace(rs, site=dataclasses.replace(rs.site,
-                                                                    rotation="head_offline"))
-                   for rs in sites]
+        sites = _per_head(resolve_sites(model, ["o_proj"]), "head_online")
+        offline = _per_head(sites, "head_offline")
         plans = _random_plans(sites)
         with exact_norms(model):
             ref = _logits(model, ids)
@@ -155,11 +161,9 @@ class TestArchitectureContract:
         it is quantized too, offline H mixes its rows within a head and changes its grid)."""
         model = tiny_model(arch, torch.float64)
         ids = _ids()
-        sites = resolve_sites(model, ["o_proj"])
+        sites = _per_head(resolve_sites(model, ["o_proj"]), "head_online")
         plans = _random_plans(sites, spread=0.3)
-        offline = [dataclasses.replace(rs, site=dataclasses.replace(rs.site,
-                                                                    rotation="head_offline"))
-                   for rs in sites]
+        offline = _per_head(sites, "head_offline")
         scheme = get_scheme("w8a8")
         with transformed(sites, plans, scheme):
             online = _logits(model, ids)
@@ -196,6 +200,6 @@ class TestArchitectureContract:
         before = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
         rotate_residual(model)
         after = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
-        assert before == {"qkv": "online", "o_proj": "head", "gate_up": "online",
+        assert before == {"qkv": "online", "o_proj": "online", "gate_up": "online",
                           "down_proj": "online"}
         assert after == {**before, "qkv": "none", "gate_up": "none"}

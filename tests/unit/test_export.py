@@ -4,6 +4,7 @@ mxfp4, RTN or GPTQ weights)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -170,14 +171,21 @@ def test_compressed_tensors_activation_quantizer(tmp_path, fmt):
 # --- transform_config (compressed-tensors' declaration of the online rotation) ----------------
 
 
-@pytest.mark.parametrize(("layer", "group", "head_dim"), [
-    ("down_proj", "smoothrot", None),  # H over the 128 MLP channels
-    ("o_proj", "smoothrot_head16", 16),  # block-diagonal H over heads of 16
+@pytest.mark.parametrize(("layer", "rotation", "group", "head_dim"), [
+    ("down_proj", "online", "smoothrot", None),  # H over the 128 MLP channels
+    ("o_proj", "online", "smoothrot", None),  # H over all 64 channels of the 4 heads
+    ("o_proj", "head_online", "smoothrot_head16", 16),  # block-diagonal H over heads of 16
 ])
-def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path, layer, group,
-                                                                  head_dim):
+def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path, monkeypatch, layer,
+                                                                  rotation, group, head_dim):
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
+    from smoothrot import mappings
+
+    table = mappings.ARCHITECTURES["LlamaForCausalLM"]
+    monkeypatch.setitem(mappings.ARCHITECTURES, "LlamaForCausalLM", dataclasses.replace(
+        table, sites=tuple(dataclasses.replace(s, rotation=rotation) if s.name == layer else s
+                           for s in table.sites)))
     model = tiny_llama(intermediate=128)
     ref = _logits(model)
     path = export_model(model, _plans(model, layers=(layer,)), tmp_path / "fused")
@@ -237,7 +245,7 @@ def test_non_power_of_two_rotation_is_declared_for_smoothrot_only(tmp_path):
 
 
 def test_all_site_kinds_round_trip(tmp_path):
-    """qkv (norm γ), o_proj (per-head H, tied GQA scales), gate_up and down_proj together."""
+    """qkv (norm γ), o_proj (H over all heads, tied GQA scales), gate_up and down_proj."""
     model = tiny_llama()
     ref = _logits(model)
     plans = _plans(model, layers=("all",))
@@ -248,7 +256,7 @@ def test_all_site_kinds_round_trip(tmp_path):
     fused = load_pretrained(export_model(model, plans, tmp_path / "fused"))
     assert _rel(_logits(fused), ref) <= 1e-4
     decl = json.loads((path / "config.json").read_text())["smoothrot"]
-    assert decl["sites"]["model.layers.0.self_attn.o_proj"]["online_rotation"] == "head:d=16"
+    assert decl["sites"]["model.layers.0.self_attn.o_proj"]["online_rotation"] == "online"
 
 
 def test_residual_rotation_is_exported_with_untied_head(tmp_path):
