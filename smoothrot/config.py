@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -113,6 +113,11 @@ PRESET_SCHEMES: dict[str, QuantScheme] = {
     "mxfp4": QuantScheme("mxfp4", w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4",
                          w_group_size=32, a_group_size=32),
 }
+
+
+def with_act_clip(scheme: QuantScheme, act_clip: float | None) -> QuantScheme:
+    """``scheme`` with a site's own activation clip ratio (None: the scheme's ``a_clip``)."""
+    return scheme if act_clip is None else replace(scheme, a_clip=act_clip)
 
 
 def get_scheme(name: str) -> QuantScheme:

@@ -59,7 +59,7 @@ from torch import nn
 
 from smoothrot import fp4
 from smoothrot.calibration import run_model
-from smoothrot.config import ConfigError, QuantScheme, get_scheme
+from smoothrot.config import ConfigError, QuantScheme, get_scheme, with_act_clip
 from smoothrot.evaluate import perplexity
 from smoothrot.fake_quant import weight_quantizer
 from smoothrot.losses import as_transform
@@ -73,7 +73,6 @@ from smoothrot.surgery import (
     online_rotation,
     site_parameters,
     transformed,
-    with_act_clip,
 )
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
-from smoothrot.config import FitConfig, QuantScheme, get_scheme
+from smoothrot.config import FitConfig, QuantScheme, get_scheme, with_act_clip
 from smoothrot.data import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
@@ -159,7 +159,7 @@ def _gptq(model, sites: list[ResolvedSite], scales: dict[str, torch.Tensor | Non
     """
     def round_site(rs: ResolvedSite, x: torch.Tensor, x_selection: torch.Tensor) -> GPTQChoice:
         return gptq_fused_weight_selected(weights[rs.name], scales[rs.name], rs.transform.arg,
-                                          x, x_selection, replace(scheme, a_clip=clips[rs.name]))
+                                          x, x_selection, with_act_clip(scheme, clips[rs.name]))
 
     if not cfg.gptq.sequential:
         return {rs.name: round_site(rs, data[rs.name].train_x, data[rs.name].selection_x)
@@ -240,7 +240,7 @@ def _run_scheme(
                 d = data[rs.name]
                 best, loss = fit_scales(
                     weights[rs.name], scales["joint"][rs.name],
-                    replace(scheme, a_clip=clips["joint"][rs.name]), d.train_x, d.selection_x,
+                    with_act_clip(scheme, clips["joint"][rs.name]), d.train_x, d.selection_x,
                     cfg.train, seed=cfg.seed + rs.layer_index, accelerator=accelerator,
                     checkpoint_dir=Path(cfg.output_dir) / "checkpoints" / scheme.name / rs.name,
                     resume=resume, rotate=rs.transform.arg,
@@ -269,7 +269,7 @@ def _run_scheme(
                 rs.name: layer_error(data[rs.name].heldout_x, weights[rs.name],
                                      scales[method][rs.name],
                                      rs.transform.arg if method != "rtn" else False,
-                                     replace(scheme, a_clip=clips[method][rs.name]),
+                                     with_act_clip(scheme, clips[method][rs.name]),
                                      weight_q=weights_q.get(method, {}).get(rs.name))
                 for rs in sites
             }

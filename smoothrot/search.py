@@ -15,13 +15,19 @@ Once a site's scales are fixed, :func:`select_act_clip` picks its activation cli
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from smoothrot.config import QuantScheme
+from smoothrot.config import QuantScheme, with_act_clip
 from smoothrot.fake_quant import quantize_activation_spec, quantize_weight_spec
-from smoothrot.losses import TransformArg, transform_input, transform_weight
+from smoothrot.losses import (
+    TransformArg,
+    output_loss,
+    quantized_output,
+    transform_input,
+    transform_weight,
+)
 from smoothrot.policies import smoothing_scales
 
 
@@ -124,13 +130,10 @@ def select_act_clip(
     s = None if scales is None else scales.float()
     w_q = (quantize_weight_spec(transform_weight(w, s, rotate), scheme) if weight_q is None
            else weight_q.float())
-    x_t = transform_input(x, s, rotate)
     y = x @ w.T
-    losses = [
-        float((y - quantize_activation_spec(x_t, replace(scheme, a_clip=c)) @ w_q.T)
-              .pow(2).sum(dim=-1).mean())
-        for c in clips
-    ]
+    losses = [float(output_loss(y, quantized_output(x, w, s, rotate, with_act_clip(scheme, c),
+                                                    weight_q=w_q)))
+              for c in clips]
     best = min(range(len(clips)), key=losses.__getitem__)
     return float(clips[best]), losses[best]
 

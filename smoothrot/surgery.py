@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from smoothrot.config import QuantScheme
+from smoothrot.config import QuantScheme, with_act_clip
 from smoothrot.fake_quant import quantize_activation, quantize_activation_spec, quantize_weight_spec
 from smoothrot.losses import TransformArg, as_transform, transform_weight
 from smoothrot.mappings import ResolvedSite
@@ -46,15 +46,6 @@ class SitePlan:
     rotate: bool
     weight_q: torch.Tensor | None = None
     act_clip: float | None = None
-
-    def quant_scheme(self, scheme: QuantScheme) -> QuantScheme:
-        """``scheme`` as this site quantizes with it (its own activation clip, if any)."""
-        return with_act_clip(scheme, self.act_clip)
-
-
-def with_act_clip(scheme: QuantScheme, act_clip: float | None) -> QuantScheme:
-    """``scheme`` with a site's own activation clip ratio (None: the scheme's ``a_clip``)."""
-    return scheme if act_clip is None else replace(scheme, a_clip=act_clip)
 
 
 class OnlineInputTransform:
@@ -221,7 +212,7 @@ def apply_plans(
         rotation = online_rotation(rs, plan.rotate)
         if rotation is not False or scheme is not None:
             hook = OnlineInputTransform(
-                rotation, scheme=None if scheme is None else plan.quant_scheme(scheme))
+                rotation, scheme=None if scheme is None else with_act_clip(scheme, plan.act_clip))
             handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
     return handles
 
