@@ -1,0 +1,65 @@
+"""Same seed, same numbers: ``configs/quick.yaml`` (budget cut to three layers) against a stored
+reference of the same code path, written before the package was reorganised.
+
+Regenerate (only when a change is *meant* to move the numbers, and say so in the commit):
+``python -m tests.integration.test_reference``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from smoothrot.config import config_from_dict, config_to_dict, load_config
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / "tests" / "data" / "quick_reference.json"
+# Three down_proj sites (first, middle, last) and the quick budgets; every method, both schemes.
+LAYERS = [r"re:model\.layers\.(0|14|29)\.mlp\.down_proj"]
+REL_TOL = 1e-4
+
+
+def reference_config(output_dir: Path):
+    """configs/quick.yaml with three layers, both schemes and every method."""
+    data = config_to_dict(load_config(ROOT / "configs" / "quick.yaml"))
+    data.update(layers=LAYERS, schemes=["w4a4", "w8a8"], output_dir=str(output_dir))
+    data.pop("methods", None)
+    return config_from_dict(data)
+
+
+def method_means(output_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """scheme → method → {mean_mse, perplexity} of a finished run."""
+    from smoothrot.pipeline import run_fit
+    from smoothrot.report import summarize
+
+    result = run_fit(reference_config(output_dir))
+    return {
+        sr.scheme: {m: {k: row[k] for k in ("mean_mse", "perplexity") if k in row}
+                    for m, row in summarize(sr).items()}
+        for sr in result.schemes
+    }
+
+
+def test_quick_config_reproduces_reference(tmp_path):
+    expected = json.loads(REFERENCE.read_text())
+    got = method_means(tmp_path)
+    assert set(got) == set(expected)
+    for scheme, methods in expected.items():
+        assert set(got[scheme]) == set(methods), scheme
+        for method, row in methods.items():
+            for key, value in row.items():
+                assert math.isclose(got[scheme][method][key], value, rel_tol=REL_TOL), (
+                    scheme, method, key, got[scheme][method][key], value)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        REFERENCE.write_text(json.dumps(method_means(Path(tmp)), indent=1) + "\n")
+    print(f"wrote {REFERENCE}")
