@@ -17,12 +17,12 @@ from pathlib import Path
 
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
-from smoothrot.calibration import run_model
-from smoothrot.config import load_config
+from smoothrot.calibrate.capture import run_model
 from smoothrot.data import split_windows
+from smoothrot.job import run_fit
 from smoothrot.models import load_model
-from smoothrot.pipeline import run_fit
 from smoothrot.report import summary_table, write_outputs
+from smoothrot.schema.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

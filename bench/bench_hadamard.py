@@ -13,7 +13,7 @@ import time
 import torch
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
-from smoothrot.hadamard import hadamard_matrix, hadamard_transform
+from smoothrot.core.hadamard import hadamard_matrix, hadamard_transform
 
 
 def _time(fn, repeats: int) -> float:

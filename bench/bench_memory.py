@@ -33,14 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smoothrot.calibration import CaptureSpec, capture_splits, token_subset  # noqa: E402
-from smoothrot.mappings import resolve_sites  # noqa: E402
-from smoothrot.models import empty_model  # noqa: E402
-from smoothrot.sequential import (  # noqa: E402
+from smoothrot.arch.tables import resolve_sites  # noqa: E402
+from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset  # noqa: E402
+from smoothrot.calibrate.sequential import (  # noqa: E402
     SAFETENSORS_INDEX,
     SafetensorsWeights,
     capture_sequential,
 )
+from smoothrot.models import empty_model  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048,

@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from smoothrot.calibration import capture_sites, run_model, token_subset
-from smoothrot.config import DataConfig, QuantScheme, get_scheme, load_config
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.calibrate.capture import capture_sites, run_model, token_subset
+from smoothrot.core.gptq import gptq_fused_weight, gptq_fused_weight_selected
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.core.quantizers import quantize_weight_spec
+from smoothrot.core.stats import weight_absmax
 from smoothrot.data import split_windows
 from smoothrot.evaluate import layer_error, perplexity
-from smoothrot.fake_quant import quantize_weight_spec
-from smoothrot.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.losses import transform_weight
-from smoothrot.mappings import resolve_sites
 from smoothrot.models import load_model
-from smoothrot.policies import smoothing_scales
-from smoothrot.stats import weight_absmax
+from smoothrot.schema.config import DataConfig, QuantScheme, get_scheme, load_config
 
 log = logging.getLogger("measure_quantizers")
 
@@ -161,8 +161,8 @@ def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
     """Perplexity of a run's trained scales with RTN vs selected-GPTQ weights, larger eval."""
     from safetensors.torch import load_file
 
-    from smoothrot.pipeline import Timer, _calibrate, method_plan  # the run's exact calibration
-    from smoothrot.surgery import transformed
+    from smoothrot.job import Timer, _calibrate, method_plan  # the run's exact calibration
+    from smoothrot.surgery.fuse import transformed
 
     cfg = load_config(args.config)
     model, tokenizer = load_model(cfg.model.name)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from smoothrot.config import DataConfig
+    from smoothrot.schema.config import DataConfig
 
 __all__ = [
     "DEFAULT_FRACTIONS",

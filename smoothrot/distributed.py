@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from smoothrot.calibration import CaptureSpec, SiteRecord
-from smoothrot.config import ConfigError, DistributedConfig
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.calibrate.capture import CaptureSpec, SiteRecord
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.schema.config import ConfigError, DistributedConfig
 
 log = logging.getLogger(__name__)
 

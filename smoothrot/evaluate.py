@@ -14,9 +14,9 @@ from torch import nn
 from torchmetrics import MeanSquaredError
 from tqdm.auto import tqdm
 
-from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_weight_spec
+from smoothrot.core.quantizers import quantize_weight_spec
 from smoothrot.losses import TransformArg, quantized_output, transform_weight
+from smoothrot.schema.config import QuantScheme
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import quantize_activation_spec, quantize_weight_spec
-from smoothrot.hadamard import hadamard_matrix, hadamard_transform
+from smoothrot.core.hadamard import hadamard_matrix, hadamard_transform
+from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.schema.config import QuantScheme
 
 INPUT_ROTATIONS = ("online", "head", "none")
 

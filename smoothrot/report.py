@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from smoothrot.config import QuantScheme, config_to_dict, get_scheme
-from smoothrot.pipeline import GPTQ_SUFFIX, FitResult, SchemeResult
+from smoothrot.job import GPTQ_SUFFIX, FitResult, SchemeResult
+from smoothrot.schema.config import QuantScheme, config_to_dict, get_scheme
 
 BASELINE = "smoothrot_max"
 LABELS = {

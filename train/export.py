@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# Kept literal so `--help` does not import torch; tests check them against smoothrot.export.
+# Kept literal so `--help` does not import torch; tests check them against smoothrot.io.export.
 FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
@@ -85,8 +85,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"):
     """--samples token windows of --seq-len from ``split`` of --data (the fit's default split)."""
-    from smoothrot.config import DataConfig
     from smoothrot.data import load_documents, split_documents, token_windows
+    from smoothrot.schema.config import DataConfig
 
     splits = split_documents(load_documents(args.data), DataConfig().fractions, 0)
     return token_windows(tokenizer, splits[split], args.samples, args.seq_len, seed=0,
@@ -94,7 +94,7 @@ def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from smoothrot.export import export_from_scales_file, read_scales_file
+    from smoothrot.io.export import export_from_scales_file, read_scales_file
 
     scales = Path(args.scales)
     _, meta = read_scales_file(scales)
@@ -114,7 +114,7 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from smoothrot.export import METADATA_FILE, verify_export
+    from smoothrot.io.export import METADATA_FILE, verify_export
 
     meta_file = path / METADATA_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from smoothrot.config import (
+from smoothrot.schema.config import (
     METHODS,
     PRESET_SCHEMES,
     ConfigError,
@@ -30,7 +30,7 @@ from smoothrot.config import (
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-# smoothrot.export.FORMATS / EXPORT_DTYPES, literal so `--help` needs no torch (tests compare).
+# smoothrot.io.export.FORMATS / EXPORT_DTYPES, literal so `--help` needs no torch (tests compare).
 EXPORT_FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -167,7 +167,7 @@ def plan_exports(cfg: FitConfig, args: argparse.Namespace) -> dict[str, Path]:
         if args.export_dir:
             raise ConfigError("--export-dir needs --export FORMAT")
         return {}
-    from smoothrot.export import check_export_request, export_targets
+    from smoothrot.io.export import check_export_request, export_targets
 
     formats = list(dict.fromkeys(args.export))
     targets = export_targets(cfg.output_dir, formats, args.export_dir)
@@ -185,7 +185,7 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
     if not targets:
         return []
     from smoothrot.data import split_windows
-    from smoothrot.export import export_from_scales_file
+    from smoothrot.io.export import export_from_scales_file
     from smoothrot.models import load_model
     from smoothrot.report import to_json
 
@@ -254,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top, so `--help` stays instant; Lightning sets its loggers'
     # levels on import, so quieten them afterwards.
     from smoothrot.distributed import is_rank_zero
-    from smoothrot.pipeline import run_fit
+    from smoothrot.job import run_fit
     from smoothrot.report import summary_table, write_outputs
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

@@ -3,7 +3,7 @@
 With random positive scales on every site, per-site rotations and (optionally) the residual
 rotation R1, the float model computes the same logits; the fake-quantized model is finite; signed,
 zero and offset norm weights are handled exactly. Adding an architecture = a table entry in
-smoothrot/mappings.py + a config in tests/arch/tiny.py; this class then tests it.
+smoothrot/arch/tables.py + a config in tests/arch/tiny.py; this class then tests it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from smoothrot.config import get_scheme
-from smoothrot.mappings import architecture_of, resolve_sites
-from smoothrot.residual import rotate_residual
-from smoothrot.surgery import SitePlan, apply_plans, transformed
+from smoothrot.arch.tables import architecture_of, resolve_sites
+from smoothrot.schema.config import get_scheme
+from smoothrot.surgery.fuse import SitePlan, apply_plans, transformed
+from smoothrot.surgery.residual import rotate_residual
 from tests.arch.tiny import TINY, exact_norms, norm_modules, tiny_model
 
 ARCHS = sorted(TINY)

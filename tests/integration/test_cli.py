@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from smoothrot import pipeline
-from smoothrot.lightning_module import FINAL_SCALES, LAST_CKPT
+from smoothrot import job as pipeline
+from smoothrot.training.fit import FINAL_SCALES, LAST_CKPT
 from train.fit_scales import main
 
 pytestmark = pytest.mark.integration

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from smoothrot.calibration import capture_sites, run_model
-from smoothrot.config import get_scheme
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.calibrate.capture import capture_sites, run_model
+from smoothrot.core.gptq import gptq_fused_weight
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.core.stats import weight_absmax
 from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.evaluate import layer_error, perplexity
-from smoothrot.gptq import gptq_fused_weight
-from smoothrot.mappings import resolve_sites
-from smoothrot.policies import smoothing_scales
-from smoothrot.stats import weight_absmax
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.schema.config import get_scheme
+from smoothrot.surgery.fuse import SitePlan, transformed
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smoothrot.config import config_from_dict, config_to_dict, load_config
+from smoothrot.schema.config import config_from_dict, config_to_dict, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def reference_config(output_dir: Path):
 
 def method_means(output_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     """scheme → method → {mean_mse, perplexity} of a finished run."""
-    from smoothrot.pipeline import run_fit
+    from smoothrot.job import run_fit
     from smoothrot.report import summarize
 
     result = run_fit(reference_config(output_dir))

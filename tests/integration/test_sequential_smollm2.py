@@ -4,11 +4,11 @@ weights streamed from a safetensors copy."""
 import pytest
 import torch
 
-from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset
+from smoothrot.calibrate.sequential import SafetensorsWeights, capture_sequential
 from smoothrot.data import load_documents, split_documents, token_windows
-from smoothrot.mappings import resolve_sites
 from smoothrot.models import empty_model, save_float_checkpoint
-from smoothrot.sequential import SafetensorsWeights, capture_sequential
 
 pytestmark = pytest.mark.integration
 

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from smoothrot.calibration import capture_sites, run_model
-from smoothrot.config import config_from_dict, get_scheme
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.calibrate.capture import capture_sites, run_model
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.core.stats import weight_absmax
 from smoothrot.data import load_documents, split_documents, token_windows
-from smoothrot.mappings import resolve_sites
-from smoothrot.policies import smoothing_scales
-from smoothrot.stats import weight_absmax
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.schema.config import config_from_dict, get_scheme
+from smoothrot.surgery.fuse import SitePlan, transformed
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def _quick_config(tmp_path, layers: str, **overrides):
 
 def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
     """The whole job on a small budget: ordering of methods, report files, no NaN."""
-    from smoothrot import pipeline
+    from smoothrot import job as pipeline
     from smoothrot.report import write_outputs
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
@@ -94,7 +94,7 @@ def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
 
 def test_same_seed_same_scales(smollm2, tmp_path, monkeypatch):
     """Two runs with one seed give bit-identical scales for every method; another seed differs."""
-    from smoothrot import pipeline
+    from smoothrot import job as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
     runs = [
@@ -113,7 +113,7 @@ def test_same_seed_same_scales(smollm2, tmp_path, monkeypatch):
 def test_per_site_activation_clips_lower_held_out_error(smollm2, tmp_path, monkeypatch):
     """W4A4, every site of two layers, R1: clip ratios chosen per site on the selection split
     lower the held-out error of every method and the perplexity of rotation only."""
-    from smoothrot import pipeline
+    from smoothrot import job as pipeline
 
     model, tok = smollm2  # R1 rotates the model in place: each run gets its own copy
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (copy.deepcopy(model), tok))

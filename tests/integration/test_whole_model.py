@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from smoothrot.config import get_scheme
+from smoothrot.arch.tables import resolve_sites
 from smoothrot.data import load_documents, split_documents, token_windows
-from smoothrot.mappings import resolve_sites
-from smoothrot.residual import rotate_residual
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.schema.config import get_scheme
+from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.residual import rotate_residual
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from smoothrot import distributed
-from smoothrot.config import DistributedConfig, FitConfig, TrainConfig, get_scheme
-from smoothrot.lightning_module import fit_scales
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.schema.config import DistributedConfig, FitConfig, TrainConfig, get_scheme
+from smoothrot.training.fit import fit_scales
 
 QUANTILES = (0.9, 0.99, 0.999, 1.0)
 # Rank 0's share of the observer rows: uneven on purpose (313 vs 687 rows).
@@ -65,8 +65,8 @@ def tiny_llama() -> torch.nn.Module:
 
 def calibration_case() -> dict[str, torch.Tensor]:
     """The pipeline's calibration of both down_proj sites: statistics and token sets."""
-    from smoothrot.mappings import resolve_sites
-    from smoothrot.pipeline import Timer, _calibrate
+    from smoothrot.arch.tables import resolve_sites
+    from smoothrot.job import Timer, _calibrate
 
     model = tiny_llama()
     sites = resolve_sites(model, ["down_proj"])

@@ -1,6 +1,6 @@
 import pytest
 
-from smoothrot.config import (
+from smoothrot.schema.config import (
     ConfigError,
     FitConfig,
     QuantScheme,

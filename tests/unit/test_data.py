@@ -260,7 +260,7 @@ def test_text_hash_is_short_and_sensitive() -> None:
 
 def test_split_windows_is_the_config_recipe(tmp_path: Path) -> None:
     """The job, its export and the benches get the same tokens from one config and seed."""
-    from smoothrot.config import DataConfig
+    from smoothrot.schema.config import DataConfig
 
     path = tmp_path / "text.txt"
     path.write_text("\n\n".join(_docs(80, words=120)))

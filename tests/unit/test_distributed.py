@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from smoothrot import distributed
-from smoothrot.calibration import CaptureSpec, SiteRecord, token_subset
-from smoothrot.config import ConfigError, DistributedConfig, config_from_dict, config_to_dict
-from smoothrot.lightning_module import FINAL_SCALES, LAST_CKPT, EpochTokenSampler
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, token_subset
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.schema.config import ConfigError, DistributedConfig, config_from_dict, config_to_dict
+from smoothrot.training.fit import FINAL_SCALES, LAST_CKPT, EpochTokenSampler
 from tests.unit import distributed_worker as worker
 
 REPO = Path(__file__).resolve().parents[2]

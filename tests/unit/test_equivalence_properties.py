@@ -18,11 +18,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot.export import unfuse_site
-from smoothrot.hadamard import is_supported
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.core.hadamard import is_supported
+from smoothrot.io.export import unfuse_site
 from smoothrot.losses import transform_input, transform_weight
-from smoothrot.mappings import resolve_sites
-from smoothrot.surgery import SitePlan, apply_plans, fuse_site
+from smoothrot.surgery.fuse import SitePlan, apply_plans, fuse_site
 from tests.conftest import tiny_llama
 
 U = 2.0**-53

@@ -18,17 +18,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from smoothrot import export as ex
-from smoothrot.config import FitConfig, get_scheme
-from smoothrot.export import ExportError, export_model, load_pretrained
-from smoothrot.fake_quant import quantize_weight_spec
-from smoothrot.fp4 import nvfp4_global_scale
-from smoothrot.gptq import gptq_fused_weight
-from smoothrot.mappings import resolve_sites
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.core.fp4 import nvfp4_global_scale
+from smoothrot.core.gptq import gptq_fused_weight
+from smoothrot.core.quantizers import quantize_weight_spec
+from smoothrot.io import export as ex
+from smoothrot.io.export import ExportError, export_model, load_pretrained
+from smoothrot.job import FitResult, SchemeResult
 from smoothrot.models import model_fingerprint
-from smoothrot.pipeline import FitResult, SchemeResult
 from smoothrot.report import save_scales
-from smoothrot.surgery import SitePlan, apply_plans
+from smoothrot.schema.config import FitConfig, get_scheme
+from smoothrot.surgery.fuse import SitePlan, apply_plans
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +180,7 @@ def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path, monk
                                                                   rotation, group, head_dim):
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
-    from smoothrot import mappings
+    from smoothrot.arch import tables as mappings
 
     table = mappings.ARCHITECTURES["LlamaForCausalLM"]
     monkeypatch.setitem(mappings.ARCHITECTURES, "LlamaForCausalLM", dataclasses.replace(
@@ -649,20 +649,20 @@ def test_export_cli_nvfp4_calibrates_on_the_calibration_split(tmp_path, monkeypa
 ])
 def test_fit_scales_checks_export_flags_before_the_run(tmp_path, monkeypatch, capsys, argv,
                                                        message):
-    import smoothrot.pipeline
+    import smoothrot.job
 
     fit = _import_script("fit_scales")
-    monkeypatch.setattr(smoothrot.pipeline, "run_fit", _disk_full)  # must not be reached
+    monkeypatch.setattr(smoothrot.job, "run_fit", _disk_full)  # must not be reached
     assert fit.main([*argv, "--output-dir", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "No space" not in err
 
 
 def test_fit_scales_refuses_an_existing_export_without_overwrite(tmp_path, monkeypatch, capsys):
-    import smoothrot.pipeline
+    import smoothrot.job
 
     fit = _import_script("fit_scales")
     (tmp_path / "export-fused").mkdir()
-    monkeypatch.setattr(smoothrot.pipeline, "run_fit", _disk_full)
+    monkeypatch.setattr(smoothrot.job, "run_fit", _disk_full)
     assert fit.main(["--export", "fused", "--output-dir", str(tmp_path), "-q"]) == 2
     assert "already exists" in capsys.readouterr().err

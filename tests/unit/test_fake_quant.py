@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot.config import PRESET_SCHEMES, ConfigError, QuantScheme, get_scheme
-from smoothrot.fake_quant import (
+from smoothrot.core.quantizers import (
     MSE_CLIP_GRID,
     SUPPORTED_BITS,
     Quantizer,
@@ -22,6 +21,7 @@ from smoothrot.fake_quant import (
     quantize_weight,
     quantize_weight_spec,
 )
+from smoothrot.schema.config import PRESET_SCHEMES, ConfigError, QuantScheme, get_scheme
 
 
 def _scale(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:

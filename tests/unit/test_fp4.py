@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot import fp4
-from smoothrot.config import ConfigError, QuantScheme, get_scheme
-from smoothrot.fake_quant import (
+from smoothrot.core import fp4
+from smoothrot.core.quantizers import (
     activation_quantizer,
     quantize_activation_spec,
     quantize_weight_spec,
     weight_quantizer,
 )
+from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme
 
 NVFP4 = get_scheme("nvfp4")
 MXFP4 = get_scheme("mxfp4")

@@ -8,19 +8,24 @@ import itertools
 import pytest
 import torch
 
-from smoothrot.config import QuantScheme, get_scheme
-from smoothrot.evaluate import layer_error
-from smoothrot.fake_quant import QParams, Quantizer, quantize_activation_spec, quantize_weight_spec
-from smoothrot.gptq import (
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.core.gptq import (
     Hessian,
     gptq_fused_weight,
     gptq_fused_weight_selected,
     gptq_quantize,
     input_hessian,
 )
+from smoothrot.core.quantizers import (
+    QParams,
+    Quantizer,
+    quantize_activation_spec,
+    quantize_weight_spec,
+)
+from smoothrot.evaluate import layer_error
 from smoothrot.losses import transform_input, transform_weight
-from smoothrot.mappings import resolve_sites
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.schema.config import QuantScheme, get_scheme
+from smoothrot.surgery.fuse import SitePlan, transformed
 from tests.conftest import tiny_llama
 
 

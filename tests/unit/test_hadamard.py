@@ -1,4 +1,4 @@
-"""Tests for smoothrot.hadamard: exact constructions, orthonormality and the fast transform."""
+"""Tests for smoothrot.core.hadamard: exact constructions, orthonormality and the fast transform."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from smoothrot import hadamard as hd
-from smoothrot.hadamard import (
+from smoothrot.core import hadamard as hd
+from smoothrot.core.hadamard import (
     HadamardSizeError,
     hadamard_matrix,
     hadamard_transform,
@@ -128,7 +128,7 @@ def test_kronecker_plan_exact() -> None:
 
 
 def test_stored_williamson_data_is_exact() -> None:
-    path = importlib.resources.files("smoothrot").joinpath("tables/williamson.json")
+    path = importlib.resources.files("smoothrot.core").joinpath("tables/williamson.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     assert raw["source"]
     assert "43" in raw["orders"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smoothrot.policies import NonFiniteStatisticError, smoothing_scales
+from smoothrot.core.policies import NonFiniteStatisticError, smoothing_scales
 
 
 def test_formula_matches_definition():

@@ -2,10 +2,10 @@
 
 import torch
 
-from smoothrot.config import FitConfig
 from smoothrot.evaluate import LayerError
-from smoothrot.pipeline import FitResult, SchemeResult
+from smoothrot.job import FitResult, SchemeResult
 from smoothrot.report import plot, summarize, summary_table, to_json, to_markdown
+from smoothrot.schema.config import FitConfig
 
 
 def _scheme(name: str = "w4a4", factor: float = 1.0, gptq: bool = False) -> SchemeResult:

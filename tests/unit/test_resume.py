@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from smoothrot import lightning_module as lm
-from smoothrot.config import TrainConfig, get_scheme
-from smoothrot.lightning_module import (
+from smoothrot.schema.config import TrainConfig, get_scheme
+from smoothrot.training import fit as lm
+from smoothrot.training.fit import (
     FINAL_SCALES,
     LAST_CKPT,
     EpochTokenSampler,

@@ -1,6 +1,6 @@
 import torch
 
-from smoothrot.scales import LogScales
+from smoothrot.core.scales import LogScales
 
 
 def test_initialised_exactly():

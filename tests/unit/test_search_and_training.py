@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from smoothrot import search
-from smoothrot.config import QuantScheme, TrainConfig, get_scheme
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
 from smoothrot.evaluate import layer_error
-from smoothrot.lightning_module import fit_scales
 from smoothrot.losses import output_loss, quantized_output
-from smoothrot.policies import smoothing_scales
-from smoothrot.search import candidate_loss, candidate_losses, grid_losses, select_policies
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
+from smoothrot.methods import search
+from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses, select_policies
+from smoothrot.schema.config import QuantScheme, TrainConfig, get_scheme
+from smoothrot.training.fit import fit_scales
 
 W4A4 = get_scheme("w4a4")
 

@@ -9,20 +9,20 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from smoothrot.calibration import CaptureSpec, SiteRecord, capture_splits, token_subset
-from smoothrot.config import ConfigError, FitConfig, config_from_dict, get_scheme
-from smoothrot.gptq import gptq_fused_weight_selected
-from smoothrot.mappings import resolve_sites
-from smoothrot.models import empty_model
-from smoothrot.pipeline import Timer, _calibrate
-from smoothrot.sequential import (
+from smoothrot.arch.tables import resolve_sites
+from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, capture_splits, token_subset
+from smoothrot.calibrate.sequential import (
     CheckpointError,
     ResidentWeights,
     SafetensorsWeights,
     capture_sequential,
     gptq_sequential,
 )
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.core.gptq import gptq_fused_weight_selected
+from smoothrot.job import Timer, _calibrate
+from smoothrot.models import empty_model
+from smoothrot.schema.config import ConfigError, FitConfig, config_from_dict, get_scheme
+from smoothrot.surgery.fuse import SitePlan, transformed
 from tests.arch.tiny import tiny_model
 from tests.conftest import tiny_llama
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from smoothrot.config import QuantScheme, get_scheme
-from smoothrot.mappings import UnsupportedArchitectureError, resolve_sites
-from smoothrot.surgery import SitePlan, apply_plans, transformed
+from smoothrot.arch.tables import UnsupportedArchitectureError, resolve_sites
+from smoothrot.schema.config import QuantScheme, get_scheme
+from smoothrot.surgery.fuse import SitePlan, apply_plans, transformed
 from tests.conftest import tiny_llama
 
 
@@ -122,8 +122,8 @@ def test_gqa_tie_index_matches_attention(llama):
     ("offset_norm", [-3.0, -1.0, 1.0], [-2.0, -1.0, -0.5]),  # (1+γ)/s − 1
 ])
 def test_fold_into_norm_divides_effective_gamma(llama, kind, gamma, expected):
-    from smoothrot.mappings import ResolvedSite, SmoothingSite
-    from smoothrot.surgery import fold_into_source
+    from smoothrot.arch.tables import ResolvedSite, SmoothingSite
+    from smoothrot.surgery.fuse import fold_into_source
 
     norm = torch.nn.Module()
     norm.weight = torch.nn.Parameter(torch.tensor(gamma, dtype=torch.float64))
@@ -135,7 +135,7 @@ def test_fold_into_norm_divides_effective_gamma(llama, kind, gamma, expected):
 
 
 def test_site_table_validation():
-    from smoothrot.mappings import SmoothingSite
+    from smoothrot.arch.tables import SmoothingSite
 
     with pytest.raises(ValueError, match="smooth_from_kind"):
         SmoothingSite("x", ("a",), "b", "layernorm")
@@ -148,7 +148,7 @@ def test_site_table_validation():
 
 
 def test_table_that_does_not_fit_the_model(llama, monkeypatch):
-    from smoothrot import mappings
+    from smoothrot.arch import tables as mappings
 
     bad = mappings.ArchitectureMap("model.layers", (mappings.SmoothingSite(
         "o_proj", ("self_attn.o_proj",), "self_attn.q_proj", rotation="head_online",
@@ -183,7 +183,7 @@ def test_input_transform_spec_round_trip():
 
 
 def test_residual_rotation_matrices_are_orthogonal():
-    from smoothrot.residual import OnlineResidualRotation, rotation_matrix
+    from smoothrot.surgery.residual import OnlineResidualRotation, rotation_matrix
 
     for kind in ("hadamard", "random"):
         q, signs = rotation_matrix(96, seed=1, kind=kind)
@@ -196,7 +196,7 @@ def test_residual_rotation_matrices_are_orthogonal():
 
 def test_capture_every_site_of_every_layer(llama):
     """Grouped sites are captured once per batch, and the pass stops after the last site."""
-    from smoothrot.calibration import capture_sites, run_model
+    from smoothrot.calibrate.capture import capture_sites, run_model
 
     sites = resolve_sites(llama, ["all"])
     windows = torch.randint(0, 128, (3, 8))
@@ -217,7 +217,7 @@ def test_capture_every_site_of_every_layer(llama):
 
 
 def test_fold_into_layernorm_divides_bias_too(llama):
-    from smoothrot.mappings import ResolvedSite, SmoothingSite
+    from smoothrot.arch.tables import ResolvedSite, SmoothingSite
 
     torch.manual_seed(0)
     norm, linear = torch.nn.LayerNorm(64).double(), torch.nn.Linear(64, 8).double()
@@ -242,7 +242,7 @@ def test_offline_weights_of_a_source_linear_keep_its_row_folding(scheme):
 
     Storing RTN codes of each site's own fused weight as weight_q must give the RTN model.
     """
-    from smoothrot.fake_quant import quantize_weight_spec
+    from smoothrot.core.quantizers import quantize_weight_spec
     from smoothrot.losses import transform_weight
 
     model = tiny_llama(dtype=torch.float64)

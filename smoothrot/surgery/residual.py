@@ -17,7 +17,7 @@ Hadamard when Q is one). All folding runs in float64 and is cast back once.
 
 Q is a randomized Hadamard matrix diag(±1)·H (QuaRot's choice: spreads outliers, fast online),
 or a random orthogonal matrix where no Hadamard of the hidden size exists. The model is marked
-as rotated, and :func:`smoothrot.mappings.resolve_sites` then gives the sites reading the residual
+as rotated, and ``resolve_sites`` then gives the sites reading the residual
 (q/k/v, gate/up) no online Hadamard of their own: H is symmetric, H·H = I, so x·Q·H = x·diag(±1)
 would undo R1 (measured on SmolLM2 W4A4: perplexity 1.8e5 instead of 176).
 """
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from smoothrot.hadamard import hadamard_matrix, hadamard_transform, is_supported
-from smoothrot.mappings import (
+from smoothrot.arch.tables import (
     RESIDUAL_ROTATION_ATTR,
     ArchitectureMap,
     ResidualMap,
     architecture_of,
 )
+from smoothrot.core.hadamard import hadamard_matrix, hadamard_transform, is_supported
 
 log = logging.getLogger(__name__)
 

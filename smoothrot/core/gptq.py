@@ -32,15 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-from smoothrot.config import QuantScheme
-from smoothrot.fake_quant import (
+from smoothrot.core.quantizers import (
     QParams,
     Quantizer,
     check_group_size,
     quantize_activation_spec,
     quantize_weight_spec,
 )
-from smoothrot.fake_quant import weight_quantizer as _weight_quantizer
+from smoothrot.core.quantizers import weight_quantizer as _weight_quantizer
 from smoothrot.losses import (
     TransformArg,
     output_loss,
@@ -48,6 +47,7 @@ from smoothrot.losses import (
     transform_input,
     transform_weight,
 )
+from smoothrot.schema.config import QuantScheme
 
 __all__ = [
     "DEFAULT_ACT_AWARE",

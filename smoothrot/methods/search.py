@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smoothrot.config import QuantScheme, with_act_clip
-from smoothrot.fake_quant import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.losses import (
     TransformArg,
     output_loss,
@@ -28,7 +28,7 @@ from smoothrot.losses import (
     transform_input,
     transform_weight,
 )
-from smoothrot.policies import smoothing_scales
+from smoothrot.schema.config import QuantScheme, with_act_clip
 
 
 @dataclass(frozen=True)

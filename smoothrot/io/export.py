@@ -7,7 +7,7 @@ Formats (docs/equivalence.md has the math, README "Export" the usage):
   is left to run online, on the input of those linears.
 * ``w8a8`` / ``w4a4``: compressed-tensors checkpoints written with the ``compressed-tensors``
   package (``int-quantized``: int8 storage, one scale per output channel), whose integers are the
-  same round-to-nearest of the fused weights that :mod:`smoothrot.fake_quant` computes, plus the
+  same round-to-nearest of the fused weights that ``core.quantizers`` computes, plus the
   dynamic per-token symmetric activation quantization, declared in ``quantization_config`` the way
   llm-compressor writes it. Only the planned sites' linears are quantized (the rest is in
   ``ignore``).
@@ -57,15 +57,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from smoothrot import fp4
-from smoothrot.calibration import run_model
-from smoothrot.config import ConfigError, QuantScheme, get_scheme, with_act_clip
+from smoothrot.arch.tables import ResolvedSite, resolve_sites
+from smoothrot.calibrate.capture import run_model
+from smoothrot.core import fp4
+from smoothrot.core.quantizers import weight_quantizer
 from smoothrot.evaluate import perplexity
-from smoothrot.fake_quant import weight_quantizer
 from smoothrot.losses import as_transform
-from smoothrot.mappings import ResolvedSite, resolve_sites
 from smoothrot.models import model_fingerprint, resolve_dtype
-from smoothrot.surgery import (
+from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme, with_act_clip
+from smoothrot.surgery.fuse import (
     OnlineInputTransform,
     SitePlan,
     apply_plans,
@@ -411,7 +411,7 @@ def package_versions() -> dict[str, str]:
 def _weight_params(
     weight: torch.Tensor, scheme: QuantScheme, weight_q: torch.Tensor | None, name: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weight to compress, compressed-tensors weight parameters) as smoothrot.fake_quant has them.
+    """(weight to compress, compressed-tensors weight parameters) as core.quantizers has them.
 
     The scales are fitted on the fused float ``weight`` (in float32 for half weights, as
     fake_quant computes), so compressed-tensors' compressor reproduces fake_quant's codes. NVFP4's
@@ -537,7 +537,7 @@ def _prepared_copy(
     _drop_gguf_marker(work)
     residual = None
     if residual_seed is not None:
-        from smoothrot.residual import rotate_residual
+        from smoothrot.surgery.residual import rotate_residual
 
         work.to(torch.float64 if target == torch.float64 else torch.float32)
         rot = rotate_residual(work, seed=residual_seed)
@@ -949,7 +949,7 @@ def _rotation_matrix(rotate_fn, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def unfuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotate: bool) -> None:
-    """Undo :func:`smoothrot.surgery.fuse_site` in place: Wᵢ = Wᵢ'·Hᵀ·diag(s)⁻¹, source ·s.
+    """Undo :func:`smoothrot.surgery.fuse.fuse_site` in place: Wᵢ = Wᵢ'·Hᵀ·diag(s)⁻¹, source ·s.
 
     Recovers the original weights of an export from its stored scales (``smoothrot/
     scales.safetensors``), e.g. to refit them. H is orthonormal, so its inverse is Hᵀ.
@@ -1111,7 +1111,7 @@ def check_export_request(
     if formats and method.endswith("+gptq"):
         raise ExportError(f"--export-method {method}: GPTQ weights are not kept in the scales "
                           "file; export a scale method (e.g. trained), or call "
-                          "smoothrot.export.export_model with plans carrying weight_q")
+                          "smoothrot.io.export.export_model with plans carrying weight_q")
     if formats and method not in ("rtn", "hadamard") and method not in methods:
         raise ExportError(f"--export-method {method} is not among the run's methods "
                           f"{list(methods)}")

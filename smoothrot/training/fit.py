@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics import MeanMetric
 
-from smoothrot.config import QuantScheme, TrainConfig
+from smoothrot.core.scales import LogScales
 from smoothrot.distributed import (
     broadcast_object,
     is_rank_zero,
@@ -54,7 +54,7 @@ from smoothrot.distributed import (
     world_size,
 )
 from smoothrot.losses import output_loss, quantized_output
-from smoothrot.scales import LogScales
+from smoothrot.schema.config import QuantScheme, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 SUPPORTED_BITS = (4, 8)
-# "<base>+gptq": the base method's scales, the fused weight rounded by GPTQ (smoothrot/gptq.py).
+# "<base>+gptq": the base method's scales, the fused weight rounded by GPTQ (core/gptq.py).
 METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint", "trained",
            "hadamard+gptq", "joint+gptq", "trained+gptq")
 

@@ -16,22 +16,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smoothrot.calibration import CaptureSpec, capture_splits, token_subset
-from smoothrot.config import FitConfig, QuantScheme, get_scheme, with_act_clip
+from smoothrot.arch.tables import ResolvedSite, resolve_sites
+from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset
+from smoothrot.calibrate.sequential import capture_sequential, gptq_sequential
+from smoothrot.core.gptq import GPTQChoice, gptq_fused_weight_selected
+from smoothrot.core.policies import check_finite, smoothing_scales
+from smoothrot.core.quantizers import check_group_size
+from smoothrot.core.stats import weight_absmax
 from smoothrot.data import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
-from smoothrot.fake_quant import check_group_size
-from smoothrot.gptq import GPTQChoice, gptq_fused_weight_selected
-from smoothrot.lightning_module import fit_scales
-from smoothrot.mappings import ResolvedSite, resolve_sites
+from smoothrot.methods.search import Choice, grid_losses, select_act_clip, select_policies
 from smoothrot.models import load_model, model_fingerprint
-from smoothrot.policies import check_finite, smoothing_scales
-from smoothrot.residual import rotate_residual
-from smoothrot.search import Choice, grid_losses, select_act_clip, select_policies
-from smoothrot.sequential import capture_sequential, gptq_sequential
-from smoothrot.stats import weight_absmax
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.schema.config import FitConfig, QuantScheme, get_scheme, with_act_clip
+from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.residual import rotate_residual
+from smoothrot.training.fit import fit_scales
 
 log = logging.getLogger(__name__)
 

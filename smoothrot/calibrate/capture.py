@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothrot.mappings import ResolvedSite
-from smoothrot.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.arch.tables import ResolvedSite
+from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
 
 log = logging.getLogger(__name__)
 

@@ -300,7 +300,7 @@ def architecture_of(model: nn.Module) -> ArchitectureMap:
     except KeyError:
         raise UnsupportedArchitectureError(
             f"architecture {cls} has no smoothing table; supported: {sorted(ARCHITECTURES)}. "
-            "Add an ArchitectureMap to smoothrot/mappings.py (docs/adding_an_architecture.md)"
+            "Add an ArchitectureMap to smoothrot/arch/tables.py (docs/adding_an_architecture.md)"
         ) from None
 
 

@@ -24,10 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from smoothrot.config import QuantScheme, with_act_clip
-from smoothrot.fake_quant import quantize_activation, quantize_activation_spec, quantize_weight_spec
+from smoothrot.arch.tables import ResolvedSite
+from smoothrot.core.quantizers import (
+    quantize_activation,
+    quantize_activation_spec,
+    quantize_weight_spec,
+)
 from smoothrot.losses import TransformArg, as_transform, transform_weight
-from smoothrot.mappings import ResolvedSite
+from smoothrot.schema.config import QuantScheme, with_act_clip
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ where ``H_{2**m}`` is Sylvester's matrix. ``H_k`` comes from, in order of prefer
 * Paley I: order q + 1 for a prime power q ≡ 3 (mod 4),
 * Paley II: order 2(q + 1) for a prime power q ≡ 1 (mod 4),
 * the Williamson array fed with stored symmetric Williamson sequences
-  (``smoothrot/tables/williamson.json``; gives 92, 116 and 172 = 4·43, the last needed for
+  (``smoothrot/core/tables/williamson.json``; gives 92, 116 and 172 = 4·43, the last needed for
   11008 = 172·64),
 * Kronecker products of the above.
 
@@ -100,7 +100,7 @@ def _two_adic(n: int) -> int:
 @functools.cache
 def _williamson_data() -> dict[int, tuple[str, str, str, str]]:
     """Stored Williamson sequences keyed by their length t (the matrix has order 4t)."""
-    path = importlib.resources.files("smoothrot").joinpath("tables/williamson.json")
+    path = importlib.resources.files("smoothrot.core").joinpath("tables/williamson.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     return {int(t): tuple(seqs) for t, seqs in raw["orders"].items()}
 

@@ -3,10 +3,10 @@
 The inputs of decoder layer 0 (hidden states plus the keyword arguments the model passes every
 layer: attention mask, position embeddings, ...) are caught with a pre-hook that stops the forward
 pass, and kept on the CPU. Each layer is then materialized on the compute device, run over every
-cached batch with :func:`smoothrot.calibration.capture_sites` hooks on that layer's sites, its
+cached batch with :func:`smoothrot.calibrate.capture.capture_sites` hooks on that layer's sites, its
 outputs replace the cache, and it is released again. Peak memory is one layer's weights, the
 cached hidden states and the site records, whatever the number of layers. The records equal
-those of the whole-model pass (:func:`smoothrot.calibration.capture_splits`): the same hooks see
+those of the whole-model pass (``capture.capture_splits``): the same hooks see
 the same tensors in the same order.
 
 Weights come from a :class:`LayerWeights` source: :class:`ResidentWeights` moves modules of a
@@ -36,11 +36,11 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothrot.calibration import CaptureSpec, SiteRecord, StopForward, capture_sites
-from smoothrot.config import QuantScheme
-from smoothrot.gptq import GPTQChoice
-from smoothrot.mappings import ResolvedSite, architecture_of
-from smoothrot.surgery import SitePlan, transformed
+from smoothrot.arch.tables import ResolvedSite, architecture_of
+from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, StopForward, capture_sites
+from smoothrot.core.gptq import GPTQChoice
+from smoothrot.schema.config import QuantScheme
+from smoothrot.surgery.fuse import SitePlan, transformed
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _catch_layer_inputs(model: nn.Module, layer0: nn.Module, windows: torch.Tens
             else:
                 raise RuntimeError(
                     f"{name}.0 never ran in {type(model).__name__}'s forward pass; fix the "
-                    "layers path of its table in smoothrot/mappings.py"
+                    "layers path of its table in smoothrot/arch/tables.py"
                 )
     finally:
         handle.remove()

@@ -9,7 +9,7 @@ Two layers of API:
   integer RTN with one scale per row over the last dim (weights ``[out, in]``: per output
   channel; activations ``[..., tokens, in]``: per token, dynamic). Unchanged since W4A4/W8A8.
 * :class:`Quantizer` and :func:`quantize_weight_spec` / :func:`quantize_activation_spec`: what a
-  :class:`~smoothrot.config.QuantScheme` describes: integer (symmetric or asymmetric) or FP4
+  :class:`~smoothrot.schema.config.QuantScheme` describes: integer (symmetric or asymmetric) or FP4
   (NVFP4, MXFP4; see fp4.py) elements, one scale per row or per group of ``g`` consecutive input
   channels, and optionally a per-group MSE search over clip ratios. Every consumer (search,
   trainer, evaluation, surgery, GPTQ) goes through these, so a scheme means the same thing
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from smoothrot import fp4
-from smoothrot.config import QUANT_FORMATS
+from smoothrot.core import fp4
+from smoothrot.schema.config import QUANT_FORMATS
 
 if TYPE_CHECKING:
-    from smoothrot.config import QuantScheme
+    from smoothrot.schema.config import QuantScheme
 
 __all__ = [
     "FORMATS",

@@ -1,0 +1,1 @@
+"""Pure math: Hadamard matrices, FP4 rounding, statistics, scale policies, quantizers, GPTQ."""

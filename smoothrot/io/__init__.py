@@ -1,0 +1,1 @@
+"""Everything that touches disk: atomic writes, scales files, exports, loading and verifying."""

@@ -1,0 +1,1 @@
+"""How each method chooses a site's transform."""

@@ -1,0 +1,1 @@
+"""Typed, serializable configuration and declarations; torch-free so CLIs can import them."""

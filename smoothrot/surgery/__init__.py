@@ -1,0 +1,1 @@
+"""Model surgery: fold and unfold scales, fuse rotations, online hooks, the residual rotation."""

@@ -1,0 +1,1 @@
+"""Lightning training of log-scales on the straight-through fake-quant loss."""
