@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smoothrot.arch.tables import resolve_sites  # noqa: E402
+from smoothrot.arch.sites import resolve_sites  # noqa: E402
 from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset  # noqa: E402
 from smoothrot.calibrate.sequential import (  # noqa: E402
     SAFETENSORS_INDEX,

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model, token_subset
 from smoothrot.core.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.quantizers import quantize_weight_spec
 from smoothrot.core.stats import weight_absmax
+from smoothrot.core.transform import transform_weight
 from smoothrot.data import split_windows
 from smoothrot.evaluate import layer_error, perplexity
-from smoothrot.losses import transform_weight
 from smoothrot.models import load_model
 from smoothrot.schema.config import DataConfig, QuantScheme, get_scheme, load_config
 
@@ -162,7 +162,7 @@ def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     from smoothrot.job import Timer, _calibrate, method_plan  # the run's exact calibration
-    from smoothrot.surgery.fuse import transformed
+    from smoothrot.surgery.hooks import transformed
 
     cfg = load_config(args.config)
     model, tokenizer = load_model(cfg.model.name)

@@ -15,7 +15,8 @@ from torchmetrics import MeanSquaredError
 from tqdm.auto import tqdm
 
 from smoothrot.core.quantizers import quantize_weight_spec
-from smoothrot.losses import TransformArg, quantized_output, transform_weight
+from smoothrot.core.transform import SiteTransform, transform_weight
+from smoothrot.losses import quantized_output
 from smoothrot.schema.config import QuantScheme
 
 
@@ -32,7 +33,7 @@ def layer_error(
     x: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor | None,
-    rotate: TransformArg,
+    transform: SiteTransform,
     scheme: QuantScheme,
     batch_tokens: int = 4096,
     *,
@@ -46,14 +47,14 @@ def layer_error(
     w = weight.float()
     s = None if scales is None else scales.float()
     if weight_q is None:
-        w_q = quantize_weight_spec(transform_weight(w, s, rotate), scheme)
+        w_q = quantize_weight_spec(transform_weight(w, s, transform), scheme)
     else:
         w_q = weight_q.float()
     err, ref = MeanSquaredError(), MeanSquaredError()
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
         y = xb @ w.T
-        err.update(quantized_output(xb, w, s, rotate, scheme, weight_q=w_q), y)
+        err.update(quantized_output(xb, w, s, transform, scheme, weight_q=w_q), y)
         ref.update(torch.zeros_like(y), y)
     mse = float(err.compute())
     return LayerError(mse=mse, relative=mse / max(float(ref.compute()), 1e-30))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smoothrot.arch.tables import ResolvedSite, resolve_sites
+from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset
 from smoothrot.calibrate.sequential import capture_sequential, gptq_sequential
 from smoothrot.core.gptq import GPTQChoice, gptq_fused_weight_selected
@@ -29,7 +29,8 @@ from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.methods.search import Choice, grid_losses, select_act_clip, select_policies
 from smoothrot.models import load_model, model_fingerprint
 from smoothrot.schema.config import FitConfig, QuantScheme, get_scheme, with_act_clip
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 from smoothrot.training.fit import fit_scales
 

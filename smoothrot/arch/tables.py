@@ -8,26 +8,19 @@ group's input. A :class:`ResidualMap` names the norms, readers and writers of th
 for the QuaRot/SpinQuant R1 rotation (residual.py). One :class:`ArchitectureMap` per architecture,
 keyed by HF class name in :data:`ARCHITECTURES`; supporting a new architecture is a table entry
 plus a contract test (``docs/adding_an_architecture.md``), never an ``if model_type == ...``.
+Binding a table to a model's modules is :mod:`smoothrot.arch.sites`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from smoothrot.losses import InputTransform
+from smoothrot.schema.rotation import Rotation, RotationKind
 
 SMOOTH_FROM_KINDS = ("linear_rows", "norm", "offset_norm")
-SITE_ROTATIONS = ("online", "head_online", "head_offline", "none")
 TIES = ("kv_heads",)
 NORM_KINDS = ("rms", "offset_rms")
-ALL = "all"
-# Set on a model by residual.rotate_residual: its residual stream is already rotated by Q.
-RESIDUAL_ROTATION_ATTR = "smoothrot_residual_rotation"
 
 
 @dataclass(frozen=True)
@@ -74,11 +67,10 @@ class SmoothingSite:
     ``smooth_from_rows`` of a fused one), ``norm`` (γ/s: signed γ is fine, s > 0) or
     ``offset_norm`` (weight = 1+γ as in Gemma: γ' = (1+γ)/s − 1).
 
-    ``rotation``: ``online`` (Hadamard over the whole group input, at run time; on o_proj's
-    input it mixes the heads too, as QuaRot does), ``head_online`` (block-diagonal Hadamard over
-    head_dim blocks on o_proj's input, at run time), ``head_offline`` (that per-head H folded into
-    v_proj's rows: exact because attention mixes tokens, not a head's channels; free at run time)
-    or ``none``.
+    ``rotation`` (:mod:`smoothrot.schema.rotation`): ``full`` online by default (on o_proj's
+    input it mixes the heads too, as QuaRot does); ``Rotation.head()`` is block-diagonal over
+    head_dim blocks at run time, ``Rotation.head("offline")`` folds that per-head H into v_proj's
+    rows (exact because attention mixes tokens, not a head's channels; free at run time).
 
     ``tie="kv_heads"``: one scale per v_proj row, shared by the o_proj input channels of all
     query heads reading that kv head (grouped-query attention).
@@ -88,7 +80,7 @@ class SmoothingSite:
     linears: tuple[str, ...]
     smooth_from: str
     smooth_from_kind: str = "linear_rows"
-    rotation: str = "online"
+    rotation: Rotation = field(default_factory=Rotation.full)
     smooth_from_rows: str | None = None
     tie: str | None = None
 
@@ -97,8 +89,11 @@ class SmoothingSite:
             raise ValueError(f"site {self.name!r}: linears must not be empty")
         if self.smooth_from_kind not in SMOOTH_FROM_KINDS:
             raise ValueError(f"site {self.name!r}: smooth_from_kind not in {SMOOTH_FROM_KINDS}")
-        if self.rotation not in SITE_ROTATIONS:
-            raise ValueError(f"site {self.name!r}: rotation not in {SITE_ROTATIONS}")
+        if not isinstance(self.rotation, Rotation):
+            raise ValueError(f"site {self.name!r}: rotation must be a Rotation")
+        if self.rotation.kind is RotationKind.BLOCK:
+            raise ValueError(f"site {self.name!r}: block rotations are a fit option, not a "
+                             "table entry")
         if self.smooth_from_rows is not None and (
             self.smooth_from_kind != "linear_rows" or self.smooth_from_rows not in ROW_SLICES
         ):
@@ -107,8 +102,8 @@ class SmoothingSite:
             )
         if self.tie is not None and self.tie not in TIES:
             raise ValueError(f"site {self.name!r}: tie not in {TIES}")
-        if self.rotation == "head_offline" and self.smooth_from_kind != "linear_rows":
-            raise ValueError(f"site {self.name!r}: head_offline folds H into a linear's rows")
+        if self.rotation.is_offline() and self.smooth_from_kind != "linear_rows":
+            raise ValueError(f"site {self.name!r}: an offline rotation folds H into rows")
 
     @property
     def path(self) -> str:
@@ -242,157 +237,3 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
     "Gemma2ForCausalLM": GEMMA2,
     "Phi3ForCausalLM": PHI3,
 }
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model class has no mapping table."""
-
-
-@dataclass(frozen=True, eq=False)
-class ResolvedSite:
-    """A site bound to modules of one model.
-
-    ``name`` is the qualified site name (``model.layers.3.mlp.down_proj`` for one linear,
-    ``model.layers.3.self_attn.qkv`` for a group). ``rows`` is the row range of ``smooth_from``
-    that absorbs ``1/s`` (None: all rows / the norm). ``transform`` is the input transform the
-    loss and the surgery use (rotation and scale tying).
-    """
-
-    name: str
-    site: SmoothingSite
-    layer_index: int
-    linears: tuple[nn.Linear, ...]
-    smooth_from: nn.Module
-    rows: tuple[int, int] | None
-    transform: InputTransform
-
-    @property
-    def linear(self) -> nn.Linear:
-        """The first linear of the group; its input is the group's input (hooks go here)."""
-        return self.linears[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The group's weights concatenated along the output dim, [Σ out, in]."""
-        if len(self.linears) == 1:
-            return self.linears[0].weight
-        return torch.cat([linear.weight for linear in self.linears])
-
-    @property
-    def in_features(self) -> int:
-        return self.linears[0].in_features
-
-    @property
-    def n_scales(self) -> int:
-        """Length of this site's scale vector (kv_heads·head_dim for tied o_proj scales)."""
-        return self.transform.n_scales(self.in_features)
-
-    @property
-    def smooth_from_kind(self) -> str:
-        return self.site.smooth_from_kind
-
-
-def architecture_of(model: nn.Module) -> ArchitectureMap:
-    """The mapping table for ``model``'s class, or a one-line error listing supported ones."""
-    cls = type(model).__name__
-    try:
-        return ARCHITECTURES[cls]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"architecture {cls} has no smoothing table; supported: {sorted(ARCHITECTURES)}. "
-            "Add an ArchitectureMap to smoothrot/arch/tables.py (docs/adding_an_architecture.md)"
-        ) from None
-
-
-def _reads_rotated_residual(model: nn.Module, arch: ArchitectureMap, site: SmoothingSite) -> bool:
-    """True if R1 was applied and the site's linears read the (rotated) residual stream."""
-    if arch.residual is None or getattr(model, RESIDUAL_ROTATION_ATTR, None) is None:
-        return False
-    return any(set(site.linears) <= set(feed.linears) for feed in arch.residual.readers)
-
-
-def _input_transform(site: SmoothingSite, dims: ModelDims, rotated_input: bool) -> InputTransform:
-    rotation = {"online": "online", "none": "none"}.get(site.rotation, "head")
-    if rotated_input and rotation == "online":
-        # R1 already rotated this input by Q = diag(σ)·H; a second H would undo it (H·H = I for
-        # a symmetric H, so x·Q·H = x·diag(σ)), bringing the outliers back.
-        rotation = "none"
-    head = rotation == "head" or site.tie is not None
-    tie = site.tie == "kv_heads" and dims.heads != dims.kv_heads
-    return InputTransform(
-        rotation=rotation,
-        head_dim=dims.head_dim if head else None,
-        heads=dims.heads if tie else None,
-        kv_heads=dims.kv_heads if tie else None,
-    )
-
-
-def _source_size(rs_name: str, module: nn.Module, kind: str, rows: tuple[int, int] | None) -> int:
-    if kind == "linear_rows":
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{rs_name}: smooth_from is {type(module).__name__}, not a Linear")
-        return rows[1] - rows[0] if rows else module.out_features
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 1:
-        raise ValueError(f"{rs_name}: smooth_from {type(module).__name__} has no 1-d weight γ")
-    return weight.numel()
-
-
-def _bind(model: nn.Module, arch: ArchitectureMap, dims: ModelDims, index: int,
-          layer: nn.Module, site: SmoothingSite) -> ResolvedSite:
-    name = f"{arch.layers}.{index}.{site.path}"
-    linears = tuple(layer.get_submodule(p) for p in site.linears)
-    if len({lin.in_features for lin in linears}) != 1:
-        raise ValueError(f"{name}: the linears {site.linears} do not share one input size")
-    rows = ROW_SLICES[site.smooth_from_rows](dims) if site.smooth_from_rows else None
-    source = layer.get_submodule(site.smooth_from)
-    transform = _input_transform(site, dims, _reads_rotated_residual(model, arch, site))
-    n_scales = transform.n_scales(linears[0].in_features)
-    size = _source_size(name, source, site.smooth_from_kind, rows)
-    if size != n_scales:
-        raise ValueError(
-            f"{name}: {site.smooth_from} gives {size} channels but the site needs {n_scales}; "
-            f"the {type(model).__name__} table does not fit this model"
-        )
-    return ResolvedSite(name, site, index, linears, source, rows, transform)
-
-
-def _matches(pattern: str, site: SmoothingSite, qualified: str, members: list[str]) -> bool:
-    if pattern == ALL:
-        return True
-    if pattern.startswith("re:"):
-        return any(re.fullmatch(pattern[3:], q) is not None for q in (qualified, *members))
-    return pattern in (site.name, qualified, *members)
-
-
-def resolve_sites(model: nn.Module, patterns: list[str]) -> list[ResolvedSite]:
-    """Bind the requested sites to modules, in layer order (table order inside a layer).
-
-    A pattern is ``all``, a site name (``down_proj``, ``qkv``: every layer), a qualified site name
-    (``model.layers.11.mlp.down_proj``, ``model.layers.0.self_attn.qkv``), the qualified name of
-    any linear of a group (``model.layers.0.self_attn.k_proj``) or a regex prefixed with ``re:``.
-    On a model whose residual stream was rotated (R1), sites reading the residual stream (q/k/v,
-    gate/up) get no online rotation of their own: their input is already rotated.
-    """
-    arch = architecture_of(model)
-    dims = ModelDims.from_config(model.config)
-    layers = model.get_submodule(arch.layers)
-    resolved: list[ResolvedSite] = []
-    used: set[str] = set()
-    for index, layer in enumerate(layers):
-        for site in arch.sites:
-            qualified = f"{arch.layers}.{index}.{site.path}"
-            members = [f"{arch.layers}.{index}.{p}" for p in site.linears]
-            hits = [p for p in patterns if _matches(p, site, qualified, members)]
-            if not hits:
-                continue
-            used.update(hits)
-            resolved.append(_bind(model, arch, dims, index, layer, site))
-    unused = [p for p in patterns if p not in used]
-    if unused:
-        names = [ALL, *dict.fromkeys(s.name for s in arch.sites)]
-        raise ValueError(
-            f"--layers {unused} matched no smoothing site in {type(model).__name__}; use a site "
-            f"name {names}, a name like {arch.layers}.0.{arch.sites[-1].path}, or 're:<regex>'"
-        )
-    return resolved

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothrot.arch.tables import ResolvedSite
+from smoothrot.arch.sites import ResolvedSite
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
 
 log = logging.getLogger(__name__)

@@ -40,13 +40,8 @@ from smoothrot.core.quantizers import (
     quantize_weight_spec,
 )
 from smoothrot.core.quantizers import weight_quantizer as _weight_quantizer
-from smoothrot.losses import (
-    TransformArg,
-    output_loss,
-    quantized_output,
-    transform_input,
-    transform_weight,
-)
+from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
+from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.config import QuantScheme
 
 __all__ = [
@@ -204,7 +199,7 @@ def gptq_quantize(
 def gptq_fused_weight(
     weight: torch.Tensor,
     scales: torch.Tensor | None,
-    rotate: TransformArg,
+    transform: SiteTransform,
     x: torch.Tensor,
     scheme: QuantScheme,
     *,
@@ -219,10 +214,10 @@ def gptq_fused_weight(
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
-    xt = transform_input(x.detach().float(), s, rotate)
+    xt = transform_input(x.detach().float(), s, transform)
     if act_aware:
         xt = quantize_activation_spec(xt, scheme)
-    return gptq_quantize(transform_weight(w, s, rotate), xt, scheme, **kwargs)  # type: ignore[arg-type]
+    return gptq_quantize(transform_weight(w, s, transform), xt, scheme, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -239,7 +234,7 @@ class GPTQChoice:
 def gptq_fused_weight_selected(
     weight: torch.Tensor,
     scales: torch.Tensor | None,
-    rotate: TransformArg,
+    transform: SiteTransform,
     x: torch.Tensor,
     x_selection: torch.Tensor,
     scheme: QuantScheme,
@@ -259,15 +254,15 @@ def gptq_fused_weight_selected(
     s = None if scales is None else scales.float()
     xs = x_selection.detach().float()
     y = xs @ w.T
-    fused = transform_weight(w, s, rotate)
+    fused = transform_weight(w, s, transform)
 
     def loss(wq: torch.Tensor) -> float:
-        return float(output_loss(y, quantized_output(xs, w, s, rotate, scheme, weight_q=wq)))
+        return float(output_loss(y, quantized_output(xs, w, s, transform, scheme, weight_q=wq)))
 
     rtn = quantize_weight_spec(fused, scheme)
     rtn_loss = loss(rtn)
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
-    xt = transform_input(x.detach().float(), s, rotate)
+    xt = transform_input(x.detach().float(), s, transform)
     if act_aware:
         xt = quantize_activation_spec(xt, scheme)
     hess = input_hessian(xt)

@@ -3,17 +3,14 @@
 Fake quantization keeps tensors in floating point but snaps them to the grid a real kernel would
 use, so accuracy can be measured (and scales trained) without low-bit kernels.
 
-Two layers of API:
-
-* :func:`fake_quantize` / :func:`quantize_weight` / :func:`quantize_activation`: symmetric
-  integer RTN with one scale per row over the last dim (weights ``[out, in]``: per output
-  channel; activations ``[..., tokens, in]``: per token, dynamic). Unchanged since W4A4/W8A8.
-* :class:`Quantizer` and :func:`quantize_weight_spec` / :func:`quantize_activation_spec`: what a
-  :class:`~smoothrot.schema.config.QuantScheme` describes: integer (symmetric or asymmetric) or FP4
-  (NVFP4, MXFP4; see fp4.py) elements, one scale per row or per group of ``g`` consecutive input
-  channels, and optionally a per-group MSE search over clip ratios. Every consumer (search,
-  trainer, evaluation, surgery, GPTQ) goes through these, so a scheme means the same thing
-  everywhere. The plain per-row symmetric integer case is bit-identical to :func:`fake_quantize`.
+Everything goes through :class:`Quantizer` and :func:`quantize_weight_spec` /
+:func:`quantize_activation_spec`: what a :class:`~smoothrot.schema.config.QuantScheme` describes:
+integer (symmetric or asymmetric) or FP4 (NVFP4, MXFP4; see fp4.py) elements, one scale per row
+or per group of ``g`` consecutive input channels, and optionally a per-group MSE search over clip
+ratios. Every consumer (search, trainer, evaluation, surgery, GPTQ) goes through these, so a
+scheme means the same thing everywhere. The plain integer case is symmetric RTN with one scale per
+row over the last dim (weights ``[out, in]``: per output channel; activations
+``[..., tokens, in]``: per token, dynamic), unchanged since W4A4/W8A8.
 """
 
 from __future__ import annotations
@@ -31,22 +28,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMATS",
+    "INT_BITS",
     "MSE_CLIP_GRID",
-    "SUPPORTED_BITS",
     "QParams",
     "Quantizer",
     "RoundSTE",
     "activation_quantizer",
     "check_group_size",
-    "fake_quantize",
     "quantize_activation",
     "quantize_activation_spec",
-    "quantize_weight",
     "quantize_weight_spec",
     "weight_quantizer",
 ]
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+# Bit widths an integer Quantizer accepts (a QuantScheme narrows this to 4 and 8).
+INT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -66,62 +62,6 @@ class RoundSTE(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         return grad_output
 
-
-def _validate(bits: int, clip_ratio: float) -> None:
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}"
-        )
-    if not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"clip_ratio={clip_ratio!r} is out of range; allowed: (0, 1]")
-
-
-def fake_quantize(
-    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, ste: bool = False
-) -> torch.Tensor:
-    """Symmetric per-row RTN fake quantization over the last dim.
-
-    ``scale = clip_ratio·max|x_row| / qmax`` with ``qmax = 2^(bits-1) - 1`` and
-    ``q = clamp(round(x/scale), -qmax-1, qmax)``; returns ``q·scale`` in the dtype of ``x``.
-    Half-precision inputs are computed in float32 so the scale and the rounding are not
-    distorted by fp16/bf16 arithmetic. All-zero rows stay zero (the scale is clamped to the
-    smallest positive normal float instead of 0, which would give NaN).
-
-    With ``ste=True`` rounding uses :class:`RoundSTE` and the scale stays in the graph, so the
-    gradient w.r.t. ``x`` flows both through ``x/scale`` and through the max-based scale;
-    values clipped by the clamp get zero gradient through it.
-    """
-    _validate(bits, clip_ratio)
-    if not x.is_floating_point():
-        raise TypeError(f"fake_quantize expects a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("fake_quantize expects at least 1 dim (rows over the last dim)")
-    xf = x.to(torch.float32) if x.dtype in _HALF_DTYPES else x
-    qmax = 2 ** (bits - 1) - 1
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (clip_ratio * amax / qmax).clamp(min=torch.finfo(xf.dtype).tiny)
-    scaled = xf / scale
-    q = RoundSTE.apply(scaled) if ste else torch.round(scaled)
-    q = torch.clamp(q, -qmax - 1, qmax)
-    return (q * scale).to(x.dtype)
-
-
-def quantize_weight(
-    w: torch.Tensor, bits: int, clip_ratio: float = 1.0, ste: bool = False
-) -> torch.Tensor:
-    """Fake-quantize a Linear weight ``[out, in]`` with one scale per output channel."""
-    return fake_quantize(w, bits, clip_ratio=clip_ratio, ste=ste)
-
-
-def quantize_activation(
-    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, ste: bool = False
-) -> torch.Tensor:
-    """Fake-quantize activations ``[..., tokens, in]`` with a dynamic scale per token."""
-    return fake_quantize(x, bits, clip_ratio=clip_ratio, ste=ste)
-
-
-# --------------------------------------------------------------------------------------------
-# Scheme-level quantizers: formats, groups, asymmetry, MSE clip search.
 
 FORMATS: tuple[str, ...] = QUANT_FORMATS
 
@@ -173,10 +113,12 @@ class Quantizer:
         if self.fmt not in FORMATS:
             raise ValueError(f"format {self.fmt!r} is not supported; allowed: {FORMATS}")
         if self.fmt == "int":
-            _validate(self.bits, self.clip)
+            if isinstance(self.bits, bool) or self.bits not in INT_BITS:
+                raise ValueError(f"bits={self.bits!r} is not supported; "
+                                 f"allowed: {INT_BITS[0]}..{INT_BITS[-1]}")
         elif self.bits != 4 or not self.symmetric or self.group_size is None:
             raise ValueError(f"{self.fmt} is 4-bit, symmetric and block-scaled (group size set)")
-        elif not 0.0 < self.clip <= 1.0:
+        if not 0.0 < self.clip <= 1.0:
             raise ValueError(f"clip_ratio={self.clip!r} is out of range; allowed: (0, 1]")
 
     # -- grouping ---------------------------------------------------------------------------
@@ -213,7 +155,7 @@ class Quantizer:
         if self.fmt == "int" and self.symmetric:
             qmax = 2 ** (self.bits - 1) - 1
             amax = xg.abs().amax(dim=-1, keepdim=True)
-            # Same expression as fake_quantize, so the plain scheme is bit-identical to it.
+            # The original W4A4/W8A8 arithmetic (pinned by tests/unit/test_fake_quant.py).
             return QParams((clip * amax / qmax).clamp(min=torch.finfo(xg.dtype).tiny))
         if self.fmt == "int":
             levels = 2**self.bits - 1
@@ -267,6 +209,11 @@ class Quantizer:
 
         ``batch_dims`` leading dims index independent tensors (e.g. search candidates): only
         NVFP4's per-tensor global scale looks beyond a row, and it is taken per batch entry.
+        Half-precision inputs are computed in float32 (so fp16/bf16 arithmetic does not distort
+        scales or rounding) and cast back once. All-zero rows stay zero (integer scales are
+        clamped to the smallest positive normal float instead of 0). With ``ste`` rounding is
+        :class:`RoundSTE` and the scale stays in the graph, so the gradient flows through
+        ``x/scale`` and through the max-based scale; values the clamp clips get none through it.
         """
         if not x.is_floating_point():
             raise TypeError(f"fake quantization expects a floating-point tensor, got {x.dtype}")
@@ -310,3 +257,12 @@ def quantize_activation_spec(
     """
     return activation_quantizer(scheme)(x, ste=ste, what=f"scheme {scheme.name!r} activation",
                                         batch_dims=batch_dims)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Per-token symmetric integer RTN with ``bits``: ``Quantizer("int", bits, clip=clip_ratio)``.
+
+    Left only for ``smoothrot/surgery/fuse.py`` (``OnlineInputTransform``'s ``act_bits`` path);
+    delete once that uses :func:`quantize_activation_spec`. New code: use a scheme.
+    """
+    return Quantizer("int", bits, clip=clip_ratio)(x)

@@ -88,7 +88,6 @@ __all__ = [
     "load_pretrained",
     "plans_from_export",
     "read_declaration",
-    "unfuse_site",
     "verify_export",
 ]
 
@@ -935,54 +934,6 @@ def verify_export(
                 "scale); the 0.5 % limit applies to activation_quantizer='smoothrot'"))
     log.info("verify %s: %s", path, result)
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Unfusing (the inverse of surgery.fuse_site; offline, dense, float64)
-# ---------------------------------------------------------------------------------------------
-
-
-def _rotation_matrix(rotate_fn, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """M with rotate_fn(x) == x @ M, built by rotating the identity (dense: offline use only)."""
-    return rotate_fn(torch.eye(n, dtype=dtype))
-
-
-@torch.no_grad()
-def unfuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotate: bool) -> None:
-    """Undo :func:`smoothrot.surgery.fuse.fuse_site` in place: Wᵢ = Wᵢ'·Hᵀ·diag(s)⁻¹, source ·s.
-
-    Recovers the original weights of an export from its stored scales (``smoothrot/
-    scales.safetensors``), e.g. to refit them. H is orthonormal, so its inverse is Hᵀ.
-    """
-    s = None if scales is None else scales.double()
-    t = rs.transform if rotate else rs.transform.without_rotation()
-    m = _rotation_matrix(t.rotate, rs.in_features, torch.float64)
-    s_in = None if s is None else t.expand(s)
-    for linear in rs.linears:
-        w = linear.weight.double() @ m.T
-        if s_in is not None:
-            w = w / s_in
-        linear.weight.copy_(w.to(linear.weight.dtype))
-    source = rs.smooth_from
-    if rs.smooth_from_kind in ("norm", "offset_norm"):
-        if s is not None:
-            g = source.weight.double()
-            g = g * s if rs.smooth_from_kind == "norm" else (1.0 + g) * s - 1.0
-            source.weight.copy_(g.to(source.weight.dtype))
-        return
-    lo, hi = rs.rows or (0, source.out_features)
-    w = source.weight[lo:hi].double()
-    b = None if source.bias is None else source.bias[lo:hi].double()
-    if rotate and rs.site.rotation == "head_offline":  # fused rows were blockdiag(H)ᵀ·(W/s)
-        mh = _rotation_matrix(rs.transform.rotate, hi - lo, torch.float64)
-        w = mh @ w
-        b = None if b is None else b @ mh.T
-    if s is not None:
-        w = w * s.unsqueeze(1)
-        b = None if b is None else b * s
-    source.weight[lo:hi] = w.to(source.weight.dtype)
-    if b is not None:
-        source.bias[lo:hi] = b.to(source.bias.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,13 +21,8 @@ import torch
 
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
-from smoothrot.losses import (
-    TransformArg,
-    output_loss,
-    quantized_output,
-    transform_input,
-    transform_weight,
-)
+from smoothrot.core.transform import FULL, SiteTransform, transform_input, transform_weight
+from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.config import QuantScheme, with_act_clip
 
 
@@ -53,7 +48,7 @@ def candidate_losses(
     weight: torch.Tensor,
     scales: torch.Tensor,
     scheme: QuantScheme,
-    rotate: TransformArg = True,
+    transform: SiteTransform = FULL,
 ) -> torch.Tensor:
     """Selection losses [C] of C candidate scale vectors ``scales`` [C, n_scales], batched.
 
@@ -61,8 +56,8 @@ def candidate_losses(
     (per-row quantizers; NVFP4 global scales per candidate).
     """
     s = scales.float()[:, None, :]
-    w_q = quantize_weight_spec(transform_weight(weight, s, rotate), scheme, batch_dims=1)
-    x_q = quantize_activation_spec(transform_input(x, s, rotate), scheme, batch_dims=1)
+    w_q = quantize_weight_spec(transform_weight(weight, s, transform), scheme, batch_dims=1)
+    x_q = quantize_activation_spec(transform_input(x, s, transform), scheme, batch_dims=1)
     y_q = torch.matmul(x_q, w_q.transpose(-1, -2))
     return (y - y_q).pow(2).sum(dim=-1).mean(dim=-1)
 
@@ -73,10 +68,10 @@ def candidate_loss(
     weight: torch.Tensor,
     scales: torch.Tensor,
     scheme: QuantScheme,
-    rotate: TransformArg = True,
+    transform: SiteTransform = FULL,
 ) -> float:
     """Selection loss of one candidate scale vector (with the site's rotation, default H)."""
-    return float(candidate_losses(x, y, weight, scales[None], scheme, rotate)[0])
+    return float(candidate_losses(x, y, weight, scales[None], scheme, transform)[0])
 
 
 @torch.no_grad()
@@ -89,12 +84,12 @@ def grid_losses(
     quantiles: Sequence[float],
     scheme: QuantScheme,
     site: str,
-    rotate: TransformArg = True,
+    transform: SiteTransform = FULL,
 ) -> torch.Tensor:
     """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64).
 
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
-    per device type by ``_CHUNK_ELEMENTS``. ``rotate``: the site's input transform (tied GQA
+    per device type by ``_CHUNK_ELEMENTS``. ``transform``: the site's input transform (tied GQA
     scales, per-head H).
     """
     w = weight.float()
@@ -104,7 +99,7 @@ def grid_losses(
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
     chunk = max(1, budget // max(1, x.numel() + w.numel()))
-    losses = [candidate_losses(x, y, w, part, scheme, rotate) for part in scales.split(chunk)]
+    losses = [candidate_losses(x, y, w, part, scheme, transform) for part in scales.split(chunk)]
     return torch.cat(losses).double().reshape(len(alphas), len(quantiles))
 
 
@@ -115,7 +110,7 @@ def select_act_clip(
     scales: torch.Tensor | None,
     clips: Sequence[float],
     scheme: QuantScheme,
-    rotate: TransformArg = True,
+    transform: SiteTransform = FULL,
     weight_q: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """The activation clip ratio of ``clips`` with the lowest selection loss, and that loss.
@@ -128,10 +123,10 @@ def select_act_clip(
     w = weight.float()
     x = x_sel.float()
     s = None if scales is None else scales.float()
-    w_q = (quantize_weight_spec(transform_weight(w, s, rotate), scheme) if weight_q is None
+    w_q = (quantize_weight_spec(transform_weight(w, s, transform), scheme) if weight_q is None
            else weight_q.float())
     y = x @ w.T
-    losses = [float(output_loss(y, quantized_output(x, w, s, rotate, with_act_clip(scheme, c),
+    losses = [float(output_loss(y, quantized_output(x, w, s, transform, with_act_clip(scheme, c),
                                                     weight_q=w_q)))
               for c in clips]
     best = min(range(len(clips)), key=losses.__getitem__)

@@ -1,84 +1,31 @@
-"""Model surgery, all in one place: fold, fuse, and attach the online rotation.
+"""Fold and unfold: the offline half of the surgery, side by side, in float64.
 
 For a site (a source S feeding a group of linears L₁…L_k through elementwise ops only):
 
 * S's output channels are divided by s, so the group's input becomes X·diag(s)⁻¹: rows of a
   linear (and its bias), a row range of a fused linear, an RMSNorm's γ (γ/s; signed γ is fine
   since s > 0, nothing divides by γ) or an offset norm's 1+γ (γ' = (1+γ)/s − 1);
-* every Lᵢ's weight becomes Wᵢ·diag(s)·H (fused offline, in float64, cast back);
-* H is applied to the group's input online by a forward pre-hook on each Lᵢ (full Hadamard, or
-  block-diagonal over heads for o_proj), followed by activation fake quantization when a scheme
-  is given. ``head_offline`` sites fold the per-head H into v_proj's rows instead (exact:
-  attention mixes tokens, never a head's channels), so only the quantizer runs online.
+* every Lᵢ's weight becomes Wᵢ·diag(s)·R (fused offline, in float64, cast back);
+* an offline rotation (per-head H on o_proj's input) is folded into the source's rows too
+  (exact: attention mixes tokens, never a head's channels); an online one runs as a hook
+  (hooks.py).
 
-Tied scales (GQA o_proj) have one entry per v_proj row; the o_proj columns use them expanded.
-The float function of the model is unchanged (docs/equivalence.md); only quantization error moves.
+:func:`unfuse_site` is the exact inverse (R orthonormal: R⁻¹ = Rᵀ). Tied scales (GQA o_proj)
+have one entry per v_proj row; the o_proj columns use them expanded. The float function of the
+model is unchanged (docs/equivalence.md); only quantization error moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from smoothrot.arch.tables import ResolvedSite
-from smoothrot.core.quantizers import (
-    quantize_activation,
-    quantize_activation_spec,
-    quantize_weight_spec,
-)
-from smoothrot.losses import TransformArg, as_transform, transform_weight
-from smoothrot.schema.config import QuantScheme, with_act_clip
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    """How to transform one site: smoothing scales (None = no smoothing) and rotation.
-
-    ``rotate`` switches the site's own rotation (from its table entry) on or off.
-    ``weight_q``, if given, is the fused weight W·diag(s)·H already quantized offline (e.g. by
-    GPTQ); it is stored instead of the scheme's round-to-nearest of the fused weight. For a group
-    it is the concatenation of the linears' weights along the output dim (``rs.weight``).
-    ``act_clip``, if given, replaces the scheme's activation clip ratio ``a_clip`` at this site's
-    inputs (chosen per site on the selection split, ``search.act_clips``).
-    """
-
-    scales: torch.Tensor | None
-    rotate: bool
-    weight_q: torch.Tensor | None = None
-    act_clip: float | None = None
-
-
-class OnlineInputTransform:
-    """Forward pre-hook: x ↦ Q_a(x·H) (each part optional).
-
-    ``rotate`` is True (H over all channels), False, or an input transform (per-head H).
-    Q_a is the ``scheme``'s activation quantizer when one is given (any format / group size),
-    else symmetric per-token integer RTN with ``act_bits``.
-    """
-
-    def __init__(
-        self,
-        rotate: TransformArg,
-        act_bits: int | None = None,
-        act_clip: float = 1.0,
-        scheme: QuantScheme | None = None,
-    ) -> None:
-        self.rotate = as_transform(rotate).rotate
-        self.act_bits = act_bits
-        self.act_clip = act_clip
-        self.scheme = scheme
-
-    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
-        x = self.rotate(args[0])
-        if self.scheme is not None:
-            x = quantize_activation_spec(x, self.scheme)
-        elif self.act_bits is not None:
-            x = quantize_activation(x, self.act_bits, self.act_clip)
-        return (x, *args[1:])
+from smoothrot.arch.sites import ResolvedSite
+from smoothrot.core.transform import transform_weight
+from smoothrot.schema.rotation import Rotation
+from smoothrot.surgery.plan import SitePlan
 
 
 def _check_scales(rs: ResolvedSite, scales: torch.Tensor) -> None:
@@ -91,9 +38,14 @@ def _check_scales(rs: ResolvedSite, scales: torch.Tensor) -> None:
         raise ValueError(f"{rs.name}: scales must be positive and finite")
 
 
+def _rows(rs: ResolvedSite) -> tuple[int, int]:
+    """The source rows that absorb 1/s (all of a linear's rows, or a fused linear's slice)."""
+    return rs.rows or (0, rs.smooth_from.out_features)
+
+
 @torch.no_grad()
-def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, head_rotation: bool) -> None:
-    """Divide the source's output channels by s (and rotate v_proj rows per head if asked)."""
+def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotation) -> None:
+    """Divide the source's output channels by s; an offline rotation also rotates its rows."""
     source = rs.smooth_from
     kind = rs.smooth_from_kind
     if kind in ("norm", "offset_norm"):
@@ -106,14 +58,14 @@ def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, head_rotatio
         if isinstance(bias, torch.Tensor):  # LayerNorm: n(x)·γ + β, both scale with the channel
             bias.copy_((bias.double() / scales).to(bias.dtype))
         return
-    lo, hi = rs.rows or (0, source.out_features)
+    lo, hi = _rows(rs)
     w = source.weight[lo:hi].double()
     b = None if source.bias is None else source.bias[lo:hi].double()
     if scales is not None:
         w = w / scales.unsqueeze(1)
         b = None if b is None else b / scales
-    if head_rotation:  # rows of v·blockdiag(H): W' = blockdiag(H)ᵀ·W, b' = b·blockdiag(H)
-        rotate = rs.transform.rotate
+    if rotation.is_offline():  # rows of v·R: W' = Rᵀ·W, b' = b·R
+        rotate = rs.transform.with_rotation(rotation).rotate
         w = rotate(w.T).T
         b = None if b is None else rotate(b)
     source.weight[lo:hi] = w.to(source.weight.dtype)
@@ -122,25 +74,55 @@ def fold_into_source(rs: ResolvedSite, scales: torch.Tensor | None, head_rotatio
 
 
 @torch.no_grad()
-def fuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotate: bool) -> None:
-    """Fold diag(s)⁻¹ into the source and store Wᵢ·diag(s)·H in every linear, in place."""
+def fuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotation) -> None:
+    """Fold diag(s)⁻¹ into the source and store Wᵢ·diag(s)·R in every linear, in place."""
     if scales is not None:
         _check_scales(rs, scales)
         scales = scales.double()
-    fold_into_source(rs, scales, rotate and rs.site.rotation == "head_offline")
-    transform = rs.transform if rotate else rs.transform.without_rotation()
-    if scales is None and transform.rotation == "none":
+    fold_into_source(rs, scales, rotation)
+    if scales is None and rotation.is_identity:
         return  # nothing to fuse (RTN)
+    transform = rs.transform.with_rotation(rotation)
     for linear in rs.linears:
         w = transform_weight(linear.weight.double(), scales, transform)
         linear.weight.copy_(w.to(linear.weight.dtype))
 
 
-def online_rotation(rs: ResolvedSite, rotate: bool) -> TransformArg:
-    """What the pre-hook must still rotate at run time (nothing for offline-folded rotations)."""
-    if not rotate or rs.site.rotation in ("none", "head_offline"):
-        return False
-    return rs.transform
+@torch.no_grad()
+def unfuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotation) -> None:
+    """Undo :func:`fuse_site` in place: Wᵢ = Wᵢ'·Rᵀ·diag(s)⁻¹, the source's rows times s.
+
+    Recovers the original weights of an export from its stored scales (e.g. to refit them).
+    """
+    s = None if scales is None else scales.double()
+    transform = rs.transform.with_rotation(rotation)
+    m = transform.matrix(rs.in_features)
+    s_in = None if s is None else transform.expand(s)
+    for linear in rs.linears:
+        w = linear.weight.double() @ m.T
+        if s_in is not None:
+            w = w / s_in
+        linear.weight.copy_(w.to(linear.weight.dtype))
+    source = rs.smooth_from
+    if rs.smooth_from_kind in ("norm", "offset_norm"):
+        if s is not None:
+            g = source.weight.double()
+            g = g * s if rs.smooth_from_kind == "norm" else (1.0 + g) * s - 1.0
+            source.weight.copy_(g.to(source.weight.dtype))
+        return
+    lo, hi = _rows(rs)
+    w = source.weight[lo:hi].double()
+    b = None if source.bias is None else source.bias[lo:hi].double()
+    if rotation.is_offline():  # fused rows were Rᵀ·(W/s)
+        mh = transform.matrix(hi - lo)
+        w = mh @ w
+        b = None if b is None else b @ mh.T
+    if s is not None:
+        w = w * s.unsqueeze(1)
+        b = None if b is None else b * s
+    source.weight[lo:hi] = w.to(source.weight.dtype)
+    if b is not None:
+        source.bias[lo:hi] = b.to(source.bias.dtype)
 
 
 def linear_weights_q(
@@ -173,84 +155,16 @@ def linear_weights_q(
         for linear, part in zip(rs.linears, parts, strict=True):
             w = part.double().clone()
             for src, src_plan in folds.get(linear, []):
-                if src_plan.rotate and src.site.rotation == "head_offline":
+                if src_plan.rotation.is_offline():
                     raise ValueError(
                         f"{rs.name}: its offline-quantized (GPTQ) weights cannot take "
                         f"{src.name}'s offline per-head rotation (rows would leave the grid); "
-                        "use the head_online rotation or RTN for this site"
+                        "use an online per-head rotation or RTN for this site"
                     )
                 if src_plan.scales is not None:
-                    lo, hi = src.rows or (0, linear.out_features)
+                    lo, hi = _rows(src)
                     w[lo:hi] = w[lo:hi] / src_plan.scales.double().unsqueeze(1)
             out[linear] = w.to(part.dtype)
     return out
 
 
-def apply_plans(
-    sites: Sequence[ResolvedSite],
-    plans: Mapping[str, SitePlan],
-    scheme: QuantScheme | None = None,
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Transform every site with a plan; with ``scheme``, fake-quantize weights and inputs too.
-
-    All sites are fused before any weight is quantized: a linear can be both a group member
-    (columns transformed) and a source (rows divided, e.g. up_proj, v_proj), and it must be
-    quantized once, in its final form. Returns the hook handles (online rotation / activation
-    quantization), one per linear of every planned site.
-    """
-    active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
-    weights_q = linear_weights_q(sites, plans)  # checked before anything is changed
-    for rs, plan in active:
-        fuse_site(rs, plan.scales, plan.rotate)
-    for rs, plan in active:
-        if plan.weight_q is not None:
-            with torch.no_grad():
-                for linear in rs.linears:
-                    linear.weight.copy_(weights_q[linear].to(linear.weight))
-        elif scheme is not None:
-            with torch.no_grad():
-                for linear in rs.linears:
-                    linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
-    handles = []
-    for rs, plan in active:
-        rotation = online_rotation(rs, plan.rotate)
-        if rotation is not False or scheme is not None:
-            hook = OnlineInputTransform(
-                rotation, scheme=None if scheme is None else with_act_clip(scheme, plan.act_clip))
-            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
-    return handles
-
-
-def site_parameters(rs: ResolvedSite) -> list[nn.Parameter]:
-    """Every parameter a site's surgery may write (its linears and its source)."""
-    params = []
-    for module in (*rs.linears, rs.smooth_from):
-        for name in ("weight", "bias"):
-            p = getattr(module, name, None)
-            if isinstance(p, torch.Tensor):
-                params.append(p)
-    return params
-
-
-@contextmanager
-def transformed(
-    sites: Sequence[ResolvedSite],
-    plans: Mapping[str, SitePlan],
-    scheme: QuantScheme | None = None,
-) -> Iterator[None]:
-    """Temporarily apply :func:`apply_plans`; weights and hooks are restored on exit."""
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for rs in sites:
-        if rs.name in plans:
-            for p in site_parameters(rs):
-                saved.setdefault(id(p), (p, p.detach().clone()))
-    handles: list = []
-    try:
-        handles = apply_plans(sites, plans, scheme)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for p, original in saved.values():
-                p.copy_(original)

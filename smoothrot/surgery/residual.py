@@ -16,9 +16,9 @@ add; γ does not commute with Q, so those norms keep γ and an online y ↦ y·Q
 Hadamard when Q is one). All folding runs in float64 and is cast back once.
 
 Q is a randomized Hadamard matrix diag(±1)·H (QuaRot's choice: spreads outliers, fast online),
-or a random orthogonal matrix where no Hadamard of the hidden size exists. The model is marked
-as rotated, and ``resolve_sites`` then gives the sites reading the residual
-(q/k/v, gate/up) no online Hadamard of their own: H is symmetric, H·H = I, so x·Q·H = x·diag(±1)
+or a random orthogonal matrix where no Hadamard of the hidden size exists. Sites reading the
+residual (q/k/v, gate/up) then get no online Hadamard of their own
+(``resolve_sites(..., residual_rotated=True)``): H is symmetric, H·H = I, so x·Q·H = x·diag(±1)
 would undo R1 (measured on SmolLM2 W4A4: perplexity 1.8e5 instead of 176).
 """
 
@@ -30,17 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from smoothrot.arch.tables import (
-    RESIDUAL_ROTATION_ATTR,
-    ArchitectureMap,
-    ResidualMap,
-    architecture_of,
-)
+from smoothrot.arch.sites import architecture_of
+from smoothrot.arch.tables import ArchitectureMap, ResidualMap
 from smoothrot.core.hadamard import hadamard_matrix, hadamard_transform, is_supported
 
 log = logging.getLogger(__name__)
 
 ROTATION_KINDS = ("hadamard", "random")
+# Marks a rotated model so R1 is never applied twice (read by rotate_residual only).
+_ROTATED_MARK = "_smoothrot_r1"
 
 
 @dataclass
@@ -187,7 +185,7 @@ def rotate_residual(model: nn.Module, *, seed: int = 0, kind: str = "hadamard") 
     """
     arch, rmap = _residual_map(model)
     embedding = model.get_submodule(rmap.embedding)
-    if getattr(model, RESIDUAL_ROTATION_ATTR, None) is not None:
+    if getattr(model, _ROTATED_MARK, None) is not None:
         raise ValueError("the residual stream of this model is already rotated (R1 applied twice)")
     hidden = embedding.weight.shape[1]
     if kind == "hadamard" and not is_supported(hidden):
@@ -211,6 +209,5 @@ def rotate_residual(model: nn.Module, *, seed: int = 0, kind: str = "hadamard") 
     log.info("rotated the residual stream of %d layers by a %s Q of order %d%s", len(layers),
              kind, hidden, f" (+{len(handles)} online output-norm rotations)" if handles else "")
     result = ResidualRotation(q=q, kind=kind, signs=signs, untied_lm_head=untied, handles=handles)
-    # resolve_sites reads this: sites reading the residual stream must not rotate again.
-    setattr(model, RESIDUAL_ROTATION_ATTR, result)
+    setattr(model, _ROTATED_MARK, True)
     return result

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from smoothrot.arch.tables import architecture_of, resolve_sites
+from smoothrot.arch.sites import architecture_of, resolve_sites
 from smoothrot.schema.config import get_scheme
-from smoothrot.surgery.fuse import SitePlan, apply_plans, transformed
+from smoothrot.surgery.hooks import apply_plans, transformed
+from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 from tests.arch.tiny import TINY, exact_norms, norm_modules, tiny_model
 

@@ -24,7 +24,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from smoothrot.arch.tables import architecture_of
+from smoothrot.arch.sites import architecture_of
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=96, max_position_embeddings=64)

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import weight_absmax
@@ -18,7 +18,8 @@ from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.evaluate import perplexity
 from smoothrot.io.export import export_model, load_pretrained
 from smoothrot.schema.config import get_scheme
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

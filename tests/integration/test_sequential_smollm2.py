@@ -4,7 +4,7 @@ weights streamed from a safetensors copy."""
 import pytest
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset
 from smoothrot.calibrate.sequential import SafetensorsWeights, capture_sequential
 from smoothrot.data import load_documents, split_documents, token_windows

@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import weight_absmax
 from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.schema.config import config_from_dict, get_scheme
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.data import load_documents, split_documents, token_windows
 from smoothrot.schema.config import get_scheme
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 
 pytestmark = pytest.mark.integration

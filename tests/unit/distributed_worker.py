@@ -18,7 +18,7 @@ import torch
 from smoothrot import distributed
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
 from smoothrot.schema.config import DistributedConfig, FitConfig, TrainConfig, get_scheme
-from smoothrot.training.fit import fit_scales
+from smoothrot.training.fit import TrainProblem, fit_scales
 
 QUANTILES = (0.9, 0.99, 0.999, 1.0)
 # Rank 0's share of the observer rows: uneven on purpose (313 vs 687 rows).
@@ -65,7 +65,7 @@ def tiny_llama() -> torch.nn.Module:
 
 def calibration_case() -> dict[str, torch.Tensor]:
     """The pipeline's calibration of both down_proj sites: statistics and token sets."""
-    from smoothrot.arch.tables import resolve_sites
+    from smoothrot.arch.sites import resolve_sites
     from smoothrot.job import Timer, _calibrate
 
     model = tiny_llama()
@@ -101,8 +101,8 @@ def training_problem() -> dict[str, torch.Tensor]:
 def training_case(checkpoint_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Trained scales and best selection loss of one synthetic site (data-parallel on 2 ranks)."""
     p = training_problem()
-    scales, best = fit_scales(p["w"], p["init"], get_scheme("w4a4"), p["x"], p["val"], TRAIN,
-                              seed=1, checkpoint_dir=checkpoint_dir)
+    problem = TrainProblem(p["w"], p["init"], get_scheme("w4a4"), p["x"], p["val"], seed=1)
+    scales, best = fit_scales(problem, TRAIN, checkpoint_dir=checkpoint_dir)
     return {"scales": scales, "best_val": torch.tensor([best], dtype=torch.float64)}
 
 

@@ -20,14 +20,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
 from smoothrot.evaluate import layer_error
 from smoothrot.models import ModelLoadError, load_model
 from smoothrot.schema.config import ConfigError, QuantScheme, config_from_dict, load_config
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 from train.fit_scales import main
 

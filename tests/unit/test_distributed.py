@@ -24,7 +24,8 @@ from smoothrot import distributed
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, token_subset
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
 from smoothrot.schema.config import ConfigError, DistributedConfig, config_from_dict, config_to_dict
-from smoothrot.training.fit import FINAL_SCALES, LAST_CKPT, EpochTokenSampler
+from smoothrot.training.checkpoints import FINAL_SCALES, LAST_CKPT
+from smoothrot.training.sampler import EpochTokenSampler
 from tests.unit import distributed_worker as worker
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,11 +18,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.hadamard import is_supported
+from smoothrot.core.transform import transform_input, transform_weight
 from smoothrot.io.export import unfuse_site
-from smoothrot.losses import transform_input, transform_weight
-from smoothrot.surgery.fuse import SitePlan, apply_plans, fuse_site
+from smoothrot.surgery.fuse import fuse_site
+from smoothrot.surgery.hooks import apply_plans
+from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 
 U = 2.0**-53

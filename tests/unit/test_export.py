@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.fp4 import nvfp4_global_scale
 from smoothrot.core.gptq import gptq_fused_weight
 from smoothrot.core.quantizers import quantize_weight_spec
@@ -28,7 +28,8 @@ from smoothrot.job import FitResult, SchemeResult
 from smoothrot.models import model_fingerprint
 from smoothrot.report import save_scales
 from smoothrot.schema.config import FitConfig, get_scheme
-from smoothrot.surgery.fuse import SitePlan, apply_plans
+from smoothrot.surgery.hooks import apply_plans
+from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
-"""RTN fake quantization: the per-row symmetric quantizer (grid, error bound, dtypes, STE) and
-the scheme-level options (groups, asymmetric, MSE clip search, scheme entry points)."""
+"""RTN fake quantization: the per-row symmetric integer quantizer (grid, error bound, dtypes,
+STE, pinned to the original W4A4/W8A8 arithmetic) and the scheme-level options (groups,
+asymmetric, MSE clip search, scheme entry points)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,43 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smoothrot.core.quantizers import (
+    INT_BITS,
     MSE_CLIP_GRID,
-    SUPPORTED_BITS,
     Quantizer,
     RoundSTE,
-    fake_quantize,
-    quantize_activation,
     quantize_activation_spec,
-    quantize_weight,
     quantize_weight_spec,
 )
 from smoothrot.schema.config import PRESET_SCHEMES, ConfigError, QuantScheme, get_scheme
 
 
 def _scale(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """The per-row scale the quantizer is documented to use (float32)."""
-    xf = x.float()
+    """The per-row scale the quantizer is documented to use (half inputs in float32)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     qmax = 2 ** (bits - 1) - 1
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    return (clip_ratio * amax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    return (clip_ratio * amax / qmax).clamp(min=torch.finfo(xf.dtype).tiny)
+
+
+def _reference(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """The original W4A4/W8A8 arithmetic written out: symmetric RTN, one scale per row.
+
+    Stored results and exported scales depend on these exact numbers, so the library is compared
+    to this bit for bit.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = _scale(x, bits, clip_ratio)
+    xf = x.to(scale.dtype)
+    return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+
+
+def _scheme(**kw: object) -> QuantScheme:
+    return QuantScheme("t", **{"w_bits": 4, "a_bits": 4, **kw})  # type: ignore[arg-type]
+
+
+def _rtn(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, ste: bool = False) -> torch.Tensor:
+    """Per-row symmetric integer RTN through the library (any of INT_BITS, not only 4/8)."""
+    return Quantizer("int", bits, clip=clip_ratio)(x, ste=ste)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -38,18 +57,30 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * torch.logspace(-3, 3, shape[-2]).unsqueeze(-1)
 
 
-@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("bits", INT_BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_matches_the_written_out_formula(bits: int, dtype: torch.dtype) -> None:
+    x = _randn(16, 80, seed=bits).to(dtype)
+    for clip in (1.0, 0.6):
+        assert torch.equal(_rtn(x, bits, clip), _reference(x, bits, clip))
+    scheme = _scheme(w_bits=8, a_bits=8) if bits == 8 else _scheme()
+    if bits in (4, 8):  # what a scheme allows: both entry points are the same per-row RTN
+        assert torch.equal(quantize_weight_spec(x, scheme), _reference(x, bits))
+        assert torch.equal(quantize_activation_spec(x, scheme), _reference(x, bits))
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
 def test_idempotent(bits: int) -> None:
     x = _randn(32, 64, seed=bits)
-    q = fake_quantize(x, bits)
-    assert torch.equal(fake_quantize(q, bits), q)
+    q = _rtn(x, bits)
+    assert torch.equal(_rtn(q, bits), q)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_error_within_half_step(bits: int) -> None:
     x = _randn(48, 96, seed=10 + bits)
     scale = _scale(x, bits)
-    err = (fake_quantize(x, bits) - x).abs()
+    err = (_rtn(x, bits) - x).abs()
     assert torch.all(err <= scale / 2 * (1 + 1e-5) + 1e-30)
 
 
@@ -59,7 +90,7 @@ def test_values_on_grid(bits: int, clip_ratio: float) -> None:
     x = _randn(16, 300, seed=bits)
     qmax = 2 ** (bits - 1) - 1
     scale = _scale(x, bits, clip_ratio)
-    codes = fake_quantize(x, bits, clip_ratio=clip_ratio) / scale
+    codes = _rtn(x, bits, clip_ratio=clip_ratio) / scale
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     codes = codes.round()
     assert codes.min() >= -qmax - 1
@@ -70,7 +101,7 @@ def test_values_on_grid(bits: int, clip_ratio: float) -> None:
 
 def test_clipping_saturates_large_values() -> None:
     x = torch.tensor([[-10.0, -1.0, 0.5, 2.0, 10.0]])
-    q = fake_quantize(x, 4, clip_ratio=0.5)
+    q = _rtn(x, 4, clip_ratio=0.5)
     scale = 0.5 * 10.0 / 7
     assert q[0, -1] == pytest.approx(7 * scale)
     assert q[0, 0] == pytest.approx(-8 * scale)  # the negative side has one more level
@@ -80,22 +111,22 @@ def test_zero_rows_give_zeros() -> None:
     x = _randn(4, 32, seed=1)
     x[2] = 0.0
     for ste in (False, True):
-        q = fake_quantize(x, 4, ste=ste)
+        q = _rtn(x, 4, ste=ste)
         assert torch.isfinite(q).all()
         assert torch.equal(q[2], torch.zeros(32))
-    assert torch.equal(fake_quantize(torch.zeros(3, 8), 8), torch.zeros(3, 8))
+    assert torch.equal(_rtn(torch.zeros(3, 8), 8), torch.zeros(3, 8))
 
 
 def test_rows_are_independent() -> None:
     x = _randn(2, 5, 40, seed=2)
-    q = quantize_activation(x, 4)
+    q = quantize_activation_spec(x, _scheme())
     for b in range(2):
         for t in range(5):
-            assert torch.equal(q[b, t], fake_quantize(x[b, t], 4))
+            assert torch.equal(q[b, t], _reference(x[b, t], 4))
     # A huge outlier in one token must not change any other token.
     y = x.clone()
     y[0, 3, 7] = 1e6
-    qy = quantize_activation(y, 4)
+    qy = quantize_activation_spec(y, _scheme())
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, 3] = False
     assert torch.equal(qy[mask], q[mask])
@@ -103,8 +134,8 @@ def test_rows_are_independent() -> None:
 
 def test_w8_much_more_accurate_than_w4() -> None:
     w = _randn(64, 256, seed=3)
-    err4 = (quantize_weight(w, 4) - w).pow(2).mean()
-    err8 = (quantize_weight(w, 8) - w).pow(2).mean()
+    err4 = (quantize_weight_spec(w, _scheme()) - w).pow(2).mean()
+    err8 = (quantize_weight_spec(w, _scheme(w_bits=8)) - w).pow(2).mean()
     # Each extra bit halves the step (quarters the MSE): expect roughly 4^4 = 256x.
     assert err8 * 100 < err4
 
@@ -112,24 +143,24 @@ def test_w8_much_more_accurate_than_w4() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_preserved(dtype: torch.dtype) -> None:
     x = _randn(8, 64, seed=4).to(dtype)
-    q = fake_quantize(x, 4)
+    q = _rtn(x, 4)
     assert q.dtype == dtype
     if dtype != torch.float64:
         # Half inputs are quantized in float32, then cast back once.
-        assert torch.equal(q, fake_quantize(x.float(), 4).to(dtype))
+        assert torch.equal(q, _rtn(x.float(), 4).to(dtype))
 
 
 def test_ste_forward_matches_plain() -> None:
     x = _randn(8, 64, seed=5)
     for clip in (1.0, 0.7):
         assert torch.equal(
-            fake_quantize(x, 4, clip_ratio=clip, ste=True), fake_quantize(x, 4, clip_ratio=clip)
+            _rtn(x, 4, clip_ratio=clip, ste=True), _rtn(x, 4, clip_ratio=clip)
         )
 
 
 def test_ste_gradient() -> None:
     x = _randn(6, 50, seed=6).requires_grad_(True)
-    fake_quantize(x, 4, ste=True).sum().backward()
+    _rtn(x, 4, ste=True).sum().backward()
     grad = x.grad
     assert grad is not None
     assert torch.isfinite(grad).all()
@@ -141,7 +172,7 @@ def test_ste_gradient() -> None:
     assert torch.equal(grad[not_max], torch.ones_like(grad[not_max]))
     # The plain (non-STE) path is flat almost everywhere, which is why training needs the STE.
     y = x.detach().clone().requires_grad_(True)
-    fake_quantize(y, 4).sum().backward()
+    _rtn(y, 4).sum().backward()
     assert y.grad is not None
     assert torch.equal(y.grad[not_max], torch.zeros_like(y.grad[not_max]))
 
@@ -161,7 +192,7 @@ def test_ste_gradient_with_detached_scale_is_identity_inside_range() -> None:
     assert (~inside).any()
     # The real function agrees on clipped, non-argmax entries: the clamp blocks their gradient.
     y = x.detach().clone().requires_grad_(True)
-    fake_quantize(y, bits, clip_ratio=clip, ste=True).sum().backward()
+    _rtn(y, bits, clip_ratio=clip, ste=True).sum().backward()
     assert y.grad is not None
     argmax = y.detach().abs().argmax(dim=-1, keepdim=True)
     not_max = torch.ones_like(y.grad, dtype=torch.bool).scatter(-1, argmax, False)
@@ -170,7 +201,7 @@ def test_ste_gradient_with_detached_scale_is_identity_inside_range() -> None:
 
 def test_half_input_gradient_dtype() -> None:
     x = _randn(4, 32, seed=8).to(torch.bfloat16).requires_grad_(True)
-    fake_quantize(x, 8, ste=True).float().sum().backward()
+    _rtn(x, 8, ste=True).float().sum().backward()
     assert x.grad is not None
     assert x.grad.dtype == torch.bfloat16
     assert torch.isfinite(x.grad.float()).all()
@@ -179,13 +210,14 @@ def test_half_input_gradient_dtype() -> None:
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, True])
 def test_invalid_bits(bits: int) -> None:
     with pytest.raises(ValueError, match=rf"bits={bits}.*2\.\.8"):
-        fake_quantize(torch.ones(2, 2), bits)
+        Quantizer("int", bits)
 
 
 @pytest.mark.parametrize("clip_ratio", [0.0, -0.5, 1.01, float("nan")])
-def test_invalid_clip_ratio(clip_ratio: float) -> None:
+@pytest.mark.parametrize("fmt", ["int", "nvfp4"])
+def test_invalid_clip_ratio(clip_ratio: float, fmt: str) -> None:
     with pytest.raises(ValueError, match=r"clip_ratio=.*\(0, 1\]"):
-        fake_quantize(torch.ones(2, 2), 4, clip_ratio=clip_ratio)
+        Quantizer(fmt, 4, group_size=16, clip=clip_ratio)
 
 
 _FLOATS = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_subnormal=False)
@@ -198,23 +230,19 @@ _FLOATS = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_subnormal=False)
             st.lists(_FLOATS, min_size=cols, max_size=cols), min_size=1, max_size=6
         )
     ),
-    bits=st.sampled_from(SUPPORTED_BITS),
+    bits=st.sampled_from(INT_BITS),
 )
 def test_property_idempotent_and_half_step(rows: list[list[float]], bits: int) -> None:
     x = torch.tensor(rows, dtype=torch.float32)
-    q = fake_quantize(x, bits)
+    q = _rtn(x, bits)
     assert torch.isfinite(q).all()
-    assert torch.equal(fake_quantize(q, bits), q)
+    assert torch.equal(_rtn(q, bits), q)
     err = (q - x).abs()
     assert torch.all(err <= _scale(x, bits) / 2 * (1 + 1e-5) + 1e-30)
 
 
 # --------------------------------------------------------------------------------------------
 # Scheme-level quantizers.
-
-
-def _scheme(**kw: object) -> QuantScheme:
-    return QuantScheme("t", **{"w_bits": 4, "a_bits": 4, **kw})  # type: ignore[arg-type]
 
 
 def _heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -226,20 +254,19 @@ def _heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["w4a4", "w8a8"])
-def test_plain_schemes_bit_identical_to_old_api(name: str) -> None:
-    """The original presets give exactly what quantize_weight/quantize_activation gave."""
+def test_plain_schemes_bit_identical_to_the_original_arithmetic(name: str) -> None:
+    """The original presets give exactly the written-out per-row formula, weights and inputs."""
     scheme = get_scheme(name)
     w = _randn(40, 96, seed=11)
     x = _randn(3, 20, 96, seed=12)
-    assert torch.equal(quantize_weight_spec(w, scheme), quantize_weight(w, scheme.w_bits))
-    assert torch.equal(quantize_activation_spec(x, scheme), quantize_activation(x, scheme.a_bits))
+    assert torch.equal(quantize_weight_spec(w, scheme), _reference(w, scheme.w_bits))
+    assert torch.equal(quantize_activation_spec(x, scheme), _reference(x, scheme.a_bits))
     clipped = dataclasses.replace(scheme, w_clip=0.8, a_clip=0.9)
-    assert torch.equal(quantize_weight_spec(w, clipped), quantize_weight(w, scheme.w_bits, 0.8))
-    assert torch.equal(quantize_activation_spec(x, clipped),
-                       quantize_activation(x, scheme.a_bits, 0.9))
+    assert torch.equal(quantize_weight_spec(w, clipped), _reference(w, scheme.w_bits, 0.8))
+    assert torch.equal(quantize_activation_spec(x, clipped), _reference(x, scheme.a_bits, 0.9))
     wh = w.to(torch.bfloat16).requires_grad_(True)
     out = quantize_weight_spec(wh, scheme, ste=True)
-    assert torch.equal(out, quantize_weight(wh.detach(), scheme.w_bits))
+    assert torch.equal(out, _reference(wh.detach(), scheme.w_bits))
     out.float().sum().backward()
     assert wh.grad is not None and wh.grad.dtype == torch.bfloat16
 
@@ -249,13 +276,13 @@ def test_groups_are_rows_of_their_own(group: int) -> None:
     """Group g: exactly per-row RTN applied to every run of g input channels."""
     w = _randn(12, 128, seed=13)
     q = quantize_weight_spec(w, _scheme(w_group_size=group))
-    ref = fake_quantize(w.reshape(12, 128 // group, group), 4).reshape(12, 128)
+    ref = _reference(w.reshape(12, 128 // group, group), 4).reshape(12, 128)
     assert torch.equal(q, ref)
     x = _randn(2, 6, 128, seed=14)
     qa = quantize_activation_spec(x, _scheme(a_group_size=group))
-    assert torch.equal(qa, fake_quantize(x.reshape(2, 6, -1, group), 4).reshape(x.shape))
+    assert torch.equal(qa, _reference(x.reshape(2, 6, -1, group), 4).reshape(x.shape))
     # Smaller groups track local ranges: lower error than one scale per row.
-    assert (q - w).pow(2).sum() < (quantize_weight(w, 4) - w).pow(2).sum()
+    assert (q - w).pow(2).sum() < (quantize_weight_spec(w, _scheme()) - w).pow(2).sum()
 
 
 def test_group_size_must_divide_input() -> None:

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.gptq import (
     Hessian,
     gptq_fused_weight,
@@ -22,10 +22,11 @@ from smoothrot.core.quantizers import (
     quantize_activation_spec,
     quantize_weight_spec,
 )
+from smoothrot.core.transform import transform_input, transform_weight
 from smoothrot.evaluate import layer_error
-from smoothrot.losses import transform_input, transform_weight
 from smoothrot.schema.config import QuantScheme, get_scheme
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 
 

@@ -1,4 +1,5 @@
-"""Tests for smoothrot.core.hadamard: exact constructions, orthonormality and the fast transform."""
+"""Tests for smoothrot.core.hadamard and hadamard_constructions: exact constructions,
+orthonormality and the fast transform."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from smoothrot.core import hadamard as hd
+from smoothrot.core import hadamard_constructions as hc
 from smoothrot.core.hadamard import (
     HadamardSizeError,
     hadamard_matrix,
@@ -81,7 +83,7 @@ def _assert_exact_hadamard_int(h: torch.Tensor) -> None:
 @pytest.mark.parametrize("n", sorted(REQUIRED))
 def test_required_sizes_decompose(n: int) -> None:
     assert is_supported(n)
-    k, m = hd._decompose(n)
+    k, m = hc.decompose(n)
     assert k * 2**m == n
     assert k == REQUIRED[n]
 
@@ -90,41 +92,41 @@ def test_required_sizes_decompose(n: int) -> None:
 def test_required_factors_are_exact_hadamard(k: int) -> None:
     # With H_k and Sylvester exact, kron(H_k, H_2^m) is Hadamard: this proves every required
     # size, including the ones too large for a dense float check below.
-    _assert_exact_hadamard(hd._integer_hadamard(k))
+    _assert_exact_hadamard(hc.integer_hadamard(k))
 
 
 def test_every_supported_factor_up_to_200_is_exact() -> None:
     for n in range(1, 201):
-        dec = hd._decompose(n)
+        dec = hc.decompose(n)
         assert (dec is not None) == (n in (1, 2) or (n % 4 == 0 and n not in MISSING_UP_TO_200))
         if dec is not None:
-            _assert_exact_hadamard(hd._integer_hadamard(dec[0]))
+            _assert_exact_hadamard(hc.integer_hadamard(dec[0]))
 
 
 @pytest.mark.parametrize(
     ("builder", "q"),
     [
-        (hd._paley1, 7),
-        (hd._paley1, 27),  # GF(3^3)
-        (hd._paley1, 243),  # GF(3^5)
-        (hd._paley1, 343),  # GF(7^3)
-        (hd._paley2, 5),
-        (hd._paley2, 9),  # GF(3^2)
-        (hd._paley2, 25),  # GF(5^2)
-        (hd._paley2, 49),  # GF(7^2)
-        (hd._paley2, 125),  # GF(5^3)
+        (hc.paley1, 7),
+        (hc.paley1, 27),  # GF(3^3)
+        (hc.paley1, 243),  # GF(3^5)
+        (hc.paley1, 343),  # GF(7^3)
+        (hc.paley2, 5),
+        (hc.paley2, 9),  # GF(3^2)
+        (hc.paley2, 25),  # GF(5^2)
+        (hc.paley2, 49),  # GF(7^2)
+        (hc.paley2, 125),  # GF(5^3)
     ],
 )
 def test_paley_constructions_exact(builder, q: int) -> None:
     h = builder(q)
-    assert h.shape[0] == (q + 1 if builder is hd._paley1 else 2 * (q + 1))
+    assert h.shape[0] == (q + 1 if builder is hc.paley1 else 2 * (q + 1))
     _assert_exact_hadamard(h)
 
 
 def test_kronecker_plan_exact() -> None:
     # 144: 143 = 11·13 is no prime power and 71 ≡ 3 (mod 4), so only a Kronecker product works.
-    assert hd._plan(144)[0] == "kronecker"
-    _assert_exact_hadamard(hd._integer_hadamard(144))
+    assert hc.plan(144)[0] == "kronecker"
+    _assert_exact_hadamard(hc.integer_hadamard(144))
 
 
 def test_stored_williamson_data_is_exact() -> None:
@@ -139,10 +141,10 @@ def test_stored_williamson_data_is_exact() -> None:
             assert len(s) == t
             assert set(s) <= {"+", "-"}
             assert s[1:] == s[1:][::-1], "Williamson sequences must be symmetric"
-        h = hd._williamson(t)
+        h = hc.williamson(t)
         assert h.shape == (4 * t, 4 * t)
         _assert_exact_hadamard_int(h)  # integer arithmetic, as the data file promises
-        assert hd._plan(4 * t) is not None
+        assert hc.plan(4 * t) is not None
 
 
 # --- dense matrix -------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def test_dense_orthonormal(n: int) -> None:
 @pytest.mark.parametrize("n", sorted(n for n in REQUIRED if n > DENSE_MAX))
 def test_large_sizes_orthonormal_sampled_rows(n: int) -> None:
     # Row i of H is hadamard_transform(e_i); a sample of rows gives a block of H H^T.
-    k, m = hd._decompose(n)
+    k, m = hc.decompose(n)
     size = 2**m
     rows = sorted(set(torch.randperm(n, generator=_gen(n))[:30].tolist()) | {0, n - 1})
     eye_rows = torch.zeros(len(rows), n, dtype=torch.float64)
@@ -169,7 +171,7 @@ def test_large_sizes_orthonormal_sampled_rows(n: int) -> None:
     h_rows = hadamard_transform(eye_rows)
     gram = h_rows @ h_rows.T
     assert (gram - torch.eye(len(rows), dtype=torch.float64)).abs().max().item() <= 1e-12
-    hk = hd._integer_hadamard(k)
+    hk = hc.integer_hadamard(k)
     for r, got in zip(rows, h_rows, strict=True):
         expected = torch.kron(hk[r // size], _sylvester_row(r % size, size)).double()
         torch.testing.assert_close(got, expected / math.sqrt(n), rtol=0, atol=1e-12)
@@ -190,7 +192,7 @@ def test_hadamard_matrix_dtype_device_and_fresh_copy() -> None:
 
 def test_deterministic() -> None:
     a = hadamard_matrix(172 * 2)
-    hd._integer_hadamard.cache_clear()
+    hc.integer_hadamard.cache_clear()
     hd._factor.cache_clear()
     b = hadamard_matrix(172 * 2)
     assert torch.equal(a, b)

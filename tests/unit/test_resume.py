@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -10,14 +11,9 @@ import pytest
 import torch
 
 from smoothrot.schema.config import TrainConfig, get_scheme
-from smoothrot.training import fit as lm
-from smoothrot.training.fit import (
-    FINAL_SCALES,
-    LAST_CKPT,
-    EpochTokenSampler,
-    ResumeError,
-    fit_scales,
-)
+from smoothrot.training.checkpoints import FINAL_SCALES, LAST_CKPT, ResumeError
+from smoothrot.training.fit import TrainProblem, fit_scales
+from smoothrot.training.sampler import EpochTokenSampler
 from tests.unit.distributed_worker import training_problem
 
 W4A4 = get_scheme("w4a4")
@@ -29,10 +25,14 @@ def problem() -> dict[str, torch.Tensor]:
     return training_problem()
 
 
+def _problem(p: dict[str, torch.Tensor]) -> TrainProblem:
+    return TrainProblem(p["w"], p["init"], W4A4, p["x"], p["val"], seed=1)
+
+
 def _fit(
     p: dict[str, torch.Tensor], cfg: TrainConfig = CFG, **kwargs: object
 ) -> tuple[torch.Tensor, float]:
-    return fit_scales(p["w"], p["init"], W4A4, p["x"], p["val"], cfg, seed=1, **kwargs)
+    return fit_scales(_problem(p), cfg, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_finished_site_is_not_retrained(problem, reference, tmp_path, monkeypatc
     def no_trainer(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished site must not build a Trainer")
 
-    monkeypatch.setattr(lm.L, "Trainer", no_trainer)
+    monkeypatch.setattr(L, "Trainer", no_trainer)
     again = _fit(problem, checkpoint_dir=tmp_path, resume=True)
     assert torch.equal(again[0], reference[0]) and again[1] == reference[1]
 
@@ -123,8 +123,8 @@ def test_resume_refuses_a_checkpoint_of_other_inputs(problem, tmp_path) -> None:
         _fit(problem, other, checkpoint_dir=tmp_path, resume=True)
     _one_line_error(exc, str(tmp_path / LAST_CKPT), "another model", "without --resume")
     with pytest.raises(ResumeError) as exc:  # the same checkpoint, another layer's weight
-        fit_scales(problem["w"] * 2, problem["init"], W4A4, problem["x"], problem["val"], CFG,
-                   seed=1, checkpoint_dir=tmp_path, resume=True)
+        fit_scales(replace(_problem(problem), weight=problem["w"] * 2), CFG,
+                   checkpoint_dir=tmp_path, resume=True)
     _one_line_error(exc, "another model")
 
 

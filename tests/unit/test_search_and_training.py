@@ -10,7 +10,7 @@ from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods import search
 from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses, select_policies
 from smoothrot.schema.config import QuantScheme, TrainConfig, get_scheme
-from smoothrot.training.fit import fit_scales
+from smoothrot.training.fit import TrainProblem, fit_scales
 
 W4A4 = get_scheme("w4a4")
 
@@ -109,9 +109,9 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     init = smoothing_scales(stats_of(train_x, [1.0])[1.0], weight_absmax(w), 0.5)
     cfg = TrainConfig(steps=40, lr=0.05, batch_tokens=256, val_every=10)
     init_val = candidate_loss(val_x, val_x @ w.T, w, init, W4A4)
-    s1, best1 = fit_scales(w, init, W4A4, train_x, val_x, cfg, seed=3)
-    s2, best2 = fit_scales(w, init, W4A4, train_x, val_x, cfg, seed=3,
-                           checkpoint_dir=tmp_path / "ck")
+    problem = TrainProblem(w, init, W4A4, train_x, val_x, seed=3)
+    s1, best1 = fit_scales(problem, cfg)
+    s2, best2 = fit_scales(problem, cfg, checkpoint_dir=tmp_path / "ck")
     assert torch.equal(s1, s2) and best1 == best2
     assert (tmp_path / "ck" / "last.ckpt").is_file()
     assert torch.isfinite(s1).all() and (s1 > 0).all()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from smoothrot.arch.tables import resolve_sites
+from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, capture_splits, token_subset
 from smoothrot.calibrate.sequential import (
     CheckpointError,
@@ -22,7 +22,8 @@ from smoothrot.core.gptq import gptq_fused_weight_selected
 from smoothrot.job import Timer, _calibrate
 from smoothrot.models import empty_model
 from smoothrot.schema.config import ConfigError, FitConfig, config_from_dict, get_scheme
-from smoothrot.surgery.fuse import SitePlan, transformed
+from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.plan import SitePlan
 from tests.arch.tiny import tiny_model
 from tests.conftest import tiny_llama
 

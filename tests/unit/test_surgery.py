@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from smoothrot.arch.tables import UnsupportedArchitectureError, resolve_sites
+from smoothrot.arch.sites import UnsupportedArchitectureError, resolve_sites
 from smoothrot.schema.config import QuantScheme, get_scheme
-from smoothrot.surgery.fuse import SitePlan, apply_plans, transformed
+from smoothrot.surgery.hooks import apply_plans, transformed
+from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 
 
@@ -100,7 +101,7 @@ def test_resolve_all_groups_and_member_names(llama):
 def test_gqa_tie_index_matches_attention(llama):
     """o_proj input channel (h, d) comes from v_proj row (h // group, d): zeroing one kv head's
     rows zeroes exactly the channels the tie index maps to it."""
-    from smoothrot.losses import _tie_index
+    from smoothrot.core.transform import _tie_index
 
     attn = llama.model.layers[0].self_attn
     captured = []
@@ -122,7 +123,8 @@ def test_gqa_tie_index_matches_attention(llama):
     ("offset_norm", [-3.0, -1.0, 1.0], [-2.0, -1.0, -0.5]),  # (1+γ)/s − 1
 ])
 def test_fold_into_norm_divides_effective_gamma(llama, kind, gamma, expected):
-    from smoothrot.arch.tables import ResolvedSite, SmoothingSite
+    from smoothrot.arch.sites import ResolvedSite
+    from smoothrot.arch.tables import SmoothingSite
     from smoothrot.surgery.fuse import fold_into_source
 
     norm = torch.nn.Module()
@@ -217,7 +219,8 @@ def test_capture_every_site_of_every_layer(llama):
 
 
 def test_fold_into_layernorm_divides_bias_too(llama):
-    from smoothrot.arch.tables import ResolvedSite, SmoothingSite
+    from smoothrot.arch.sites import ResolvedSite
+    from smoothrot.arch.tables import SmoothingSite
 
     torch.manual_seed(0)
     norm, linear = torch.nn.LayerNorm(64).double(), torch.nn.Linear(64, 8).double()
@@ -243,7 +246,7 @@ def test_offline_weights_of_a_source_linear_keep_its_row_folding(scheme):
     Storing RTN codes of each site's own fused weight as weight_q must give the RTN model.
     """
     from smoothrot.core.quantizers import quantize_weight_spec
-    from smoothrot.losses import transform_weight
+    from smoothrot.core.transform import transform_weight
 
     model = tiny_llama(dtype=torch.float64)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))

@@ -1,0 +1,107 @@
+"""The online half of the surgery: pre-hooks that rotate (and fake-quantize) a linear's input,
+and applying site plans to a live model, permanently or for the length of a ``with`` block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from smoothrot.arch.sites import ResolvedSite
+from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.transform import IDENTITY, SiteTransform
+from smoothrot.schema.config import QuantScheme, with_act_clip
+from smoothrot.surgery.fuse import fuse_site, linear_weights_q
+from smoothrot.surgery.plan import SitePlan
+
+
+class OnlineInputTransform:
+    """Forward pre-hook: x ↦ Q_a(x·R); R from ``transform`` (identity: none), Q_a the
+    ``scheme``'s activation quantizer (any format / group size) when one is given."""
+
+    def __init__(self, transform: SiteTransform, scheme: QuantScheme | None = None) -> None:
+        self.transform = transform
+        self.scheme = scheme
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        x = self.transform.rotate(args[0])
+        if self.scheme is not None:
+            x = quantize_activation_spec(x, self.scheme)
+        return (x, *args[1:])
+
+
+def online_transform(rs: ResolvedSite, plan: SitePlan) -> SiteTransform:
+    """What a site's pre-hook must still rotate at run time (identity for offline rotations)."""
+    return rs.transform.with_rotation(plan.rotation) if plan.rotation.is_online() else IDENTITY
+
+
+def apply_plans(
+    sites: Sequence[ResolvedSite],
+    plans: Mapping[str, SitePlan],
+    scheme: QuantScheme | None = None,
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Transform every site with a plan; with ``scheme``, fake-quantize weights and inputs too.
+
+    All sites are fused before any weight is quantized: a linear can be both a group member
+    (columns transformed) and a source (rows divided, e.g. up_proj, v_proj), and it must be
+    quantized once, in its final form. Returns the hook handles (online rotation / activation
+    quantization), one per linear of every planned site.
+    """
+    active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
+    weights_q = linear_weights_q(sites, plans)  # checked before anything is changed
+    for rs, plan in active:
+        fuse_site(rs, plan.scales, plan.rotation)
+    for rs, plan in active:
+        if plan.weight_q is not None:
+            with torch.no_grad():
+                for linear in rs.linears:
+                    linear.weight.copy_(weights_q[linear].to(linear.weight))
+        elif scheme is not None:
+            with torch.no_grad():
+                for linear in rs.linears:
+                    linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
+    handles = []
+    for rs, plan in active:
+        if plan.rotation.is_online() or scheme is not None:
+            hook = OnlineInputTransform(
+                online_transform(rs, plan),
+                None if scheme is None else with_act_clip(scheme, plan.act_clip))
+            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
+    return handles
+
+
+def site_parameters(rs: ResolvedSite) -> list[nn.Parameter]:
+    """Every parameter a site's surgery may write (its linears and its source)."""
+    params = []
+    for module in (*rs.linears, rs.smooth_from):
+        for name in ("weight", "bias"):
+            p = getattr(module, name, None)
+            if isinstance(p, torch.Tensor):
+                params.append(p)
+    return params
+
+
+@contextmanager
+def transformed(
+    sites: Sequence[ResolvedSite],
+    plans: Mapping[str, SitePlan],
+    scheme: QuantScheme | None = None,
+) -> Iterator[None]:
+    """Temporarily apply :func:`apply_plans`; weights and hooks are restored on exit."""
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for rs in sites:
+        if rs.name in plans:
+            for p in site_parameters(rs):
+                saved.setdefault(id(p), (p, p.detach().clone()))
+    handles: list = []
+    try:
+        handles = apply_plans(sites, plans, scheme)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for p, original in saved.values():
+                p.copy_(original)

@@ -1,0 +1,98 @@
+"""The LightningModule that refines log s of one site, and the callback that checkpoints it.
+
+Loss: mean over tokens of ||x·Wᵀ − Q(x′)·Q(W′)ᵀ||² with straight-through rounding (losses.py);
+the parameterization (core/scales.py) keeps s positive, bounded and normalized, so every iterate
+is an exactly equivalent transform. Validation on the selection split keeps the best scales seen,
+including the initial ones, so training can only improve the selection error.
+
+Kept apart from the entry point (fit.py) so the math of one training step reads on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torchmetrics import MeanMetric
+
+from smoothrot.core.scales import LogScales
+from smoothrot.losses import TransformArg, output_loss, quantized_output
+from smoothrot.schema.config import QuantScheme
+
+
+class ScaleFitModule(L.LightningModule):
+    """Fits the smoothing scales of one linear layer under a fake-quant scheme.
+
+    ``run_key`` is stored with the hyperparameters so a checkpoint names the run it belongs to
+    (checkpoints.py checks it before resuming).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        init_scales: torch.Tensor,
+        scheme: QuantScheme,
+        rotate: TransformArg = True,
+        lr: float = 0.02,
+        log_bound: float = 9.0,
+        run_key: str = "",
+    ) -> None:
+        super().__init__()
+        # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["weight", "init_scales", "scheme"])
+        self.scheme = scheme
+        self.rotate = rotate
+        self.lr = lr
+        self.register_buffer("weight", weight.detach().float(), persistent=False)
+        self.log_scales = LogScales(init_scales, log_bound)
+        self.register_buffer("best_scales", self.log_scales.scales())
+        self.register_buffer("best_val", torch.tensor(float("inf"), dtype=torch.float64))
+        self.val_loss = MeanMetric()
+
+    def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        y_q = quantized_output(x, self.weight, self.log_scales(), self.rotate, self.scheme,
+                               ste=True)
+        loss = output_loss(y, y_q)
+        if stage == "val":
+            self.val_loss.update(loss, weight=x.shape[0])
+        else:
+            self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.val_loss.compute().double()
+        self.val_loss.reset()
+        # Already reduced over ranks by the metric; sync_dist only states it (and is exact).
+        self.log("val_loss", value.float(), prog_bar=True, sync_dist=True)
+        if value < self.best_val:
+            self.best_val.copy_(value)
+            self.best_scales.copy_(self.log_scales.scales())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.log_scales.parameters(), lr=self.lr)
+
+
+class EpochEndCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` at every epoch end (after its validation), nowhere else.
+
+    An epoch end is where Lightning restores its loops exactly; Lightning writes the file
+    through a temporary file, so a kill mid-save keeps the previous checkpoint.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path, weights_only=False)  # with the optimizer state
