@@ -18,7 +18,7 @@ from pathlib import Path
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
 from smoothrot.calibrate.capture import run_model
-from smoothrot.data import split_windows
+from smoothrot.data.splits import split_windows
 from smoothrot.job import run_fit
 from smoothrot.models import load_model
 from smoothrot.report import summary_table, write_outputs

@@ -35,11 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from smoothrot.arch.sites import resolve_sites  # noqa: E402
 from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset  # noqa: E402
-from smoothrot.calibrate.sequential import (  # noqa: E402
-    SAFETENSORS_INDEX,
-    SafetensorsWeights,
-    capture_sequential,
-)
+from smoothrot.calibrate.sequential import capture_sequential  # noqa: E402
+from smoothrot.calibrate.weights import SAFETENSORS_INDEX, SafetensorsWeights  # noqa: E402
 from smoothrot.models import empty_model  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
@@ -67,7 +64,8 @@ def _rss_mib() -> float:
 
 def _prepare_smollm2(work: Path, samples: int, seq_len: int) -> None:
     """float32 safetensors copy of the embedded model + pydoc calibration windows."""
-    from smoothrot.data import load_documents, split_documents, token_windows
+    from smoothrot.data.sources import load_documents
+    from smoothrot.data.splits import split_documents, token_windows
     from smoothrot.models import load_model, save_float_checkpoint
 
     model, tokenizer = load_model("embedded:smollm2")

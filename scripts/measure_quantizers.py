@@ -33,15 +33,16 @@ import torch
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model, token_subset
-from smoothrot.core.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.quantizers import quantize_weight_spec
 from smoothrot.core.stats import weight_absmax
 from smoothrot.core.transform import transform_weight
-from smoothrot.data import split_windows
+from smoothrot.data.splits import split_windows
 from smoothrot.evaluate import layer_error, perplexity
+from smoothrot.methods.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.models import load_model
-from smoothrot.schema.config import DataConfig, QuantScheme, get_scheme, load_config
+from smoothrot.schema.config import DataConfig, load_config
+from smoothrot.schema.quant import QuantScheme, get_scheme
 
 log = logging.getLogger("measure_quantizers")
 

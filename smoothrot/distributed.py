@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
-from smoothrot.schema.config import ConfigError, DistributedConfig
+from smoothrot.schema.config import DistributedConfig
+from smoothrot.schema.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

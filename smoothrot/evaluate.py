@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from smoothrot.core.quantizers import quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_weight
 from smoothrot.losses import quantized_output
-from smoothrot.schema.config import QuantScheme
+from smoothrot.schema.quant import QuantScheme
 
 
 @dataclass(frozen=True)

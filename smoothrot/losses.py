@@ -12,7 +12,7 @@ import torch
 
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
-from smoothrot.schema.config import QuantScheme
+from smoothrot.schema.quant import QuantScheme
 
 
 def quantized_output(

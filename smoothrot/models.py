@@ -260,7 +260,7 @@ def empty_model(config: PretrainedConfig | str | Path, dtype: str = "float32") -
 
     ``config`` is a HF config or a local folder holding ``config.json``. Buffers computed at
     construction (rotary ``inv_freq``) stay real. Sequential calibration fills one layer at a time
-    from the checkpoint (``calibrate.sequential.SafetensorsWeights``), so a model larger than
+    from the checkpoint (``calibrate.weights.SafetensorsWeights``), so a model larger than
     memory can be calibrated.
     """
     from accelerate import init_empty_weights
@@ -283,7 +283,7 @@ def empty_model(config: PretrainedConfig | str | Path, dtype: str = "float32") -
 def save_float_checkpoint(model: PreTrainedModel, folder: str | Path) -> Path:
     """Write the model's current weights as ``model.safetensors`` + a ``config.json`` without a
     quantization section, so a model loaded from GGUF (dequantized) can be streamed layer by
-    layer from disk (:func:`empty_model` + ``smoothrot.calibrate.sequential.SafetensorsWeights``) or
+    layer from disk (:func:`empty_model` + ``smoothrot.calibrate.weights.SafetensorsWeights``) or
     reloaded with ``from_pretrained``. Tied tensors are stored once.
     """
     from safetensors.torch import save_model

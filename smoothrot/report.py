@@ -18,22 +18,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from smoothrot.job import GPTQ_SUFFIX, FitResult, SchemeResult
-from smoothrot.schema.config import QuantScheme, config_to_dict, get_scheme
+from smoothrot.job import FitResult, SchemeResult
+from smoothrot.methods.registry import BASELINE, get_method
+from smoothrot.schema.config import config_to_dict
+from smoothrot.schema.quant import QuantScheme, get_scheme
 
-BASELINE = "smoothrot_max"
-LABELS = {
-    "rtn": "RTN",
-    "hadamard": "Hadamard-only",
-    "smoothrot_max": "SmoothRot-max",
-    "quantile": "quantile",
-    "joint_global": "joint (global)",
-    "joint": "joint (per layer)",
-    "trained": "trained",
-    "hadamard+gptq": "Hadamard + GPTQ",
-    "joint+gptq": "joint + GPTQ",
-    "trained+gptq": "trained + GPTQ",
-}
+
+def label(method: str) -> str:
+    """The method's name in tables (from the registry)."""
+    return get_method(method).label
 
 
 def _weight_format(scheme: QuantScheme) -> str:
@@ -49,7 +42,7 @@ def _weight_format(scheme: QuantScheme) -> str:
 
 def weight_quantizer_label(scheme_name: str, method: str) -> str:
     """How a method's weights were rounded under a scheme, e.g. ``GPTQ, int4 sym per-channel``."""
-    rounding = "GPTQ" if method.endswith(GPTQ_SUFFIX) else "RTN"
+    rounding = get_method(method).rounding.upper()
     return f"{rounding}, {_weight_format(get_scheme(scheme_name))}"
 
 
@@ -139,7 +132,7 @@ def summary_table(result: FitResult) -> str:
         lines.append(f"\n{sr.scheme.upper():<20}{header}")
         for method, row in summarize(sr).items():
             p = _ppl_cell(row["perplexity"], 10) if "perplexity" in row else f"{'-':>10}"
-            lines.append(f"{LABELS[method]:<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
+            lines.append(f"{label(method):<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
     if len(result.schemes) > 1:
         schemes = [sr.scheme for sr in result.schemes]
@@ -152,7 +145,7 @@ def summary_table(result: FitResult) -> str:
                 mse = f"{row['mean_mse']:14.4g}" if row else f"{'-':>14}"
                 p = _ppl_cell(row["perplexity"], 9) if row and "perplexity" in row else f"{'-':>9}"
                 cells.append(mse + p)
-            lines.append(f"{LABELS[method]:<20}" + "".join(cells))
+            lines.append(f"{label(method):<20}" + "".join(cells))
     total = sum(result.timings.values())
     lines.append(f"\ntotal {total:.0f} s")
     return "\n".join(lines)
@@ -184,7 +177,7 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
                 cells.append("- | -" if row is None else
                              f"{row['mean_mse']:.5g} ({row['pct_vs_max']:+.1f}%) | "
                              + (f"{row['perplexity']:.3f}" if "perplexity" in row else "-"))
-            md.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+            md.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     for sr in result.schemes:
         md += ["", f"## {sr.scheme.upper()}", "",
                "| method | weights | mean MSE | % vs SmoothRot-max | mean of per-layer % "
@@ -192,23 +185,23 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
                "|---|---|---:|---:|---:|---:|---:|"]
         for method, row in summarize(sr).items():
             p = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"
-            md.append(f"| {LABELS[method]} | {row['weight_quantizer']} | {row['mean_mse']:.5g} | "
+            md.append(f"| {label(method)} | {row['weight_quantizer']} | {row['mean_mse']:.5g} | "
                       f"{row['pct_vs_max']:+.1f}% | {row['mean_layer_pct_vs_max']:+.1f}% | "
                       f"{row['mean_relative']:.4f} | {p} |")
         glob = {m: next(iter(c.values())) for m, c in sr.choices.items() if m != "joint"}
         if glob:
             md.append("")
             md.append("Global choices: " + "; ".join(
-                f"{LABELS[m]} α={c.alpha:g}, q={c.q:g}" for m, c in glob.items()))
+                f"{label(m)} α={c.alpha:g}, q={c.q:g}" for m, c in glob.items()))
         if len(result.config.search.act_clips) > 1:
             md += ["", "Activation clip ratios chosen per site on the selection split "
                    "(median, min–max): " + "; ".join(
-                       f"{LABELS[m]} {statistics.median(c.values()):g} ({min(c.values()):g}–"
+                       f"{label(m)} {statistics.median(c.values()):g} ({min(c.values()):g}–"
                        f"{max(c.values()):g})" for m, c in sr.act_clips.items()
                        if m in sr.errors)]
         methods = list(sr.errors)
         md += ["", "Per-layer held-out MSE (last column: trained vs SmoothRot-max):", "",
-               "| layer | " + " | ".join(LABELS[m] for m in methods) + " | joint α, q | Δ |",
+               "| layer | " + " | ".join(label(m) for m in methods) + " | joint α, q | Δ |",
                "|---|" + "---:|" * (len(methods) + 2)]
         for s in result.sites:
             cells = " | ".join(f"{sr.errors[m][s].mse:.4g}" for m in methods)
@@ -248,7 +241,7 @@ def plot(result: FitResult, out: Path) -> list[str]:
     for sr in result.schemes:
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for method, errs in sr.errors.items():
-            ax.plot(x, [errs[s].mse for s in result.sites], marker="o", ms=3, label=LABELS[method])
+            ax.plot(x, [errs[s].mse for s in result.sites], marker="o", ms=3, label=label(method))
         finish(fig, ax, "site (layer index order)", "held-out output MSE",
                f"{result.model_name} {sr.scheme.upper()}: per-layer error by method",
                out / f"layer_error_{sr.scheme}.png")
@@ -256,7 +249,7 @@ def plot(result: FitResult, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 4))
         for method, per_site in sr.scales.items():
             vals = torch.cat([v.double().log10() for v in per_site.values()])
-            ax.hist(vals.numpy(), bins=80, histtype="step", label=LABELS[method])
+            ax.hist(vals.numpy(), bins=80, histtype="step", label=label(method))
         finish(fig, ax, "log10 s (all channels of all sites)", "channels",
                f"{sr.scheme.upper()}: scale distributions", out / f"scales_{sr.scheme}.png")
     return files

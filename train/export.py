@@ -85,7 +85,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"):
     """--samples token windows of --seq-len from ``split`` of --data (the fit's default split)."""
-    from smoothrot.data import load_documents, split_documents, token_windows
+    from smoothrot.data.sources import load_documents
+    from smoothrot.data.splits import split_documents, token_windows
     from smoothrot.schema.config import DataConfig
 
     splits = split_documents(load_documents(args.data), DataConfig().fractions, 0)

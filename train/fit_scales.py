@@ -184,7 +184,7 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
     """
     if not targets:
         return []
-    from smoothrot.data import split_windows
+    from smoothrot.data.splits import split_windows
     from smoothrot.io.export import export_from_scales_file
     from smoothrot.models import load_model
     from smoothrot.report import to_json

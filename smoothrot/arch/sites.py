@@ -12,13 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from smoothrot.arch.tables import (
-    ARCHITECTURES,
-    ROW_SLICES,
-    ArchitectureMap,
-    ModelDims,
-    SmoothingSite,
-)
+from smoothrot.arch.tables import ARCHITECTURES, ArchitectureMap, ModelDims, ROW_SLICES, SmoothingSite
 from smoothrot.core.transform import ScaleTie, SiteTransform
 from smoothrot.schema.rotation import Rotation, RotationKind
 

@@ -154,3 +154,21 @@ def run_model(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: st
         batch = windows[start : start + batch_size].to(device)
         with suppress(StopForward):
             model(input_ids=batch, use_cache=False)
+
+
+def batch_size(seq_len: int) -> int:
+    """Windows per forward pass: about 2048 tokens."""
+    return max(1, 2048 // seq_len)
+
+
+def fit_specs(windows: dict[str, torch.Tensor], train_tokens: int, seed: int,
+              quantiles: Sequence[float] | None = None) -> dict[str, CaptureSpec]:
+    """A fit's three captures: calibration (``train_tokens`` seeded training rows, and the
+    statistics when ``quantiles`` are given), selection and held-out (all rows)."""
+    calib = windows["calibration"]
+    keep = token_subset(calib.numel(), train_tokens, seed)
+    return {
+        "calibration": CaptureSpec(calib, keep, None if quantiles is None else tuple(quantiles)),
+        "selection": CaptureSpec(windows["selection"]),
+        "heldout": CaptureSpec(windows["heldout"]),
+    }

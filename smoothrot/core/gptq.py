@@ -18,11 +18,8 @@ the sweep reaches it, or from the original weights ("static groups", forced with
 group's columns share one scale whatever order they are visited in). So the output lies on exactly
 the grid that RTN with the same scheme would use; only the rounding decisions differ.
 
-In smoothrot GPTQ runs on the fused weight W' = W·diag(s)·H with inputs in the same space
-X' = X·diag(s)⁻¹·H (:func:`gptq_fused_weight`), or their activation-quantized version Q_a(X').
-:func:`gptq_fused_weight_selected` picks the damping per site on the selection split, with
-λ = ∞ (plain RTN) among the candidates: with fewer calibration tokens than inputs, or where
-activation error dominates, GPTQ can lose to RTN, and the selection split shows it.
+In smoothrot GPTQ runs on the fused weight W' = W·diag(s)·R with inputs in the same space
+X' = X·diag(s)⁻¹·R (smoothrot/methods/gptq.py, which also picks the damping per site).
 """
 
 from __future__ import annotations
@@ -36,13 +33,9 @@ from smoothrot.core.quantizers import (
     QParams,
     Quantizer,
     check_group_size,
-    quantize_activation_spec,
-    quantize_weight_spec,
 )
 from smoothrot.core.quantizers import weight_quantizer as _weight_quantizer
-from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
-from smoothrot.losses import output_loss, quantized_output
-from smoothrot.schema.config import QuantScheme
+from smoothrot.schema.quant import QuantScheme
 
 __all__ = [
     "DEFAULT_ACT_AWARE",
@@ -51,8 +44,6 @@ __all__ = [
     "DEFAULT_DAMP_GRID",
     "GPTQChoice",
     "Hessian",
-    "gptq_fused_weight",
-    "gptq_fused_weight_selected",
     "gptq_quantize",
     "input_hessian",
 ]
@@ -195,31 +186,6 @@ def gptq_quantize(
     return out[:, inverse].to(weight.dtype)
 
 
-@torch.no_grad()
-def gptq_fused_weight(
-    weight: torch.Tensor,
-    scales: torch.Tensor | None,
-    transform: SiteTransform,
-    x: torch.Tensor,
-    scheme: QuantScheme,
-    *,
-    act_aware: bool = DEFAULT_ACT_AWARE,
-    **kwargs: object,
-) -> torch.Tensor:
-    """GPTQ-rounded fused weight W·diag(s)·H from the site's raw calibration inputs ``x``.
-
-    The inputs are moved to the same space (X·diag(s)⁻¹·H); with ``act_aware`` they are also
-    fake-quantized as the scheme's activations are, so GPTQ sees what the kernel multiplies.
-    ``kwargs`` go to :func:`gptq_quantize`.
-    """
-    w = weight.detach().float()
-    s = None if scales is None else scales.float()
-    xt = transform_input(x.detach().float(), s, transform)
-    if act_aware:
-        xt = quantize_activation_spec(xt, scheme)
-    return gptq_quantize(transform_weight(w, s, transform), xt, scheme, **kwargs)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class GPTQChoice:
     """The selected rounding of one fused weight: ``damp`` None means RTN was kept."""
@@ -228,47 +194,3 @@ class GPTQChoice:
     damp: float | None
     selection_loss: float
     rtn_selection_loss: float
-
-
-@torch.no_grad()
-def gptq_fused_weight_selected(
-    weight: torch.Tensor,
-    scales: torch.Tensor | None,
-    transform: SiteTransform,
-    x: torch.Tensor,
-    x_selection: torch.Tensor,
-    scheme: QuantScheme,
-    *,
-    damps: tuple[float, ...] = DEFAULT_DAMP_GRID,
-    act_aware: bool = DEFAULT_ACT_AWARE,
-    **kwargs: object,
-) -> GPTQChoice:
-    """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
-
-    Candidates: GPTQ for each λ in ``damps`` (one Hessian from ``x``) and λ = ∞, i.e. RTN of the
-    fused weight. The loss is the layer-output loss every other choice uses (losses.py), with
-    activations quantized as the scheme says, so the result is never worse than RTN on the
-    selection split; held-out tokens are not looked at.
-    """
-    w = weight.detach().float()
-    s = None if scales is None else scales.float()
-    xs = x_selection.detach().float()
-    y = xs @ w.T
-    fused = transform_weight(w, s, transform)
-
-    def loss(wq: torch.Tensor) -> float:
-        return float(output_loss(y, quantized_output(xs, w, s, transform, scheme, weight_q=wq)))
-
-    rtn = quantize_weight_spec(fused, scheme)
-    rtn_loss = loss(rtn)
-    best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
-    xt = transform_input(x.detach().float(), s, transform)
-    if act_aware:
-        xt = quantize_activation_spec(xt, scheme)
-    hess = input_hessian(xt)
-    for damp in damps:
-        wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
-        value = loss(wq)
-        if value < best.selection_loss:
-            best = GPTQChoice(wq, damp, value, rtn_loss)
-    return best

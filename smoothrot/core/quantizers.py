@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot.core import fp4
-from smoothrot.schema.config import QUANT_FORMATS
+from smoothrot.schema.quant import QUANT_FORMATS
 
 if TYPE_CHECKING:
-    from smoothrot.schema.config import QuantScheme
+    from smoothrot.schema.quant import QuantScheme
 
 __all__ = [
     "FORMATS",
@@ -35,7 +35,6 @@ __all__ = [
     "RoundSTE",
     "activation_quantizer",
     "check_group_size",
-    "quantize_activation",
     "quantize_activation_spec",
     "quantize_weight_spec",
     "weight_quantizer",
@@ -257,12 +256,3 @@ def quantize_activation_spec(
     """
     return activation_quantizer(scheme)(x, ste=ste, what=f"scheme {scheme.name!r} activation",
                                         batch_dims=batch_dims)
-
-
-def quantize_activation(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Per-token symmetric integer RTN with ``bits``: ``Quantizer("int", bits, clip=clip_ratio)``.
-
-    Left only for ``smoothrot/surgery/fuse.py`` (``OnlineInputTransform``'s ``act_bits`` path);
-    delete once that uses :func:`quantize_activation_spec`. New code: use a scheme.
-    """
-    return Quantizer("int", bits, clip=clip_ratio)(x)

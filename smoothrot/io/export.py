@@ -57,23 +57,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from smoothrot.arch.tables import ResolvedSite, resolve_sites
+from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import run_model
 from smoothrot.core import fp4
 from smoothrot.core.quantizers import weight_quantizer
 from smoothrot.evaluate import perplexity
 from smoothrot.losses import as_transform
 from smoothrot.models import model_fingerprint, resolve_dtype
-from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme, with_act_clip
-from smoothrot.surgery.fuse import (
-    OnlineInputTransform,
-    SitePlan,
-    apply_plans,
-    linear_weights_q,
-    online_rotation,
-    site_parameters,
-    transformed,
-)
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import QuantScheme, get_scheme, with_act_clip
+from smoothrot.surgery.fuse import linear_weights_q, online_rotation
+from smoothrot.surgery.hooks import OnlineInputTransform, apply_plans, site_parameters, transformed
+from smoothrot.surgery.plan import SitePlan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

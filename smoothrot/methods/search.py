@@ -23,7 +23,7 @@ from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import FULL, SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
-from smoothrot.schema.config import QuantScheme, with_act_clip
+from smoothrot.schema.quant import QuantScheme, with_act_clip
 
 
 @dataclass(frozen=True)

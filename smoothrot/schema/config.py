@@ -11,124 +11,24 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
-SUPPORTED_BITS = (4, 8)
-# "<base>+gptq": the base method's scales, the fused weight rounded by GPTQ (core/gptq.py).
-METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint", "trained",
-           "hadamard+gptq", "joint+gptq", "trained+gptq")
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import (  # noqa: F401 TEMP-REEXPORT
+    PRESET_SCHEMES,
+    QUANT_FORMATS,
+    QuantScheme,
+    get_scheme,
+    with_act_clip,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it and the fix."""
-
-
-# Element formats and, for the FP4 block formats, the block size each one fixes.
-QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
-FP_FORMAT_BLOCK = {"nvfp4": 16, "mxfp4": 32}
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """Round-to-nearest fake quantization of a linear layer's weight and (dynamic) input.
-
-    Defaults are the original W4A4/W8A8 schemes: symmetric integer, one weight scale per output
-    channel, one activation scale per token. ``w_group_size``/``a_group_size`` give one scale per
-    group of that many consecutive input channels instead (it must divide the input size);
-    ``w_symmetric=False`` adds an integer zero point; ``w_mse_clip`` picks each weight group's clip
-    ratio from a grid by least weight error. ``nvfp4``/``mxfp4`` formats are 4-bit E2M1 with
-    block scales (E4M3 per 16 + FP32 global, E8M0 per 32); their group size is the block size.
-    """
-
-    name: str
-    w_bits: int
-    a_bits: int
-    w_clip: float = 1.0
-    a_clip: float = 1.0
-    w_format: str = "int"
-    a_format: str = "int"
-    w_group_size: int | None = None
-    a_group_size: int | None = None
-    w_symmetric: bool = True
-    w_mse_clip: bool = False
-
-    def __post_init__(self) -> None:
-        for what, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
-            if bits not in SUPPORTED_BITS:
-                raise ConfigError(
-                    f"scheme {self.name!r}: {what}={bits} is not supported; use one of "
-                    f"{SUPPORTED_BITS}"
-                )
-        for what, clip in (("w_clip", self.w_clip), ("a_clip", self.a_clip)):
-            if not 0.0 < clip <= 1.0:
-                raise ConfigError(f"scheme {self.name!r}: {what}={clip} must be in (0, 1]")
-        for side in ("w", "a"):
-            fmt = getattr(self, f"{side}_format")
-            group = getattr(self, f"{side}_group_size")
-            if fmt not in QUANT_FORMATS:
-                raise ConfigError(
-                    f"scheme {self.name!r}: {side}_format={fmt!r} is not one of {QUANT_FORMATS}"
-                )
-            if group is not None and (isinstance(group, bool) or not isinstance(group, int)
-                                      or group < 2):
-                raise ConfigError(
-                    f"scheme {self.name!r}: {side}_group_size={group!r} must be None "
-                    "(per channel / per token) or an integer >= 2, e.g. 128"
-                )
-            if fmt in FP_FORMAT_BLOCK and (getattr(self, f"{side}_bits") != 4
-                                           or group != FP_FORMAT_BLOCK[fmt]):
-                raise ConfigError(
-                    f"scheme {self.name!r}: {fmt} needs {side}_bits=4 and "
-                    f"{side}_group_size={FP_FORMAT_BLOCK[fmt]}"
-                )
-        if not self.w_symmetric and self.w_format != "int":
-            raise ConfigError(f"scheme {self.name!r}: asymmetric weights need w_format='int'")
-        if self.w_mse_clip and self.w_clip != 1.0:
-            raise ConfigError(
-                f"scheme {self.name!r}: w_mse_clip searches the clip ratio; leave w_clip at 1.0"
-            )
-
-
-PRESET_SCHEMES: dict[str, QuantScheme] = {
-    "w4a4": QuantScheme("w4a4", w_bits=4, a_bits=4),
-    "w8a8": QuantScheme("w8a8", w_bits=8, a_bits=8),
-    "w4a4-mse": QuantScheme("w4a4-mse", w_bits=4, a_bits=4, w_mse_clip=True),
-    "w4a4-g128": QuantScheme("w4a4-g128", w_bits=4, a_bits=4, w_group_size=128),
-    "w4a4-g128-mse": QuantScheme(
-        "w4a4-g128-mse", w_bits=4, a_bits=4, w_group_size=128, w_mse_clip=True
-    ),
-    "w4a4-g128-asym": QuantScheme(
-        "w4a4-g128-asym", w_bits=4, a_bits=4, w_group_size=128, w_symmetric=False
-    ),
-    "w8a8-mse": QuantScheme("w8a8-mse", w_bits=8, a_bits=8, w_mse_clip=True),
-    # The two halves of W4A4, to see which side loses the perplexity (docs/whole_model.md).
-    "w4a8": QuantScheme("w4a8", w_bits=4, a_bits=8),
-    "w8a4": QuantScheme("w8a4", w_bits=8, a_bits=4),
-    "nvfp4": QuantScheme("nvfp4", w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4",
-                         w_group_size=16, a_group_size=16),
-    "mxfp4": QuantScheme("mxfp4", w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4",
-                         w_group_size=32, a_group_size=32),
-}
-
-
-def with_act_clip(scheme: QuantScheme, act_clip: float | None) -> QuantScheme:
-    """``scheme`` with a site's own activation clip ratio (None: the scheme's ``a_clip``)."""
-    return scheme if act_clip is None else replace(scheme, a_clip=act_clip)
-
-
-def get_scheme(name: str) -> QuantScheme:
-    """Look up a preset scheme by name (case-insensitive)."""
-    try:
-        return PRESET_SCHEMES[name.lower()]
-    except KeyError:
-        raise ConfigError(
-            f"unknown scheme {name!r}; choose one of {sorted(PRESET_SCHEMES)}"
-        ) from None
-
+# What a run fits and reports unless told otherwise (the paper's comparison plus GPTQ rows).
+DEFAULT_METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint",
+                   "trained", "hadamard+gptq", "joint+gptq", "trained+gptq")
 
 @dataclass
 class ModelConfig:
@@ -273,7 +173,8 @@ class FitConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     layers: list[str] = field(default_factory=lambda: ["down_proj"])
     schemes: list[str] = field(default_factory=lambda: ["w4a4", "w8a8"])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # Registered method names (smoothrot/methods/); the baseline smoothrot_max always runs.
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     perplexity: bool = True
     seed: int = 0
     output_dir: str = "outputs/fit_scales"
@@ -298,13 +199,8 @@ class FitConfig:
             raise ConfigError(f"schemes must not be empty; choose from {sorted(PRESET_SCHEMES)}")
         for name in self.schemes:
             get_scheme(name)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-        # Every method is reported relative to the SmoothRot baseline, so it is always run.
-        if "smoothrot_max" not in self.methods:
-            self.methods = ["smoothrot_max", *self.methods]
-        self.methods = [m for m in METHODS if m in self.methods]
+        if not self.methods:
+            raise ConfigError("methods must not be empty, e.g. [trained]")
 
 
 _SCALARS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,),

@@ -12,7 +12,7 @@ from torch import nn
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import IDENTITY, SiteTransform
-from smoothrot.schema.config import QuantScheme, with_act_clip
+from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.surgery.fuse import fuse_site, linear_weights_q
 from smoothrot.surgery.plan import SitePlan
 

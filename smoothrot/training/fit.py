@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from smoothrot.core.transform import FULL, SiteTransform
 from smoothrot.distributed import (
     broadcast_object,
     is_rank_zero,
@@ -37,8 +38,8 @@ from smoothrot.distributed import (
     trainer_kwargs,
     world_size,
 )
-from smoothrot.losses import TransformArg
-from smoothrot.schema.config import QuantScheme, TrainConfig
+from smoothrot.schema.config import TrainConfig
+from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.checkpoints import RunCheckpoints, tensor_digest
 from smoothrot.training.interrupt import interruptible
 from smoothrot.training.module import EpochEndCheckpoint, ScaleFitModule
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 class TrainProblem:
     """One site's training problem: fit scales of ``weight`` on ``train_x``, select on ``val_x``.
 
-    ``rotate`` is True/False, an input-transform spec string or a transform
-    (``losses.as_transform``); ``seed`` fixes the token order.
+    ``rotate`` is the site's input transform (rotation and scale tying); ``seed`` fixes the
+    token order.
     """
 
     weight: torch.Tensor
@@ -60,7 +61,7 @@ class TrainProblem:
     scheme: QuantScheme
     train_x: torch.Tensor
     val_x: torch.Tensor
-    rotate: TransformArg = True
+    rotate: SiteTransform = FULL
     seed: int = 0
 
     def key(self, cfg: TrainConfig) -> str:
@@ -68,7 +69,7 @@ class TrainProblem:
         trajectory."""
         tensors = tensor_digest(self.weight.float(), self.init_scales.double(),
                                 self.train_x.float(), self.val_x.float())
-        transform = str(self.rotate)
+        transform = repr(self.rotate)  # a frozen dataclass: its repr is its identity
         return (f"{tensors}|{self.scheme!r}|rotate={transform}|lr={cfg.lr}|"
                 f"batch={cfg.batch_tokens}|val_every={cfg.val_every}|bound={cfg.log_bound}|"
                 f"seed={self.seed}")

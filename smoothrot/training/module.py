@@ -18,8 +18,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 
 from smoothrot.core.scales import LogScales
-from smoothrot.losses import TransformArg, output_loss, quantized_output
-from smoothrot.schema.config import QuantScheme
+from smoothrot.core.transform import FULL, SiteTransform
+from smoothrot.losses import output_loss, quantized_output
+from smoothrot.schema.quant import QuantScheme
 
 
 class ScaleFitModule(L.LightningModule):
@@ -34,14 +35,15 @@ class ScaleFitModule(L.LightningModule):
         weight: torch.Tensor,
         init_scales: torch.Tensor,
         scheme: QuantScheme,
-        rotate: TransformArg = True,
+        rotate: SiteTransform = FULL,
         lr: float = 0.02,
         log_bound: float = 9.0,
         run_key: str = "",
     ) -> None:
         super().__init__()
-        # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["weight", "init_scales", "scheme"])
+        # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True)
+        # (``rotate`` is part of ``run_key``).
+        self.save_hyperparameters(ignore=["weight", "init_scales", "scheme", "rotate"])
         self.scheme = scheme
         self.rotate = rotate
         self.lr = lr

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from smoothrot.arch.sites import architecture_of, resolve_sites
-from smoothrot.schema.config import get_scheme
+from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual

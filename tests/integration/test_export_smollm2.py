@@ -14,7 +14,8 @@ from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import weight_absmax
-from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.data.sources import load_documents
+from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.evaluate import perplexity
 from smoothrot.io.export import export_model, load_pretrained
 from smoothrot.schema.config import get_scheme

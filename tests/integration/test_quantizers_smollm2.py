@@ -5,12 +5,13 @@ import torch
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
-from smoothrot.core.gptq import gptq_fused_weight
+from smoothrot.methods.gptq import gptq_fused_weight
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import weight_absmax
-from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.data.sources import load_documents
+from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.evaluate import layer_error, perplexity
-from smoothrot.schema.config import get_scheme
+from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 

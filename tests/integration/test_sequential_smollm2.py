@@ -6,8 +6,10 @@ import torch
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset
-from smoothrot.calibrate.sequential import SafetensorsWeights, capture_sequential
-from smoothrot.data import load_documents, split_documents, token_windows
+from smoothrot.calibrate.sequential import capture_sequential
+from smoothrot.calibrate.weights import SafetensorsWeights
+from smoothrot.data.sources import load_documents
+from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.models import empty_model, save_float_checkpoint
 
 pytestmark = pytest.mark.integration

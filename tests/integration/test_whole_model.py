@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from smoothrot.arch.sites import resolve_sites
-from smoothrot.data import load_documents, split_documents, token_windows
-from smoothrot.schema.config import get_scheme
+from smoothrot.data.sources import load_documents
+from smoothrot.data.splits import split_documents, token_windows
+from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual

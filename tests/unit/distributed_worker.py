@@ -17,7 +17,8 @@ import torch
 
 from smoothrot import distributed
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
-from smoothrot.schema.config import DistributedConfig, FitConfig, TrainConfig, get_scheme
+from smoothrot.schema.config import DistributedConfig, FitConfig, TrainConfig
+from smoothrot.schema.quant import get_scheme
 from smoothrot.training.fit import TrainProblem, fit_scales
 
 QUANTILES = (0.9, 0.99, 0.999, 1.0)

@@ -1,15 +1,8 @@
 import pytest
 
-from smoothrot.schema.config import (
-    ConfigError,
-    FitConfig,
-    QuantScheme,
-    config_from_dict,
-    config_to_dict,
-    dump_config,
-    get_scheme,
-    load_config,
-)
+from smoothrot.schema.config import FitConfig, config_from_dict, config_to_dict, dump_config, load_config
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import QuantScheme, get_scheme
 
 
 def test_round_trip_default():
@@ -43,7 +36,7 @@ def test_unknown_key_is_rejected(tmp_path):
         ({"search": {"alphas": [1.5]}}, "α must be in"),
         ({"search": {"quantiles": [0.0]}}, "q must be in"),
         ({"schemes": ["w3a3"]}, "unknown scheme"),
-        ({"methods": ["magic"]}, "unknown methods"),
+        ({"methods": []}, "methods must not be empty"),
         ({"layers": []}, "layers must name"),
         ({"data": {"seq_len": 1}}, "seq_len"),
         ({"train": {"lr": -1.0}}, "lr"),
@@ -63,10 +56,10 @@ def test_bits_outside_supported_set():
     assert get_scheme("W4A4").w_bits == 4
 
 
-def test_max_quantile_and_baseline_always_present():
+def test_max_quantile_always_present():
     cfg = config_from_dict({"search": {"quantiles": [0.99]}, "methods": ["trained"]})
     assert cfg.search.quantiles == [0.99, 1.0]
-    assert cfg.methods == ["smoothrot_max", "trained"]
+    assert cfg.methods == ["trained"]
 
 
 def test_missing_config_file():

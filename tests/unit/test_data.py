@@ -1,4 +1,5 @@
-"""Unit tests for smoothrot.data: sources, disjoint splits, token windows (no model needed)."""
+"""Unit tests for smoothrot.data.sources and .splits: sources, disjoint splits, token windows
+(no model needed)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from smoothrot import data
-from smoothrot.data import (
+from smoothrot.data import sources
+from smoothrot.data.sources import DataLoadError, load_documents
+from smoothrot.data.splits import (
     DEFAULT_FRACTIONS,
     SPLITS,
-    DataLoadError,
     chunk_documents,
-    load_documents,
     split_documents,
     split_windows,
     text_hash,
@@ -88,16 +88,16 @@ def test_unknown_scheme_error() -> None:
 
 
 def test_hf_source_parsing() -> None:
-    assert data._parse_hf("hf:wikitext:wikitext-2-raw-v1:test") == (
+    assert sources._parse_hf("hf:wikitext:wikitext-2-raw-v1:test") == (
         "wikitext",
         "wikitext-2-raw-v1",
         "test",
         "text",
     )
-    assert data._parse_hf("hf:org/ds:train[:10%]") == ("org/ds", None, "train[:10%]", "text")
-    assert data._parse_hf("hf:ds::validation:content") == ("ds", None, "validation", "content")
+    assert sources._parse_hf("hf:org/ds:train[:10%]") == ("org/ds", None, "train[:10%]", "text")
+    assert sources._parse_hf("hf:ds::validation:content") == ("ds", None, "validation", "content")
     with pytest.raises(ValueError):
-        data._parse_hf("hf:onlyname")
+        sources._parse_hf("hf:onlyname")
 
 
 def test_hf_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from smoothrot import distributed
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, token_subset
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
-from smoothrot.schema.config import ConfigError, DistributedConfig, config_from_dict, config_to_dict
+from smoothrot.schema.config import DistributedConfig, config_from_dict, config_to_dict
+from smoothrot.schema.errors import ConfigError
 from smoothrot.training.checkpoints import FINAL_SCALES, LAST_CKPT
 from smoothrot.training.sampler import EpochTokenSampler
 from tests.unit import distributed_worker as worker

@@ -19,7 +19,8 @@ from smoothrot.core.quantizers import (
     quantize_activation_spec,
     quantize_weight_spec,
 )
-from smoothrot.schema.config import PRESET_SCHEMES, ConfigError, QuantScheme, get_scheme
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import PRESET_SCHEMES, QuantScheme, get_scheme
 
 
 def _scale(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,8 @@ from smoothrot.core.quantizers import (
     quantize_weight_spec,
     weight_quantizer,
 )
-from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import QuantScheme, get_scheme
 
 NVFP4 = get_scheme("nvfp4")
 MXFP4 = get_scheme("mxfp4")

@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from smoothrot.arch.sites import resolve_sites
-from smoothrot.core.gptq import (
-    Hessian,
-    gptq_fused_weight,
-    gptq_fused_weight_selected,
-    gptq_quantize,
-    input_hessian,
-)
+from smoothrot.core.gptq import Hessian, gptq_quantize, input_hessian
 from smoothrot.core.quantizers import (
     QParams,
     Quantizer,
@@ -24,7 +18,8 @@ from smoothrot.core.quantizers import (
 )
 from smoothrot.core.transform import transform_input, transform_weight
 from smoothrot.evaluate import layer_error
-from smoothrot.schema.config import QuantScheme, get_scheme
+from smoothrot.methods.gptq import gptq_fused_weight, gptq_fused_weight_selected
+from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama

@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from smoothrot.schema.config import TrainConfig, get_scheme
+from smoothrot.schema.config import TrainConfig
+from smoothrot.schema.quant import get_scheme
 from smoothrot.training.checkpoints import FINAL_SCALES, LAST_CKPT, ResumeError
 from smoothrot.training.fit import TrainProblem, fit_scales
 from smoothrot.training.sampler import EpochTokenSampler

@@ -9,7 +9,8 @@ from smoothrot.evaluate import layer_error
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods import search
 from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses, select_policies
-from smoothrot.schema.config import QuantScheme, TrainConfig, get_scheme
+from smoothrot.schema.config import TrainConfig
+from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.training.fit import TrainProblem, fit_scales
 
 W4A4 = get_scheme("w4a4")

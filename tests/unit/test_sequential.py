@@ -11,17 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, capture_splits, token_subset
-from smoothrot.calibrate.sequential import (
-    CheckpointError,
-    ResidentWeights,
-    SafetensorsWeights,
-    capture_sequential,
-    gptq_sequential,
-)
-from smoothrot.core.gptq import gptq_fused_weight_selected
+from smoothrot.calibrate.sequential import capture_sequential, gptq_sequential
+from smoothrot.calibrate.weights import CheckpointError, ResidentWeights, SafetensorsWeights
 from smoothrot.job import Timer, _calibrate
+from smoothrot.methods.gptq import gptq_fused_weight_selected
 from smoothrot.models import empty_model
-from smoothrot.schema.config import ConfigError, FitConfig, config_from_dict, get_scheme
+from smoothrot.schema.config import FitConfig, config_from_dict
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from tests.arch.tiny import tiny_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smoothrot.arch.sites import UnsupportedArchitectureError, resolve_sites
-from smoothrot.schema.config import QuantScheme, get_scheme
+from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.surgery.hooks import apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama

@@ -1,13 +1,13 @@
-"""Text sources, document-level disjoint splits and token windows.
+"""Document-level disjoint splits and token windows.
 
 Calibration (fitting smoothing scales), selection (choosing quantile policies), held-out checks and
 the final evaluation must never see the same text, or the reported perplexity flatters the method.
 This module therefore splits *whole documents* into the four splits before any tokenization, with
 a seeded shuffle so a run is reproducible, and records a hash of each split's text for provenance.
 
-Sources work offline by default: ``pydoc`` uses the English help topics that ship with the Python
-standard library (~465 KB), a local text file is split into paragraphs, and ``hf:...`` reads a
-Hugging Face dataset when the hub (or a local cache) is reachable.
+Kept apart from :mod:`smoothrot.data.sources` (where the documents come from): everything here
+works on a list of documents whatever its source, and :func:`split_windows` is the one place that
+joins the two into a run's token windows.
 """
 
 from __future__ import annotations
@@ -15,23 +15,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from smoothrot.data.sources import PARAGRAPH_RE, load_documents
 
 if TYPE_CHECKING:
     from smoothrot.schema.config import DataConfig
 
 __all__ = [
+    "CHUNK_CHARS",
     "DEFAULT_FRACTIONS",
+    "DOC_SEPARATOR",
     "SPLITS",
-    "DataLoadError",
     "chunk_documents",
-    "load_documents",
     "split_documents",
+    "split_windows",
     "text_hash",
     "token_windows",
 ]
@@ -47,140 +48,6 @@ DEFAULT_FRACTIONS: dict[str, float] = {
 }
 DOC_SEPARATOR = "\n\n"
 CHUNK_CHARS = 2000
-
-_PARAGRAPH_RE = re.compile(r"\n[ \t\r\f\v]*\n")
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-
-
-class DataLoadError(RuntimeError):
-    """A text source could not be read (e.g. a hub dataset while offline)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
-def load_documents(source: str) -> list[str]:
-    """Load a list of non-empty documents from ``source``.
-
-    ``source`` is one of:
-
-    * ``"pydoc"``: the standard library's ``pydoc_data.topics.topics`` values, sorted by key;
-    * a local text file path: paragraphs separated by blank lines;
-    * ``"hf:NAME[:CONFIG]:SPLIT[:COLUMN]"``: a Hugging Face dataset column (default ``text``).
-      With three fields the middle one is CONFIG; to name a column without a config leave the
-      config empty (``hf:NAME::SPLIT:COLUMN``). Slices such as ``test[:50%]`` are allowed.
-    """
-    source = str(source).strip()
-    if source == "pydoc":
-        return _load_pydoc()
-    if source.startswith("hf:"):
-        return _load_hf(source)
-    path = Path(source).expanduser()
-    if not path.exists():
-        scheme = _SCHEME_RE.match(source)
-        if scheme is not None:
-            raise ValueError(
-                f"unknown text source scheme {scheme.group(1)!r} in {source!r}; "
-                "use 'pydoc', a local text file, or 'hf:NAME[:CONFIG]:SPLIT[:COLUMN]'"
-            )
-        raise FileNotFoundError(f"text source file not found: {source}")
-    return _load_text_file(path)
-
-
-def _load_pydoc() -> list[str]:
-    """English help topics bundled with CPython: always available offline."""
-    from pydoc_data.topics import topics
-
-    docs = [topics[key].strip() for key in sorted(topics)]
-    docs = [doc for doc in docs if doc]
-    if not docs:  # pragma: no cover - only on a stripped-down Python build
-        raise ValueError("pydoc_data.topics contains no text")
-    logger.info("loaded %d pydoc topics (%d chars)", len(docs), sum(map(len, docs)))
-    return docs
-
-
-def _load_text_file(path: Path) -> list[str]:
-    """Paragraphs (blank-line separated) of a UTF-8 text file."""
-    if path.is_dir():
-        raise ValueError(f"text source {path} is a directory; pass a text file")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise DataLoadError(f"cannot read text source {path}: {exc.strerror or exc}") from exc
-    docs = [para.strip() for para in _PARAGRAPH_RE.split(text.replace("\r\n", "\n"))]
-    docs = [doc for doc in docs if doc]
-    if not docs:
-        raise ValueError(
-            f"text source {path} contains no text; pass a non-empty UTF-8 text file or 'pydoc'"
-        )
-    logger.info("loaded %d paragraphs from %s (%d chars)", len(docs), path, sum(map(len, docs)))
-    return docs
-
-
-def _split_fields(spec: str) -> list[str]:
-    """Split on ':' except inside [...] so split slices like 'test[:10%]' survive."""
-    fields, current, depth = [], [], 0
-    for char in spec:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth = max(depth - 1, 0)
-        if char == ":" and depth == 0:
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    fields.append("".join(current))
-    return fields
-
-
-def _parse_hf(source: str) -> tuple[str, str | None, str, str]:
-    """Parse 'hf:NAME[:CONFIG]:SPLIT[:COLUMN]' into (name, config, split, column)."""
-    fields = _split_fields(source[len("hf:") :])
-    if len(fields) == 2:
-        name, config, split, column = fields[0], None, fields[1], "text"
-    elif len(fields) == 3:
-        name, config, split, column = fields[0], fields[1], fields[2], "text"
-    elif len(fields) == 4:
-        name, config, split, column = fields
-    else:
-        raise ValueError(
-            f"bad dataset source {source!r}; expected 'hf:NAME[:CONFIG]:SPLIT[:COLUMN]'"
-        )
-    if not name or not split or not column:
-        raise ValueError(f"bad dataset source {source!r}; NAME, SPLIT and COLUMN must not be empty")
-    return name, (config or None), split, column
-
-
-def _load_hf(source: str) -> list[str]:
-    """Non-empty rows of one column of a Hugging Face dataset split."""
-    name, config, split, column = _parse_hf(source)
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # the hub client raises many unrelated types when offline
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DataLoadError(
-            f"could not load dataset {name!r} (config={config}, split={split}): "
-            f"{type(exc).__name__}: {first}; offline? use a local text file or 'pydoc' instead"
-        ) from exc
-    if column not in dataset.column_names:
-        raise ValueError(
-            f"dataset {name!r} has no column {column!r}; columns: {', '.join(dataset.column_names)}"
-        )
-    docs = [row.strip() for row in dataset[column] if isinstance(row, str) and row.strip()]
-    if not docs:
-        raise ValueError(f"dataset {name!r} split {split!r} column {column!r} contains no text")
-    logger.info("loaded %d rows from %s (%d chars)", len(docs), source, sum(map(len, docs)))
-    return docs
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> list[tuple[str, float]]:
@@ -214,7 +81,7 @@ def chunk_documents(docs: Sequence[str], max_chars: int = CHUNK_CHARS) -> list[s
             pieces.append(doc)
             continue
         units: list[str] = []
-        for para in _PARAGRAPH_RE.split(doc):
+        for para in PARAGRAPH_RE.split(doc):
             if len(para) <= max_chars:
                 units.append(para)
                 continue

@@ -1,0 +1,226 @@
+"""The bridge to compressed-tensors: how smoothrot's plans become what llm-compressor writes.
+
+* Quantized formats: the linears of the planned sites get compressed-tensors quantization
+  parameters computed by smoothrot's own quantizers (``core.quantizers``), so the compressor
+  (``int-quantized``, ``nvfp4-`` / ``mxfp4-pack-quantized``) stores exactly the codes smoothrot's
+  fake quant uses; GPTQ codes (``SitePlan.weight_q``) are stored as they are.
+* Online rotations: declared as ``transform_config`` ``hadamard`` groups (input, plus the inverse
+  on the already fused weight), as llm-compressor's SpinQuant R4 does. Its Hadamard is
+  Sylvester-only, so a rotation whose blocks are not a power of two is not declared there.
+* Reload: NVFP4 weights are dequantized again in the compute dtype (compressed-tensors rounds
+  them to bfloat16), and a module a loader already rotates is recognized.
+
+compressed-tensors is imported inside the functions: it is slow to import and only an export
+or a reload needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from smoothrot.core import fp4
+from smoothrot.core.quantizers import weight_quantizer
+from smoothrot.schema.quant import QuantScheme
+from smoothrot.schema.declaration import SiteDeclaration
+from smoothrot.schema.export import FP4_FORMATS, ExportError
+from smoothrot.schema.rotation import Rotation, RotationKind
+
+TRANSFORM_GROUP = "smoothrot"
+
+
+@dataclass(frozen=True)
+class TransformConfigs:
+    """compressed-tensors transform configs of an export's online rotations: ``full`` (online
+    input transform + inverse on the fused weight) for config.json, ``online`` (input only) to
+    register the transform weights that are saved; both None with the reason in ``note``."""
+
+    full: Any = None
+    online: Any = None
+    note: str | None = None
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _group_name(rotation: Rotation) -> str:
+    """``smoothrot`` for a full H; ``smoothrot_head16``, ``smoothrot_block512`` for blocks."""
+    if rotation.kind is RotationKind.FULL:
+        return TRANSFORM_GROUP
+    return f"{TRANSFORM_GROUP}_{rotation.kind.value}{rotation.block_size}"
+
+
+def transform_configs(
+    sites: Mapping[str, SiteDeclaration], in_features: Mapping[str, int], precision: torch.dtype
+) -> TransformConfigs:
+    """The transform configs of the declared online rotations (``in_features`` per site).
+
+    Linears are grouped by rotation kind and block size, one ``hadamard`` scheme per group
+    (``head_dim``: the block size; None: H over the whole input). If any block is not a power of
+    two nothing is declared: a partial declaration would make such a loader compute a wrong
+    function.
+    """
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    groups: dict[Rotation, list[str]] = {}
+    for name, site in sites.items():
+        if not site.rotation.is_online():
+            continue
+        order = site.rotation.order(in_features[name])
+        if not _is_pow2(order):
+            return TransformConfigs(note=f"{name}: rotation size {order} is not a power of two "
+                                    "and compressed-tensors' hadamard transform is Sylvester-only")
+        groups.setdefault(site.rotation, []).extend(site.linears)
+    if not groups:
+        return TransformConfigs(note="no online rotation")
+    full, online = {}, {}
+    for rotation, targets in groups.items():
+        inp = TransformArgs(targets=list(targets), location="input")
+        fused = TransformArgs(targets=list(targets), location="weight_input", inverse=True)
+        kw = {"type": "hadamard", "head_dim": rotation.block_size, "precision": precision}
+        full[_group_name(rotation)] = TransformScheme(apply=[inp, fused], **kw)
+        online[_group_name(rotation)] = TransformScheme(apply=[inp], **kw)
+    return TransformConfigs(TransformConfig(config_groups=full),
+                            TransformConfig(config_groups=online))
+
+
+def has_ct_transform(module: nn.Module) -> bool:
+    """True if a loader already attached a compressed-tensors transform to this module."""
+    try:
+        from compressed_tensors.transform.factory.base import TransformBase
+    except ImportError:  # pragma: no cover - compressed-tensors is a dependency
+        return False
+    return any(isinstance(child, TransformBase) for child in module.children())
+
+
+def ct_scheme(scheme: QuantScheme, targets: list[str]) -> Any:
+    """compressed-tensors' QuantizationScheme for ``scheme``: its own NVFP4 / MXFP4 preset, or
+    per-channel int weights with dynamic per-token int activations."""
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        preset_name_to_scheme,
+    )
+
+    if scheme.w_format in FP4_FORMATS:
+        return preset_name_to_scheme(scheme.w_format.upper(), targets)
+
+    def args(bits: int, strategy: str, dynamic: bool) -> QuantizationArgs:
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy,
+                                dynamic=dynamic)
+
+    return QuantizationScheme(targets=targets, weights=args(scheme.w_bits, "channel", False),
+                              input_activations=args(scheme.a_bits, "token", True))
+
+
+@torch.no_grad()
+def _weight_params(
+    weight: torch.Tensor, scheme: QuantScheme, weight_q: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weight to compress, compressed-tensors weight parameters) as core.quantizers has them.
+
+    The scales are fitted on the fused float ``weight`` (in float32 for half weights, as
+    fake_quant computes), so compressed-tensors' compressor reproduces fake_quant's codes. NVFP4's
+    stored block scale is the E4M3 number S with scale = S / G (exact: rounding S/G·G to E4M3
+    recovers S). ``weight_q`` (GPTQ) is compressed instead of the float weight; it must lie on the
+    same grid, so the compressor stores its codes rather than new ones.
+    """
+    wf = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    quant = weight_quantizer(scheme)
+    global_amax = quant.global_amax(wf)
+    qp = quant.fit(quant.grouped(wf), global_amax)
+    params = {"weight_scale": qp.scale.reshape(weight.shape[0], -1)}
+    if scheme.w_format == "nvfp4":
+        global_scale = fp4.nvfp4_global_scale(global_amax).reshape(1)
+        params = {"weight_scale": fp4.round_e4m3(params["weight_scale"] * global_scale),
+                  "weight_global_scale": global_scale}
+    if weight_q is None:
+        return wf, params
+    wq = weight_q.detach().to(device=wf.device, dtype=wf.dtype)
+    on_grid = quant.quantize_with(quant.grouped(wq), qp).reshape(wq.shape)
+    if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
+        raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
+                          "(GPTQ with dynamic groups?); round with act_order or static_groups")
+    return wq, params
+
+
+def quantize_sites(
+    model: nn.Module,
+    linear_names: list[str],
+    scheme: QuantScheme,
+    weights_q: Mapping[str, torch.Tensor],
+    input_amax: Mapping[str, torch.Tensor],
+) -> Any:
+    """Quantize the named linears in place with compressed-tensors; returns the ModelCompressor.
+
+    The parameters are smoothrot's (:func:`_weight_params`); compressed-tensors' compressor for
+    the scheme's format (int-quantized, nvfp4- / mxfp4-pack-quantized) rounds and packs them.
+    ``input_amax`` (NVFP4): max |x| of each linear's rotated input, for the static input scale.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    qcfg = QuantizationConfig(config_groups={"group_0": ct_scheme(scheme, linear_names)})
+    apply_quantization_config(model, qcfg)
+    for name in linear_names:
+        linear = model.get_submodule(name)
+        weight, params = _weight_params(linear.weight.detach(), scheme, weights_q.get(name), name)
+        if name in input_amax:
+            params["input_global_scale"] = fp4.nvfp4_global_scale(input_amax[name]).reshape(1)
+        linear.weight.data = weight
+        for key, value in params.items():
+            setattr(linear, key, nn.Parameter(value.contiguous(), requires_grad=False))
+        linear.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    compressor.remove_decompression_hook(model)
+    return compressor
+
+
+def _checkpoint_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a (possibly sharded) safetensors checkpoint folder."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys.intersection(f.keys())})
+    missing = sorted(keys - set(out))
+    if missing:
+        raise ExportError(f"{path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
+                          "was it written by another tool?")
+    return out
+
+
+@torch.no_grad()
+def dequantize_nvfp4_exactly(model: nn.Module, path: Path, linears: Sequence[str]) -> None:
+    """Redo compressed-tensors' NVFP4 decompression of ``linears`` in the compute dtype.
+
+    Its decompressor unpacks the E2M1 codes to bfloat16 and so rounds every dequantized weight
+    E2M1·S/G to bfloat16 (≈0.2 % off in a float32 model); here the same unpack and dequantize
+    functions run in float32 (float64 for float64 exports), as smoothrot's fake quant computes.
+    """
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    args = preset_name_to_scheme("NVFP4", list(linears)).weights
+    suffixes = ("weight_packed", "weight_scale", "weight_global_scale")
+    tensors = _checkpoint_tensors(path, {f"{n}.{s}" for n in linears for s in suffixes})
+    for name in linears:
+        weight = model.get_submodule(name).weight
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        packed, scale, global_scale = (tensors[f"{name}.{s}"] for s in suffixes)
+        codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=work)
+        value = dequantize(codes, scale.to(work), args=args, global_scale=global_scale,
+                           dtype=work)
+        weight.copy_(value.to(device=weight.device, dtype=weight.dtype))

@@ -1,0 +1,147 @@
+"""GPTQ as a method wrapper: ``<base>+gptq`` keeps any method's scales, rotation and activation
+clips and rounds the fused weight W·diag(s)·R offline by GPTQ (core/gptq.py), the damping (or
+plain RTN) chosen per site on the selection split.
+
+With ``gptq.sequential`` (default) each site is rounded on the inputs of the model quantized so
+far (calibrate/sequential.py); otherwise on the float model's captured calibration rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from smoothrot.arch.sites import ResolvedSite
+from smoothrot.calibrate.capture import batch_size, fit_specs
+from smoothrot.calibrate.sequential import gptq_sequential
+from smoothrot.core.gptq import DEFAULT_ACT_AWARE, DEFAULT_DAMP_GRID, GPTQChoice, gptq_quantize, input_hessian
+from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
+from smoothrot.losses import output_loss, quantized_output
+from smoothrot.methods import baselines, policy, trained  # noqa: F401 - the wrapped ones first
+from smoothrot.methods.context import SchemeContext
+from smoothrot.methods.registry import Method, MethodResult, get_method, register
+from smoothrot.progress import progress
+from smoothrot.schema.quant import QuantScheme, with_act_clip
+
+log = logging.getLogger(__name__)
+
+GPTQ_SUFFIX = "+gptq"
+
+
+@torch.no_grad()
+def gptq_fused_weight(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    transform: SiteTransform,
+    x: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    act_aware: bool = DEFAULT_ACT_AWARE,
+    **kwargs: object,
+) -> torch.Tensor:
+    """GPTQ-rounded fused weight W·diag(s)·H from the site's raw calibration inputs ``x``.
+
+    The inputs are moved to the same space (X·diag(s)⁻¹·H); with ``act_aware`` they are also
+    fake-quantized as the scheme's activations are, so GPTQ sees what the kernel multiplies.
+    ``kwargs`` go to :func:`gptq_quantize`.
+    """
+    w = weight.detach().float()
+    s = None if scales is None else scales.float()
+    xt = transform_input(x.detach().float(), s, transform)
+    if act_aware:
+        xt = quantize_activation_spec(xt, scheme)
+    return gptq_quantize(transform_weight(w, s, transform), xt, scheme, **kwargs)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def gptq_fused_weight_selected(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    transform: SiteTransform,
+    x: torch.Tensor,
+    x_selection: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    damps: tuple[float, ...] = DEFAULT_DAMP_GRID,
+    act_aware: bool = DEFAULT_ACT_AWARE,
+    **kwargs: object,
+) -> GPTQChoice:
+    """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
+
+    Candidates: GPTQ for each λ in ``damps`` (one Hessian from ``x``) and λ = ∞, i.e. RTN of the
+    fused weight. The loss is the layer-output loss every other choice uses (losses.py), with
+    activations quantized as the scheme says, so the result is never worse than RTN on the
+    selection split; held-out tokens are not looked at.
+    """
+    w = weight.detach().float()
+    s = None if scales is None else scales.float()
+    xs = x_selection.detach().float()
+    y = xs @ w.T
+    fused = transform_weight(w, s, transform)
+
+    def loss(wq: torch.Tensor) -> float:
+        return float(output_loss(y, quantized_output(xs, w, s, transform, scheme, weight_q=wq)))
+
+    rtn = quantize_weight_spec(fused, scheme)
+    rtn_loss = loss(rtn)
+    best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
+    xt = transform_input(x.detach().float(), s, transform)
+    if act_aware:
+        xt = quantize_activation_spec(xt, scheme)
+    hess = input_hessian(xt)
+    for damp in damps:
+        wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
+        value = loss(wq)
+        if value < best.selection_loss:
+            best = GPTQChoice(wq, damp, value, rtn_loss)
+    return best
+
+
+class WithGPTQ(Method):
+    """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights."""
+
+    rounding = "gptq"
+
+    def __init__(self, base: str, label: str | None = None) -> None:
+        self.base = base
+        self.name = base + GPTQ_SUFFIX
+        self.label = label or f"{get_method(base).label} + GPTQ"
+        self.requires = (base,)
+
+    def fit(self, ctx: SchemeContext) -> MethodResult:
+        base = ctx.results[self.base].plans
+
+        def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor) -> GPTQChoice:
+            plan = base[rs.name]
+            return gptq_fused_weight_selected(
+                ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
+                with_act_clip(ctx.scheme, plan.act_clip))
+
+        with ctx.stage("gptq"):
+            if ctx.cfg.gptq.sequential:
+                specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
+                picks = gptq_sequential(
+                    ctx.model, ctx.sites, base, ctx.scheme,
+                    {k: specs[k] for k in ("calibration", "selection")},
+                    batch_size(ctx.cfg.data.seq_len), round_site)
+            else:
+                picks = {rs.name: round_site(rs, ctx.data[rs.name].train_x,
+                                             ctx.data[rs.name].selection_x)
+                         for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} {self.name}")}
+        damps = [pick.damp for pick in picks.values()]
+        log.info("%s %s: damping per site %s (RTN kept on %d/%d)", ctx.scheme.name, self.name,
+                 {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None),
+                 len(damps))
+        return MethodResult(
+            {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
+            selection_loss={s: pick.selection_loss for s, pick in picks.items()})
+
+
+register(WithGPTQ("hadamard", "Hadamard + GPTQ"))
+register(WithGPTQ("smoothrot_max"))
+register(WithGPTQ("quantile"))
+register(WithGPTQ("joint", "joint + GPTQ"))
+register(WithGPTQ("trained", "trained + GPTQ"))

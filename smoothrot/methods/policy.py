@@ -1,0 +1,99 @@
+"""The policy methods: SmoothRot's s = a^α / w^(1−α) with (α, q) picked on the selection split.
+
+All four read one grid of selection losses per site (every α × activation quantile q, computed
+once per scheme) and differ only in how they pick from it:
+
+===================  ====================================================================
+``smoothrot_max``    the baseline: q = 1 (max |X|), one α for all sites (lowest mean loss)
+``quantile``         the baseline's α, q per site
+``joint_global``     one (α, q) for all sites
+``joint``            (α, q) per site
+===================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from smoothrot.core.policies import smoothing_scales
+from smoothrot.methods.context import SchemeContext
+from smoothrot.methods.registry import Method, MethodResult, register
+from smoothrot.methods.search import Choice, grid_losses
+from smoothrot.progress import progress
+
+Tables = Mapping[str, torch.Tensor]  # site → selection loss [len(alphas), len(quantiles)]
+Picker = Callable[[Tables, Sequence[float], Sequence[float]], dict[str, Choice]]
+
+
+def _max_alpha(tables: Tables, quantiles: Sequence[float]) -> int:
+    """Index of the α with the lowest mean loss over sites at q = 1."""
+    mean = torch.stack(list(tables.values())).mean(dim=0)
+    return int(mean[:, list(quantiles).index(1.0)].argmin())
+
+
+def pick_max(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
+             ) -> dict[str, Choice]:
+    a = alphas[_max_alpha(tables, quantiles)]
+    return {s: Choice(a, 1.0) for s in tables}
+
+
+def pick_quantile(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
+                  ) -> dict[str, Choice]:
+    i = _max_alpha(tables, quantiles)
+    return {s: Choice(alphas[i], quantiles[int(t[i].argmin())]) for s, t in tables.items()}
+
+
+def pick_joint_global(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
+                      ) -> dict[str, Choice]:
+    mean = torch.stack(list(tables.values())).mean(dim=0)
+    i, j = divmod(int(mean.flatten().argmin()), len(quantiles))
+    return {s: Choice(alphas[i], quantiles[j]) for s in tables}
+
+
+def pick_joint(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
+               ) -> dict[str, Choice]:
+    out = {}
+    for s, t in tables.items():
+        i, j = divmod(int(t.flatten().argmin()), len(quantiles))
+        out[s] = Choice(alphas[i], quantiles[j])
+    return out
+
+
+def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
+    """Every site's selection-loss table, computed once per scheme."""
+    def compute() -> dict[str, torch.Tensor]:
+        search = ctx.cfg.search
+        with ctx.stage("search"):
+            return {
+                rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
+                                     ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
+                                     search.alphas, search.quantiles, ctx.scheme, rs.name,
+                                     rs.transform)
+                for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} grid search")
+            }
+    return ctx.shared("policy grid", compute)
+
+
+class PolicyMethod(Method):
+    """A policy method: scales from the (α, q) its picker chooses on the grid."""
+
+    def __init__(self, name: str, label: str, pick: Picker) -> None:
+        self.name, self.label, self.pick = name, label, pick
+
+    def fit(self, ctx: SchemeContext) -> MethodResult:
+        alphas, quantiles = ctx.cfg.search.alphas, ctx.cfg.search.quantiles
+        tables = policy_grid(ctx)
+        choices = self.pick(tables, alphas, quantiles)
+        scales = {s: smoothing_scales(ctx.data[s].act_stats[c.q], ctx.data[s].weight_stat,
+                                      c.alpha, site=s) for s, c in choices.items()}
+        loss = {s: float(tables[s][alphas.index(c.alpha), quantiles.index(c.q)])
+                for s, c in choices.items()}
+        return MethodResult(ctx.plans(scales, desc=self.name), choices, loss)
+
+
+register(PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max))
+register(PolicyMethod("quantile", "quantile", pick_quantile))
+register(PolicyMethod("joint_global", "joint (global)", pick_joint_global))
+register(PolicyMethod("joint", "joint (per layer)", pick_joint))
