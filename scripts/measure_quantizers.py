@@ -127,22 +127,23 @@ def measure_gptq(model, windows, args) -> dict:
         rows: dict[str, dict[str, list[float]]] = {}
         seconds: dict[str, float] = {}
         for rs in sites:
-            w = rs.linear.weight.detach().float().cpu()
+            w = rs.weight.detach().float().cpu()
+            t = rs.transform  # the site's rotation and (GQA o_proj) scale tying
             x_cal = cal_rec[rs.name].tokens()
             s = None
             if args.alpha >= 0:
-                s = smoothing_scales(x_cal.abs().amax(0), weight_absmax(w), args.alpha,
-                                     site=rs.name)
-            candidates = {"rtn": quantize_weight_spec(transform_weight(w, s, True), scheme)}
+                s = smoothing_scales(t.tied_max(x_cal.abs().amax(0)),
+                                     t.tied_max(weight_absmax(w)), args.alpha, site=rs.name)
+            candidates = {"rtn": quantize_weight_spec(transform_weight(w, s, t), scheme)}
             for label, kw, act_aware, tokens in variants:
                 start = time.perf_counter()
-                candidates[label] = gptq_fused_weight(w, s, True, x_cal[:tokens], scheme,
+                candidates[label] = gptq_fused_weight(w, s, t, x_cal[:tokens], scheme,
                                                       act_aware=act_aware, **kw)
                 seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
             for label, wq in candidates.items():
                 row = rows.setdefault(label, {"selection": [], "heldout": []})
                 for split, rec in (("selection", sel_rec), ("heldout", ho_rec)):
-                    row[split].append(layer_error(rec[rs.name].tokens(), w, s, True, scheme,
+                    row[split].append(layer_error(rec[rs.name].tokens(), w, s, t, scheme,
                                                   weight_q=wq).mse)
             log.info("%s %s done", scheme.name, rs.name)
         summary = {}
@@ -160,29 +161,34 @@ def measure_gptq(model, windows, args) -> dict:
 
 def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
     """Perplexity of a run's trained scales with RTN vs selected-GPTQ weights, larger eval."""
-    from safetensors.torch import load_file
-
-    from smoothrot.job import Timer, _calibrate, method_plan  # the run's exact calibration
+    from smoothrot.io.scales_file import read_scales_file
+    from smoothrot.job import _calibrate  # the run's exact calibration
+    from smoothrot.schema.quant import with_act_clip
     from smoothrot.surgery.hooks import transformed
+    from smoothrot.surgery.residual import rotate_residual
+    from smoothrot.timer import Timer
 
     cfg = load_config(args.config)
     model, tokenizer = load_model(cfg.model.name)
-    sites = resolve_sites(model, cfg.layers)
+    if cfg.residual_rotation:  # as the run did (R1 before any site is resolved)
+        rotate_residual(model, seed=cfg.seed)
+    sites = resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation)
     data_cfg = dataclasses.replace(cfg.data, evaluation_samples=args.evaluation_samples)
     _, windows = split_windows(tokenizer, data_cfg, cfg.seed)
     data = _calibrate(model, sites, windows, cfg, Timer())
-    stored = load_file(args.scales)
+    stored = read_scales_file(args.scales)
     res: dict = {"float": perplexity(model, windows["evaluation"], desc="float")}
     for scheme_name in args.schemes:
         scheme = get_scheme(scheme_name)
-        scales = {rs.name: stored[f"{scheme.name}/trained/{rs.name}"].float() for rs in sites}
+        trained = stored.plans(scheme.name, "trained")  # scales, rotation, act clip per site
         picks = {rs.name: gptq_fused_weight_selected(
-            rs.linear.weight.detach().float(), scales[rs.name], rs.transform.arg,
-            data[rs.name].train_x, data[rs.name].selection_x, scheme) for rs in sites}
-        gptq_w = {site: pick.weight_q for site, pick in picks.items()}
-        for method, wq in (("trained", {}), ("trained+gptq", gptq_w)):
-            plans = {rs.name: method_plan(method, scales[rs.name], wq.get(rs.name))
-                     for rs in sites}
+            rs.weight.detach().float(), trained[rs.name].scales,
+            rs.transform.with_rotation(trained[rs.name].rotation), data[rs.name].train_x,
+            data[rs.name].selection_x, with_act_clip(scheme, trained[rs.name].act_clip))
+            for rs in sites}
+        gptq = {site: dataclasses.replace(plan, weight_q=picks[site].weight_q)
+                for site, plan in trained.items()}
+        for method, plans in (("trained", trained), ("trained+gptq", gptq)):
             with transformed(sites, plans, scheme):
                 res[f"{scheme.name} {method}"] = perplexity(model, windows["evaluation"],
                                                             desc=f"{scheme.name} {method}")

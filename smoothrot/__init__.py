@@ -10,7 +10,7 @@ __all__ = ["load_pretrained"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import smoothrot.schema.config` (and the CLIs' --help) does not import torch.
     if name == "load_pretrained":
-        from smoothrot.io.export import load_pretrained
+        from smoothrot.io.loader import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'smoothrot' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smoothrot.arch.sites import ResolvedSite, resolve_sites
+from smoothrot.arch.sites import ResolvedSite, resolve_sites, with_rotation_blocks
 from smoothrot.calibrate.capture import batch_size, capture_splits, fit_specs
 from smoothrot.calibrate.sequential import capture_sequential
 from smoothrot.core.policies import check_finite
@@ -28,6 +28,7 @@ from smoothrot.models import load_model, model_fingerprint
 from smoothrot.progress import progress
 from smoothrot.schema.config import FitConfig
 from smoothrot.schema.quant import get_scheme, with_act_clip
+from smoothrot.schema.target import TARGETS
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
@@ -169,6 +170,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     every rank returns the same result.
     """
     methods = run_order(cfg.methods)  # unknown method names fail before any loading
+    target = TARGETS[cfg.target]
     reported = {m.name for m in run_order([])} | set(cfg.methods)
     launch(cfg.distributed, "cpu" if cfg.model.device == "cpu" else "gpu")
     torch.manual_seed(cfg.seed)
@@ -183,7 +185,9 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     if cfg.residual_rotation:
         with timer.stage("residual rotation"):
             rotate_residual(model, seed=cfg.seed)
-    sites = resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation)
+    sites = with_rotation_blocks(
+        resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation),
+        cfg.rotation.block_size)
     _check_sites(sites, cfg)
     with timer.stage("load data"):
         splits, windows = split_windows(tokenizer, cfg.data, cfg.seed)
@@ -193,8 +197,8 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
         with timer.stage("float perplexity"):
             float_ppl = perplexity(model, windows["evaluation"], desc="float ppl")
     results = [
-        _run_scheme(SchemeContext(get_scheme(name), model, sites, data, windows, cfg, timer,
-                                  resume), methods, reported)
+        _run_scheme(SchemeContext(target.scheme(get_scheme(name)), model, sites, data, windows,
+                                  cfg, timer, resume), methods, reported)
         for name in cfg.schemes
     ]
     return FitResult(

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from smoothrot.io.scales_file import ScalesEntry, write_scales_file
 from smoothrot.job import FitResult, SchemeResult
 from smoothrot.methods.registry import BASELINE, get_method
 from smoothrot.schema.config import config_to_dict
@@ -267,16 +267,17 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_scales(result: FitResult, path: Path) -> None:
-    """All fitted scales as float64 tensors named ``<scheme>/<method>/<site>``; the activation
-    clip ratios (scheme → method → site) as JSON in the metadata."""
-    tensors = {
-        f"{sr.scheme}/{m}/{s}": v.double().contiguous()
-        for sr in result.schemes for m, per_site in sr.scales.items() for s, v in per_site.items()
-    }
-    meta = {"model": result.model_name, "model_fingerprint": result.model_fingerprint,
-            "sites": json.dumps(result.sites),
-            "act_clips": json.dumps({sr.scheme: sr.act_clips for sr in result.schemes})}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    """Every method's plans (scales, rotation, activation clip) as a scales file
+    (io/scales_file.py). A method whose plans carry offline-rounded weights (GPTQ) is left out:
+    the file cannot hold them, and its scales alone would export another model."""
+    entries = [
+        ScalesEntry(sr.scheme, method, site, plan.scales, plan.rotation, plan.act_clip)
+        for sr in result.schemes for method, plans in sr.plans.items()
+        if all(plan.weight_q is None for plan in plans.values())
+        for site, plan in plans.items()
+    ]
+    write_scales_file(path, entries, model=result.model_name,
+                      model_fingerprint=result.model_fingerprint, sites=result.sites)
 
 
 def write_outputs(result: FitResult, out: Path) -> dict[str, str]:

@@ -21,10 +21,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# Kept literal so `--help` does not import torch; tests check them against smoothrot.io.export.
-FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
+from smoothrot.schema.export import (  # torch-free, so --help stays instant
+    ACTIVATION_QUANTIZERS,
+    EXPORT_DTYPES,
+    FORMATS,
+    METADATA_FILE,
+)
 
 
 def load_model(name: str, **kwargs: Any):
@@ -95,14 +97,15 @@ def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from smoothrot.io.export import export_from_scales_file, read_scales_file
+    from smoothrot.io.from_scales import export_from_scales_file
+    from smoothrot.io.scales_file import read_scales_file
 
     scales = Path(args.scales)
-    _, meta = read_scales_file(scales)
+    fitted_on = read_scales_file(scales).model
     report_path = Path(args.report) if args.report else scales.parent / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     out = Path(args.out) if args.out else scales.parent / f"export-{args.format}"
-    model, tokenizer = load_model(args.model or meta["model"], gguf_file=args.gguf_file)
+    model, tokenizer = load_model(args.model or fitted_on, gguf_file=args.gguf_file)
     calibration = _windows(tokenizer, args, "calibration") if args.format == "nvfp4" else None
     path = export_from_scales_file(
         scales, args.format, out, model=model, tokenizer=tokenizer, method=args.method,
@@ -115,7 +118,7 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from smoothrot.io.export import METADATA_FILE, verify_export
+    from smoothrot.io.verify import verify_export
 
     meta_file = path / METADATA_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}

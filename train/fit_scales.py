@@ -28,11 +28,10 @@ from smoothrot.schema.config import (
     config_to_dict,
     load_config,
 )
+from smoothrot.schema.export import EXPORT_DTYPES
+from smoothrot.schema.export import FORMATS as EXPORT_FORMATS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-# smoothrot.io.export.FORMATS / EXPORT_DTYPES, literal so `--help` needs no torch (tests compare).
-EXPORT_FORMATS = ("fused", "w8a8", "w4a4", "nvfp4", "mxfp4")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 EPILOG = """\
 examples:
@@ -167,7 +166,7 @@ def plan_exports(cfg: FitConfig, args: argparse.Namespace) -> dict[str, Path]:
         if args.export_dir:
             raise ConfigError("--export-dir needs --export FORMAT")
         return {}
-    from smoothrot.io.export import check_export_request, export_targets
+    from smoothrot.io.from_scales import check_export_request, export_targets
 
     formats = list(dict.fromkeys(args.export))
     targets = export_targets(cfg.output_dir, formats, args.export_dir)
@@ -185,7 +184,7 @@ def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Pat
     if not targets:
         return []
     from smoothrot.data.splits import split_windows
-    from smoothrot.io.export import export_from_scales_file
+    from smoothrot.io.from_scales import export_from_scales_file
     from smoothrot.models import load_model
     from smoothrot.report import to_json
 

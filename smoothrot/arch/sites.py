@@ -7,12 +7,18 @@ residual stream was rotated (R1) is an explicit argument, never state read off t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from smoothrot.arch.tables import ARCHITECTURES, ArchitectureMap, ModelDims, ROW_SLICES, SmoothingSite
+from smoothrot.arch.tables import (
+    ARCHITECTURES,
+    ROW_SLICES,
+    ArchitectureMap,
+    ModelDims,
+    SmoothingSite,
+)
 from smoothrot.core.transform import ScaleTie, SiteTransform
 from smoothrot.schema.rotation import Rotation, RotationKind
 
@@ -173,3 +179,13 @@ def resolve_sites(model: nn.Module, patterns: list[str], *,
             f"name {names}, a name like {arch.layers}.0.{arch.sites[-1].path}, or 're:<regex>'"
         )
     return resolved
+
+
+def with_rotation_blocks(sites: list[ResolvedSite], block_size: int | None) -> list[ResolvedSite]:
+    """``sites`` with every full Hadamard split into block-diagonal ``block_size`` blocks (a fit
+    option: power-of-two blocks run on backends' fast kernels); None leaves them as they are."""
+    if block_size is None:
+        return list(sites)
+    block = Rotation.block(block_size)
+    return [replace(rs, transform=rs.transform.with_rotation(block))
+            if rs.rotation.kind is RotationKind.FULL else rs for rs in sites]

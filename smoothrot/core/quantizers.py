@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot.core import fp4
-from smoothrot.schema.quant import QUANT_FORMATS
+from smoothrot.schema.quant import ACT_GRIDS, QUANT_FORMATS
 
 if TYPE_CHECKING:
     from smoothrot.schema.quant import QuantScheme
@@ -107,6 +107,7 @@ class Quantizer:
     symmetric: bool = True
     clip: float = 1.0
     mse_clip: bool = False
+    grid: str = "max"  # symmetric int only; schema/quant.py ACT_GRIDS
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -119,6 +120,8 @@ class Quantizer:
             raise ValueError(f"{self.fmt} is 4-bit, symmetric and block-scaled (group size set)")
         if not 0.0 < self.clip <= 1.0:
             raise ValueError(f"clip_ratio={self.clip!r} is out of range; allowed: (0, 1]")
+        if self.grid not in ACT_GRIDS:
+            raise ValueError(f"grid={self.grid!r} is not one of {ACT_GRIDS}")
 
     # -- grouping ---------------------------------------------------------------------------
     def grouped(self, x: torch.Tensor, what: str = "tensor") -> torch.Tensor:
@@ -152,10 +155,11 @@ class Quantizer:
         """Scales (and zero points) of grouped ``xg`` with clip ratio ``clip`` (per group ok)."""
         clip = self.clip if clip is None else clip
         if self.fmt == "int" and self.symmetric:
-            qmax = 2 ** (self.bits - 1) - 1
+            # "max": the original W4A4/W8A8 arithmetic (pinned by tests/unit/test_fake_quant.py);
+            # "compressed-tensors": half a step wider, the grid then clamped to [-2^(b-1), ...].
+            steps = 2 ** (self.bits - 1) - 1 if self.grid == "max" else (2**self.bits - 1) / 2
             amax = xg.abs().amax(dim=-1, keepdim=True)
-            # The original W4A4/W8A8 arithmetic (pinned by tests/unit/test_fake_quant.py).
-            return QParams((clip * amax / qmax).clamp(min=torch.finfo(xg.dtype).tiny))
+            return QParams((clip * amax / steps).clamp(min=torch.finfo(xg.dtype).tiny))
         if self.fmt == "int":
             levels = 2**self.bits - 1
             hi = xg.amax(dim=-1, keepdim=True).clamp(min=0) * clip
@@ -174,9 +178,11 @@ class Quantizer:
         scaled = x / qp.scale
         if self.fmt != "int":
             return fp4.round_e2m1(scaled, ste=ste) * qp.scale
+        qmax = 2 ** (self.bits - 1) - 1
+        if self.symmetric and self.grid != "max":  # clamp first, then round half to even
+            scaled = torch.clamp(scaled, -qmax - 1, qmax)
         q = RoundSTE.apply(scaled) if ste else torch.round(scaled)
         if self.symmetric:
-            qmax = 2 ** (self.bits - 1) - 1
             return torch.clamp(q, -qmax - 1, qmax) * qp.scale
         assert qp.zero is not None
         return (torch.clamp(q + qp.zero, 0, 2**self.bits - 1) - qp.zero) * qp.scale
@@ -230,7 +236,8 @@ def weight_quantizer(scheme: QuantScheme) -> Quantizer:
 
 def activation_quantizer(scheme: QuantScheme) -> Quantizer:
     """The activation side of a scheme: dynamic, per token (or per group within a token)."""
-    return Quantizer(scheme.a_format, scheme.a_bits, scheme.a_group_size, True, scheme.a_clip)
+    return Quantizer(scheme.a_format, scheme.a_bits, scheme.a_group_size, True, scheme.a_clip,
+                     grid=scheme.a_grid)
 
 
 def quantize_weight_spec(

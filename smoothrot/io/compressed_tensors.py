@@ -27,9 +27,9 @@ from torch import nn
 
 from smoothrot.core import fp4
 from smoothrot.core.quantizers import weight_quantizer
-from smoothrot.schema.quant import QuantScheme
 from smoothrot.schema.declaration import SiteDeclaration
 from smoothrot.schema.export import FP4_FORMATS, ExportError
+from smoothrot.schema.quant import QuantScheme
 from smoothrot.schema.rotation import Rotation, RotationKind
 
 TRANSFORM_GROUP = "smoothrot"

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.export import ExportConfig
 from smoothrot.schema.quant import (  # noqa: F401 TEMP-REEXPORT
     PRESET_SCHEMES,
     QUANT_FORMATS,
@@ -25,6 +26,7 @@ from smoothrot.schema.quant import (  # noqa: F401 TEMP-REEXPORT
     get_scheme,
     with_act_clip,
 )
+from smoothrot.schema.target import TARGETS
 
 # What a run fits and reports unless told otherwise (the paper's comparison plus GPTQ rows).
 DEFAULT_METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint",
@@ -161,6 +163,21 @@ class DistributedConfig:
 
 
 @dataclass
+class RotationConfig:
+    """Fit options for the sites' online rotations. ``block_size`` splits every full online
+    Hadamard into block-diagonal Hadamards of that size (e.g. 512: 1536 = 3·512), which vLLM runs
+    with its fast power-of-two kernel instead of a dense matrix product (docs/deployment.md)."""
+
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+            raise ConfigError(f"rotation.block_size={b!r} must be null or an integer >= 2, "
+                              "e.g. 512")
+
+
+@dataclass
 class FitConfig:
     """Everything ``train/fit_scales.py`` needs; one YAML file maps onto it."""
 
@@ -180,6 +197,10 @@ class FitConfig:
     output_dir: str = "outputs/fit_scales"
     # Rotate the residual stream by Q (QuaRot/SpinQuant R1, residual.py) before calibration.
     residual_rotation: bool = False
+    # Whose arithmetic every number is computed with (schema/target.py).
+    target: str = "vllm"
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -201,6 +222,19 @@ class FitConfig:
             get_scheme(name)
         if not self.methods:
             raise ConfigError("methods must not be empty, e.g. [trained]")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target={self.target!r} is not one of {list(TARGETS)}")
+        clips = self.search.act_clips != [1.0]
+        if clips and not TARGETS[self.target].act_clips:
+            raise ConfigError(
+                f"search.act_clips={self.search.act_clips} needs target: research ({self.target}'s "
+                "dynamic activation quantization has no clip); use act_clips: [1.0] or set "
+                "target: research")
+        if clips and self.export.formats:
+            raise ConfigError(
+                "export.formats with search.act_clips: no backend applies per-site activation "
+                "clips, so the export would not compute the reported numbers; drop the clips "
+                "(act_clips: [1.0]) to export")
 
 
 _SCALARS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,),

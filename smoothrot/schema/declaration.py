@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from smoothrot.arch.tables import SMOOTH_FROM_KINDS
-from smoothrot.schema.quant import QUANT_FORMATS, QuantScheme
 from smoothrot.schema.export import EXPORT_DTYPES, FORMATS
+from smoothrot.schema.quant import QUANT_FORMATS, QuantScheme
 from smoothrot.schema.rotation import Rotation, RotationKind
 from smoothrot.schema.strict import (
     BOOLEAN,

@@ -10,6 +10,11 @@ from dataclasses import dataclass, replace
 from smoothrot.schema.errors import ConfigError
 
 SUPPORTED_BITS = (4, 8)
+# How a dynamic symmetric int activation scale is computed from a token's abs-max (a backend's
+# arithmetic, schema/target.py): "max" → max|x|/(2^(b-1)-1), round, codes ±(2^(b-1)-1) (vLLM's
+# int8 kernel and its int4 Humming kernel, smoothrot's original); "compressed-tensors" →
+# max|x|/((2^b-1)/2), clamp to [-2^(b-1), 2^(b-1)-1], then round (compressed-tensors' forward).
+ACT_GRIDS = ("max", "compressed-tensors")
 # Element formats and, for the FP4 block formats, the block size each one fixes.
 QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
 FP_FORMAT_BLOCK = {"nvfp4": 16, "mxfp4": 32}
@@ -38,6 +43,7 @@ class QuantScheme:
     a_group_size: int | None = None
     w_symmetric: bool = True
     w_mse_clip: bool = False
+    a_grid: str = "max"
 
     def __post_init__(self) -> None:
         for what, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
@@ -68,6 +74,11 @@ class QuantScheme:
                     f"scheme {self.name!r}: {fmt} needs {side}_bits=4 and "
                     f"{side}_group_size={FP_FORMAT_BLOCK[fmt]}"
                 )
+        if self.a_grid not in ACT_GRIDS:
+            raise ConfigError(f"scheme {self.name!r}: a_grid={self.a_grid!r} is not one of "
+                              f"{ACT_GRIDS}")
+        if self.a_grid != "max" and self.a_format != "int":
+            raise ConfigError(f"scheme {self.name!r}: a_grid applies to int activations only")
         if not self.w_symmetric and self.w_format != "int":
             raise ConfigError(f"scheme {self.name!r}: asymmetric weights need w_format='int'")
         if self.w_mse_clip and self.w_clip != 1.0:

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from smoothrot.arch.sites import architecture_of, resolve_sites
+from smoothrot.arch.tables import ModelDims
 from smoothrot.schema.quant import get_scheme
+from smoothrot.schema.rotation import Rotation
 from smoothrot.surgery.hooks import apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
@@ -38,19 +40,21 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def _per_head(sites: list, rotation: str) -> list:
-    """o_proj sites with the per-head H (block-diagonal over head_dim) placed as ``rotation``
-    (``head_online`` or ``head_offline``) instead of the table's full H."""
+def _per_head(model: nn.Module, sites: list, location: str) -> list:
+    """o_proj sites with the per-head H (block-diagonal over head_dim) at ``location``
+    (``online`` or ``offline``) instead of the table's full H."""
+    rotation = Rotation.head(location)
+    bound = rotation.bound(ModelDims.from_config(model.config).head_dim)
     return [dataclasses.replace(rs, site=dataclasses.replace(rs.site, rotation=rotation),
-                                transform=dataclasses.replace(rs.transform, rotation="head"))
+                                transform=rs.transform.with_rotation(bound))
             for rs in sites]
 
 
 def _random_plans(sites, dtype=torch.float64, seed: int = 1, spread: float = 1.0) -> dict:
-    """Log-normal positive scales (e^±3 range) on every site, rotation on."""
+    """Log-normal positive scales (e^±3 range) on every site, each with its own rotation."""
     gen = torch.Generator().manual_seed(seed)
     return {rs.name: SitePlan(torch.exp(spread * torch.randn(rs.n_scales, generator=gen,
-                                                             dtype=dtype)), True)
+                                                             dtype=dtype)), rs.rotation)
             for rs in sites}
 
 
@@ -90,7 +94,7 @@ class TestArchitectureContract:
             ref = _logits(model, ids)
         if r1:
             rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"])
+        sites = resolve_sites(model, ["all"], residual_rotated=r1)
         with exact_norms(model), transformed(sites, _random_plans(sites)):
             out = _logits(model, ids)
             for gamma in _effective_gammas(model):
@@ -106,7 +110,7 @@ class TestArchitectureContract:
         ref = _logits(model, ids)
         if r1:
             rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"])
+        sites = resolve_sites(model, ["all"], residual_rotated=r1)
         with transformed(sites, _random_plans(sites, torch.float32)):
             out = _logits(model, ids)
         assert _rel(out, ref) <= 1e-4
@@ -119,7 +123,7 @@ class TestArchitectureContract:
         ref = _logits(model, ids)
         if r1:
             rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"])
+        sites = resolve_sites(model, ["all"], residual_rotated=r1)
         plans = _random_plans(sites, torch.float32, spread=0.3)
         with transformed(sites, plans, get_scheme("w4a4")):
             w4 = _logits(model, ids)
@@ -143,14 +147,17 @@ class TestArchitectureContract:
         """Per-head H commutes with attention, so folding it into v_proj rows is exact too."""
         model = tiny_model(arch, torch.float64)
         ids = _ids()
-        sites = _per_head(resolve_sites(model, ["o_proj"]), "head_online")
-        offline = _per_head(sites, "head_offline")
+        sites = _per_head(model, resolve_sites(model, ["o_proj"]), "online")
+        offline = _per_head(model, sites, "offline")
         plans = _random_plans(sites)
+        offline_plans = _random_plans(offline)  # the same scales, H folded into v_proj's rows
+        assert all(p.rotation.is_online() for p in plans.values())
+        assert all(p.rotation.is_offline() for p in offline_plans.values())
         with exact_norms(model):
             ref = _logits(model, ids)
             with transformed(sites, plans):
                 online = _logits(model, ids)
-            handles = apply_plans(offline, plans)
+            handles = apply_plans(offline, offline_plans)
             assert handles == []  # nothing left to do at run time
         with exact_norms(model):
             out = _logits(model, ids)
@@ -162,13 +169,14 @@ class TestArchitectureContract:
         it is quantized too, offline H mixes its rows within a head and changes its grid)."""
         model = tiny_model(arch, torch.float64)
         ids = _ids()
-        sites = _per_head(resolve_sites(model, ["o_proj"]), "head_online")
+        sites = _per_head(model, resolve_sites(model, ["o_proj"]), "online")
         plans = _random_plans(sites, spread=0.3)
-        offline = _per_head(sites, "head_offline")
+        offline = _per_head(model, sites, "offline")
+        offline_plans = _random_plans(offline, spread=0.3)
         scheme = get_scheme("w8a8")
         with transformed(sites, plans, scheme):
             online = _logits(model, ids)
-        with transformed(offline, plans, scheme):
+        with transformed(offline, offline_plans, scheme):
             out = _logits(model, ids)
         assert _rel(out, online) <= 1e-6
 
@@ -198,9 +206,12 @@ class TestArchitectureContract:
     def test_r1_sites_reading_the_residual_do_not_rotate_again(self, arch):
         """Q·H with Q = diag(σ)·H is diag(σ): a second Hadamard would undo R1."""
         model = tiny_model(arch)
-        before = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
+        before = {rs.site.name: rs.rotation for rs in resolve_sites(model, ["all"])}
         rotate_residual(model)
-        after = {rs.site.name: rs.transform.rotation for rs in resolve_sites(model, ["all"])}
-        assert before == {"qkv": "online", "o_proj": "online", "gate_up": "online",
-                          "down_proj": "online"}
-        assert after == {**before, "qkv": "none", "gate_up": "none"}
+        after = {rs.site.name: rs.rotation
+                 for rs in resolve_sites(model, ["all"], residual_rotated=True)}
+        assert before == {"qkv": Rotation.full(), "o_proj": Rotation.full(),
+                          "gate_up": Rotation.full(), "down_proj": Rotation.full()}
+        assert after == {**before, "qkv": Rotation.none(), "gate_up": Rotation.none()}
+        # R1 is an explicit argument: the rotated model carries no state resolve_sites reads.
+        assert {rs.site.name: rs.rotation for rs in resolve_sites(model, ["all"])} == before

@@ -17,7 +17,8 @@ from smoothrot.core.stats import weight_absmax
 from smoothrot.data.sources import load_documents
 from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.evaluate import perplexity
-from smoothrot.io.export import export_model, load_pretrained
+from smoothrot.io.loader import load_pretrained
+from smoothrot.io.writer import export_model
 from smoothrot.schema.config import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
@@ -39,7 +40,7 @@ def setup(smollm2):
                        quantiles=[0.99]) as rec:
         run_model(model, windows["calibration"], 4, "calib")
     plans = {rs.name: SitePlan(smoothing_scales(rec[rs.name].absmax.value(),
-                                                weight_absmax(rs.weight), 0.5), True)
+                                                weight_absmax(rs.weight), 0.5), rs.rotation)
              for rs in sites}
     return model, tok, sites, plans, windows["evaluation"], windows["calibration"]
 

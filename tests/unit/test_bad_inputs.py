@@ -320,7 +320,7 @@ def test_zero_and_negative_norm_gamma_still_transform_exactly(patterns) -> None:
     for rs in sites:
         tie = rs.transform.tied_max
         s = smoothing_scales(tie(rec[rs.name].absmax.value()), tie(weight_absmax(rs.weight)), 0.5)
-        plans[rs.name] = SitePlan(s, True)
+        plans[rs.name] = SitePlan(s, rs.rotation)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         with transformed(sites, plans):
@@ -405,7 +405,8 @@ def test_scales_from_another_model_are_refused(llama) -> None:
     """Scales fitted on SmolLM2 (1536 channels) applied to a 96-channel model: one line, no edit."""
     sites = resolve_sites(llama, ["down_proj"])
     before = {n: p.detach().clone() for n, p in llama.named_parameters()}
-    plans = {rs.name: SitePlan(torch.ones(1536, dtype=torch.float64), True) for rs in sites}
+    plans = {rs.name: SitePlan(torch.ones(1536, dtype=torch.float64), rs.rotation)
+             for rs in sites}
     with pytest.raises(ValueError) as exc, transformed(sites, plans):
         pass
     message = str(exc.value)

@@ -20,9 +20,8 @@ from hypothesis import strategies as st
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.hadamard import is_supported
-from smoothrot.core.transform import transform_input, transform_weight
-from smoothrot.io.export import unfuse_site
-from smoothrot.surgery.fuse import fuse_site
+from smoothrot.core.transform import FULL, transform_input, transform_weight
+from smoothrot.surgery.fuse import fuse_site, unfuse_site
 from smoothrot.surgery.hooks import apply_plans
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
@@ -50,7 +49,7 @@ def test_linear_equivalence_within_the_stated_bound(n, tokens, outs, decades, se
     x = torch.randn(tokens, n, generator=gen, dtype=torch.float64)
     w = torch.randn(outs, n, generator=gen, dtype=torch.float64)
     y = x @ w.T
-    y_fused = transform_input(x, s, True) @ transform_weight(w, s, True).T
+    y_fused = transform_input(x, s, FULL) @ transform_weight(w, s, FULL).T
     scaled = (x / s).norm(dim=1, keepdim=True) * (w * s).norm(dim=1)[None]
     plain = x.norm(dim=1, keepdim=True) * w.norm(dim=1)[None]
     err = (y_fused - y).abs()
@@ -71,7 +70,7 @@ def test_relative_error_grows_with_the_scale_range():
     errors = {}
     for decades in (0, 6, 12):
         s = 10 ** (z * decades)
-        y_fused = transform_input(x, s, True) @ transform_weight(w, s, True).T
+        y_fused = transform_input(x, s, FULL) @ transform_weight(w, s, FULL).T
         errors[decades] = float((y_fused - y).norm() / y.norm())
         assert errors[decades] <= c_n(n) * U * (1 + 10.0**decades) * 8  # ‖x‖‖w‖/‖y‖ ≲ 8 here
     assert errors[6] > 1e3 * errors[0] and errors[12] > 1e3 * errors[6], errors
@@ -91,7 +90,7 @@ def test_swiglu_fold_into_up_proj_is_exact(decades, seed):
     sites = resolve_sites(model, ["down_proj"])
     s = log_uniform_scales(96, decades, gen)
     w = mlp.down_proj.weight.detach().clone()
-    handles = apply_plans(sites, {sites[0].name: SitePlan(s, True)})
+    handles = apply_plans(sites, {sites[0].name: SitePlan(s, sites[0].rotation)})
     with torch.no_grad():
         out = mlp(x)
     for handle in handles:
@@ -111,13 +110,13 @@ def test_fuse_then_unfuse_gives_back_the_weights(decades, seed, layers):
     original = copy.deepcopy(model.state_dict())
     sites = resolve_sites(model, layers)
     gen = torch.Generator().manual_seed(seed)
-    plans = {rs.name: SitePlan(log_uniform_scales(rs.n_scales, decades, gen), True)
+    plans = {rs.name: SitePlan(log_uniform_scales(rs.n_scales, decades, gen), rs.rotation)
              for rs in sites}
     for rs in sites:
-        fuse_site(rs, plans[rs.name].scales, True)
+        fuse_site(rs, plans[rs.name].scales, rs.rotation)
     assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
     for rs in reversed(sites):
-        unfuse_site(rs, plans[rs.name].scales, True)
+        unfuse_site(rs, plans[rs.name].scales, rs.rotation)
     kappa = max(float(p.scales.max() / p.scales.min()) for p in plans.values())
     for key, value in model.state_dict().items():
         ref = original[key]

@@ -265,6 +265,7 @@ def test_property_finite_on_grid_bounded(rows: list[list[float]], scheme: QuantS
 def test_trainer_loss_gives_scale_gradients(name: str) -> None:
     """The trainer's straight-through loss (losses.quantized_output) under the new schemes:
     finite, nonzero gradients w.r.t. log s, and forward equal to the evaluation path."""
+    from smoothrot.core.transform import FULL
     from smoothrot.losses import output_loss, quantized_output
 
     scheme = get_scheme(name)
@@ -273,8 +274,8 @@ def test_trainer_loss_gives_scale_gradients(name: str) -> None:
     x = torch.randn(64, n, generator=gen) * torch.exp(torch.randn(n, generator=gen))
     w = torch.randn(32, n, generator=gen) / n**0.5
     log_s = (0.3 * torch.randn(n, generator=gen)).requires_grad_(True)
-    y_ste = quantized_output(x, w, log_s.exp(), True, scheme, ste=True)
-    y_eval = quantized_output(x, w, log_s.detach().exp(), True, scheme)
+    y_ste = quantized_output(x, w, log_s.exp(), FULL, scheme, ste=True)
+    y_eval = quantized_output(x, w, log_s.detach().exp(), FULL, scheme)
     assert torch.allclose(y_ste.detach(), y_eval, rtol=1e-5, atol=1e-6)
     output_loss(x @ w.T, y_ste).backward()
     assert log_s.grad is not None

@@ -16,7 +16,7 @@ from smoothrot.core.quantizers import (
     quantize_activation_spec,
     quantize_weight_spec,
 )
-from smoothrot.core.transform import transform_input, transform_weight
+from smoothrot.core.transform import FULL, IDENTITY, transform_input, transform_weight
 from smoothrot.evaluate import layer_error
 from smoothrot.methods.gptq import gptq_fused_weight, gptq_fused_weight_selected
 from smoothrot.schema.quant import QuantScheme, get_scheme
@@ -203,13 +203,13 @@ def test_fused_weight_through_layer_error(name: str) -> None:
     x_cal, x_ho = _inputs(2048, n, 6), _inputs(2048, n, 60)
     s = torch.exp(torch.randn(n, generator=torch.Generator().manual_seed(7)) * 0.5)
     for act_aware in (False, True):
-        wq = gptq_fused_weight(w, s, True, x_cal, scheme, act_aware=act_aware)
-        xt = transform_input(x_cal, s, True)
+        wq = gptq_fused_weight(w, s, FULL, x_cal, scheme, act_aware=act_aware)
+        xt = transform_input(x_cal, s, FULL)
         if act_aware:
             xt = quantize_activation_spec(xt, scheme)
-        assert torch.equal(wq, gptq_quantize(transform_weight(w, s, True), xt, scheme))
-        e_gptq = layer_error(x_ho, w, s, True, scheme, weight_q=wq)
-        e_rtn = layer_error(x_ho, w, s, True, scheme)
+        assert torch.equal(wq, gptq_quantize(transform_weight(w, s, FULL), xt, scheme))
+        e_gptq = layer_error(x_ho, w, s, FULL, scheme, weight_q=wq)
+        e_rtn = layer_error(x_ho, w, s, FULL, scheme)
         assert e_gptq.mse < e_rtn.mse, (act_aware, e_gptq, e_rtn)
 
 
@@ -219,15 +219,16 @@ def test_siteplan_weight_q_is_stored_and_restored() -> None:
     rs = sites[0]
     before = rs.linear.weight.detach().clone()
     scheme = get_scheme("w4a4")
-    fused = transform_weight(before, None, True)
+    fused = transform_weight(before, None, FULL)
     wq = gptq_quantize(fused, _inputs(512, 96, 8), scheme)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad(), transformed(sites, {rs.name: SitePlan(None, True, weight_q=wq)}, scheme):
+    plan = SitePlan(None, rs.rotation, weight_q=wq)
+    with torch.no_grad(), transformed(sites, {rs.name: plan}, scheme):
         assert torch.equal(rs.linear.weight, wq)
         assert torch.isfinite(model(input_ids=ids).logits).all()
     assert torch.equal(rs.linear.weight, before)
     with pytest.raises(ValueError, match="weight_q has shape"), \
-            transformed(sites, {rs.name: SitePlan(None, True, weight_q=wq[:, :8])}, scheme):
+            transformed(sites, {rs.name: SitePlan(None, rs.rotation, weight_q=wq[:, :8])}, scheme):
         pass
 
 
@@ -238,16 +239,16 @@ def test_selected_damping_never_worse_than_rtn_on_selection() -> None:
     n = 64
     w = _weight(12, n, 11)
     x_sel = _inputs(1024, n, 11)
-    good = gptq_fused_weight_selected(w, None, True, _inputs(1024, n, 12), x_sel, scheme)
+    good = gptq_fused_weight_selected(w, None, FULL, _inputs(1024, n, 12), x_sel, scheme)
     assert good.damp is not None and good.selection_loss < good.rtn_selection_loss
-    xt = transform_input(_inputs(1024, n, 12), None, True)
+    xt = transform_input(_inputs(1024, n, 12), None, FULL)
     assert torch.equal(good.weight_q,
-                       gptq_quantize(transform_weight(w, None, True), xt, scheme, damp=good.damp))
+                       gptq_quantize(transform_weight(w, None, FULL), xt, scheme, damp=good.damp))
     # Calibration tokens that excite 4 channels only: GPTQ believes the other channels are
     # free and dumps the rounding error there, which the selection tokens expose.
     x_bad = 1e-3 * torch.randn(256, n, generator=torch.Generator().manual_seed(13))
     x_bad[:, :4] = 10.0 * torch.randn(256, 4, generator=torch.Generator().manual_seed(14))
-    bad = gptq_fused_weight_selected(w, None, False, x_bad, x_sel, scheme, damps=(0.001,))
+    bad = gptq_fused_weight_selected(w, None, IDENTITY, x_bad, x_sel, scheme, damps=(0.001,))
     assert bad.damp is None
     assert torch.equal(bad.weight_q, quantize_weight_spec(w, scheme))
     assert bad.selection_loss == bad.rtn_selection_loss

@@ -1,11 +1,23 @@
 """Report arithmetic and files on a hand-made result (no model)."""
 
+from dataclasses import replace
+
 import torch
 
 from smoothrot.evaluate import LayerError
 from smoothrot.job import FitResult, SchemeResult
+from smoothrot.methods.registry import MethodResult
 from smoothrot.report import plot, summarize, summary_table, to_json, to_markdown
 from smoothrot.schema.config import FitConfig
+from smoothrot.schema.rotation import Rotation
+from smoothrot.surgery.plan import SitePlan
+
+
+def _plans(scales: bool) -> dict[str, SitePlan]:
+    if not scales:
+        return {s: SitePlan(None, Rotation.none()) for s in ("a", "b")}
+    return {s: SitePlan(torch.rand(8, dtype=torch.float64) + 0.1, Rotation.full())
+            for s in ("a", "b")}
 
 
 def _scheme(name: str = "w4a4", factor: float = 1.0, gptq: bool = False) -> SchemeResult:
@@ -15,14 +27,19 @@ def _scheme(name: str = "w4a4", factor: float = 1.0, gptq: bool = False) -> Sche
         "smoothrot_max": {"a": LayerError(2.0 * factor, 0.2), "b": LayerError(2.0 * factor, 0.1)},
         "trained": {"a": LayerError(1.0 * factor, 0.1), "b": LayerError(1.0 * factor, 0.05)},
     }
-    sr.scales = {m: {s: torch.rand(8, dtype=torch.float64) + 0.1 for s in ("a", "b")}
-                 for m in ("smoothrot_max", "trained")}
+    sr.results = {"rtn": MethodResult(_plans(False)),
+                  "smoothrot_max": MethodResult(_plans(True)),
+                  "trained": MethodResult(_plans(True))}
     sr.perplexity = {"rtn": 30.0 * factor, "smoothrot_max": 20.0 * factor,
                      "trained": 15.0 * factor}
     if gptq:
         sr.errors["trained+gptq"] = {"a": LayerError(0.5 * factor, 0.05),
                                      "b": LayerError(0.5 * factor, 0.02)}
+        trained = sr.results["trained"].plans
+        sr.results["trained+gptq"] = MethodResult(
+            {s: replace(p, weight_q=torch.zeros(4, 8)) for s, p in trained.items()})
         sr.perplexity["trained+gptq"] = 12.0 * factor
+    assert sorted(sr.scales) == ["smoothrot_max", "trained"]  # GPTQ repeats no scales
     return sr
 
 

@@ -5,12 +5,15 @@ import torch
 
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
+from smoothrot.core.transform import FULL, IDENTITY, ScaleTie, SiteTransform
 from smoothrot.evaluate import layer_error
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods import search
-from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses, select_policies
+from smoothrot.methods.policy import pick_joint, pick_joint_global, pick_max, pick_quantile
+from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses
 from smoothrot.schema.config import TrainConfig
 from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.rotation import Rotation
 from smoothrot.training.fit import TrainProblem, fit_scales
 
 W4A4 = get_scheme("w4a4")
@@ -42,13 +45,15 @@ def test_grid_and_selection():
     table = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, "site")
     assert table.shape == (3, 3) and torch.isfinite(table).all()
     s = smoothing_scales(stats[0.99], weight_absmax(w), 0.5)
-    expected = float(output_loss(x @ w.T, quantized_output(x, w, s, True, W4A4)))
+    expected = float(output_loss(x @ w.T, quantized_output(x, w, s, FULL, W4A4)))
     assert abs(float(table[1, 1]) - expected) < 1e-5 * expected
     assert abs(candidate_loss(x, x @ w.T, w, s, W4A4) - expected) < 1e-5 * expected
 
     tables = {"a": torch.tensor([[3.0, 2.0, 5.0], [4.0, 1.0, 2.5]]),
               "b": torch.tensor([[1.0, 9.0, 1.0], [0.4, 0.5, 1.0]])}
-    ch = select_policies(tables, [0.3, 0.5], [0.9, 0.99, 1.0])
+    pickers = {"smoothrot_max": pick_max, "quantile": pick_quantile,
+               "joint_global": pick_joint_global, "joint": pick_joint}
+    ch = {m: pick(tables, [0.3, 0.5], [0.9, 0.99, 1.0]) for m, pick in pickers.items()}
     # q=1 column mean: [3.0, 1.75] -> α=0.5; then q at α=0.5: [3.0, 0.75, 1.75] -> 0.99
     assert {c.alpha for c in ch["smoothrot_max"].values()} == {0.5}
     assert {c.q for c in ch["smoothrot_max"].values()} == {1.0}
@@ -61,25 +66,28 @@ def test_grid_and_selection():
 
 
 @pytest.mark.parametrize(
-    ("scheme", "rotate"),
+    ("scheme", "transform"),
     [
-        (W4A4, True),
-        (get_scheme("w8a8"), False),
-        (get_scheme("nvfp4"), True),
-        (get_scheme("mxfp4"), "head:d=32"),
+        (W4A4, FULL),
+        (get_scheme("w8a8"), IDENTITY),
+        (get_scheme("nvfp4"), FULL),
+        (get_scheme("mxfp4"), SiteTransform(Rotation.head(block_size=32))),
         (QuantScheme("g32asym", 4, 4, w_group_size=32, w_symmetric=False, w_mse_clip=True),
-         True),
-        (W4A4, "head:d=16:tie=6/2"),
+         FULL),
+        (W4A4, SiteTransform(Rotation.head(block_size=16), ScaleTie(6, 2, 16))),
     ],
+    ids=["w4a4-full", "w8a8-none", "nvfp4-full", "mxfp4-head32", "g32asym-full",
+         "w4a4-head16-tied"],
 )
-def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, rotate: bool | str):
+def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, transform: SiteTransform):
     """The vectorized search scores each candidate exactly as the per-candidate loss does."""
     x, w = outlier_data(tokens=256)
     gen = torch.Generator().manual_seed(3)
-    n_scales = 32 if "tie" in str(rotate) else x.shape[1]
+    n_scales = transform.n_scales(x.shape[1])
+    assert n_scales == (32 if transform.tie else x.shape[1])
     cands = torch.exp(torch.randn(5, n_scales, generator=gen))
-    batched = candidate_losses(x, x @ w.T, w, cands, scheme, rotate)
-    single = torch.stack([output_loss(x @ w.T, quantized_output(x, w, c, rotate, scheme))
+    batched = candidate_losses(x, x @ w.T, w, cands, scheme, transform)
+    single = torch.stack([output_loss(x @ w.T, quantized_output(x, w, c, transform, scheme))
                           for c in cands])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=0)
     assert len(set(batched.tolist())) == 5  # candidates were not mixed up
@@ -96,10 +104,10 @@ def test_grid_is_the_same_whatever_the_chunk_size(monkeypatch):
 
 def test_rotation_and_smoothing_reduce_error_on_outliers():
     x, w = outlier_data()
-    rtn = layer_error(x, w, None, False, W4A4)
-    had = layer_error(x, w, None, True, W4A4)
+    rtn = layer_error(x, w, None, IDENTITY, W4A4)
+    had = layer_error(x, w, None, FULL, W4A4)
     s = smoothing_scales(stats_of(x, [1.0])[1.0], weight_absmax(w), 0.5)
-    smooth = layer_error(x, w, s, True, W4A4)
+    smooth = layer_error(x, w, s, FULL, W4A4)
     assert had.mse < rtn.mse and smooth.mse < had.mse
     assert 0 < smooth.relative < 1
 
@@ -118,7 +126,8 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     assert torch.isfinite(s1).all() and (s1 > 0).all()
     assert best1 < init_val  # training found something better than the policy
     assert abs(candidate_loss(val_x, val_x @ w.T, w, s1, W4A4) - best1) < 1e-3 * best1
-    assert layer_error(test_x, w, s1, True, W4A4).mse < layer_error(test_x, w, init, True, W4A4).mse
+    assert (layer_error(test_x, w, s1, FULL, W4A4).mse
+            < layer_error(test_x, w, init, FULL, W4A4).mse)
 
 
 def test_act_clip_search_clips_heavy_tails_and_keeps_flat_inputs():
@@ -131,12 +140,12 @@ def test_act_clip_search_clips_heavy_tails_and_keeps_flat_inputs():
     flat = torch.randint(0, 2, (512, 64), generator=gen).float() * 2 - 1
     clips = [1.0, 0.9, 0.8, 0.7, 0.6]
     for x, expect_clipped in ((laplace, True), (flat, False)):
-        clip, loss = search.select_act_clip(x, w, None, clips, W4A4, rotate=False)
+        clip, loss = search.select_act_clip(x, w, None, clips, W4A4, transform=IDENTITY)
         losses = [float(output_loss(x @ w.T, quantized_output(
-            x, w, None, False, QuantScheme("c", 4, 4, a_clip=c)))) for c in clips]
+            x, w, None, IDENTITY, QuantScheme("c", 4, 4, a_clip=c)))) for c in clips]
         assert clip == clips[losses.index(min(losses))]
         assert loss == pytest.approx(min(losses), rel=1e-5)
         assert (clip < 1.0) == expect_clipped
         if expect_clipped:
             assert min(losses) < 0.95 * losses[0]
-    assert search.select_act_clip(laplace, w, None, [0.7], W4A4, rotate=False)[0] == 0.7
+    assert search.select_act_clip(laplace, w, None, [0.7], W4A4, transform=IDENTITY)[0] == 0.7

@@ -13,7 +13,7 @@ from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, capture_splits, token_subset
 from smoothrot.calibrate.sequential import capture_sequential, gptq_sequential
 from smoothrot.calibrate.weights import CheckpointError, ResidentWeights, SafetensorsWeights
-from smoothrot.job import Timer, _calibrate
+from smoothrot.job import _calibrate
 from smoothrot.methods.gptq import gptq_fused_weight_selected
 from smoothrot.models import empty_model
 from smoothrot.schema.config import FitConfig, config_from_dict
@@ -21,6 +21,7 @@ from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
+from smoothrot.timer import Timer
 from tests.arch.tiny import tiny_model
 from tests.conftest import tiny_llama
 
@@ -177,12 +178,12 @@ def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs():
     sites = resolve_sites(model, ["all"])
     scheme = get_scheme("w4a4")
     specs = {k: replace(v, quantiles=None) for k, v in _specs(model.config.vocab_size).items()}
-    plans = {rs.name: SitePlan(scales=None, rotate=True) for rs in sites}
+    plans = {rs.name: SitePlan(scales=None, rotation=rs.rotation) for rs in sites}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def round_site(rs, x, x_selection):
         seen[rs.name] = (x, x_selection)
-        return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform.arg, x,
+        return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform, x,
                                           x_selection, scheme)
 
     choices = gptq_sequential(model, sites, plans, scheme, specs, 2, round_site)

@@ -5,6 +5,7 @@ import torch
 
 from smoothrot.arch.sites import UnsupportedArchitectureError, resolve_sites
 from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.rotation import Rotation
 from smoothrot.surgery.hooks import apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
@@ -24,7 +25,8 @@ def test_transform_preserves_logits_float64(rotate):
     gen = torch.Generator().manual_seed(2)
     plans = {
         rs.name: SitePlan(torch.exp(torch.randn(rs.linear.in_features, generator=gen,
-                                                dtype=torch.float64) * 1.5), rotate)
+                                                dtype=torch.float64) * 1.5),
+                          rs.rotation if rotate else Rotation.none())
         for rs in sites
     }
     with transformed(sites, plans):
@@ -38,7 +40,8 @@ def test_apply_plans_is_persistent_and_changes_weights(llama):
     ref = _logits(llama, ids)
     sites = resolve_sites(llama, ["model.layers.1.mlp.down_proj"])
     before = sites[0].linear.weight.clone()
-    handles = apply_plans(sites, {sites[0].name: SitePlan(torch.full((96,), 3.0), True)})
+    plan = SitePlan(torch.full((96,), 3.0), sites[0].rotation)
+    handles = apply_plans(sites, {sites[0].name: plan})
     assert len(handles) == 1
     assert not torch.allclose(sites[0].linear.weight, before)
     out = _logits(llama, ids)
@@ -49,7 +52,8 @@ def test_quantized_forward_is_finite_and_differs(llama):
     ids = torch.randint(0, 128, (1, 8))
     ref = _logits(llama, ids)
     sites = resolve_sites(llama, ["down_proj"])
-    with transformed(sites, {rs.name: SitePlan(None, True) for rs in sites}, get_scheme("w4a4")):
+    plans = {rs.name: SitePlan(None, rs.rotation) for rs in sites}
+    with transformed(sites, plans, get_scheme("w4a4")):
         out = _logits(llama, ids)
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, ref)
@@ -58,7 +62,7 @@ def test_quantized_forward_is_finite_and_differs(llama):
 def test_scales_of_wrong_size_are_rejected(llama):
     sites = resolve_sites(llama, ["down_proj"])
     with pytest.raises(ValueError, match="another model"), \
-            transformed(sites, {sites[0].name: SitePlan(torch.ones(7), True)}):
+            transformed(sites, {sites[0].name: SitePlan(torch.ones(7), sites[0].rotation)}):
         pass
 
 
@@ -101,7 +105,7 @@ def test_resolve_all_groups_and_member_names(llama):
 def test_gqa_tie_index_matches_attention(llama):
     """o_proj input channel (h, d) comes from v_proj row (h // group, d): zeroing one kv head's
     rows zeroes exactly the channels the tie index maps to it."""
-    from smoothrot.core.transform import _tie_index
+    from smoothrot.core.transform import ScaleTie, _tie_index
 
     attn = llama.model.layers[0].self_attn
     captured = []
@@ -113,7 +117,7 @@ def test_gqa_tie_index_matches_attention(llama):
     finally:
         handle.remove()
     zero = (captured[0].abs().amax(dim=(0, 1)) == 0).nonzero().flatten()
-    index = _tie_index(4, 2, 16)
+    index = _tie_index(ScaleTie(4, 2, 16))
     assert torch.equal(zero, ((index >= 16) & (index < 32)).nonzero().flatten())
     assert zero.tolist() == list(range(32, 64))  # query heads 2 and 3
 
@@ -132,7 +136,7 @@ def test_fold_into_norm_divides_effective_gamma(llama, kind, gamma, expected):
     site = SmoothingSite("qkv", ("q",), "norm", kind)
     rs = ResolvedSite("x", site, 0, (torch.nn.Linear(3, 2),), norm, None,
                       resolve_sites(llama, ["qkv"])[0].transform)
-    fold_into_source(rs, torch.tensor([2.0, 5.0, 4.0], dtype=torch.float64), False)
+    fold_into_source(rs, torch.tensor([2.0, 5.0, 4.0], dtype=torch.float64), Rotation.none())
     assert norm.weight.tolist() == expected
 
 
@@ -141,19 +145,22 @@ def test_site_table_validation():
 
     with pytest.raises(ValueError, match="smooth_from_kind"):
         SmoothingSite("x", ("a",), "b", "layernorm")
-    with pytest.raises(ValueError, match="rotation"):
+    with pytest.raises(ValueError, match="rotation must be a Rotation"):
         SmoothingSite("x", ("a",), "b", rotation="offline")
+    with pytest.raises(ValueError, match="block rotations are a fit option"):
+        SmoothingSite("x", ("a",), "b", rotation=Rotation.block(32))
     with pytest.raises(ValueError, match="smooth_from_rows"):
         SmoothingSite("x", ("a",), "norm", "norm", smooth_from_rows="fused_qkv.v")
-    with pytest.raises(ValueError, match="head_offline"):
-        SmoothingSite("x", ("a",), "norm", "norm", rotation="head_offline")
+    with pytest.raises(ValueError, match="an offline rotation folds H into rows"):
+        SmoothingSite("x", ("a",), "norm", "norm", rotation=Rotation.head("offline"))
+    SmoothingSite("x", ("a",), "b", rotation=Rotation.head("offline"))  # into a linear's rows
 
 
 def test_table_that_does_not_fit_the_model(llama, monkeypatch):
     from smoothrot.arch import tables as mappings
 
     bad = mappings.ArchitectureMap("model.layers", (mappings.SmoothingSite(
-        "o_proj", ("self_attn.o_proj",), "self_attn.q_proj", rotation="head_online",
+        "o_proj", ("self_attn.o_proj",), "self_attn.q_proj", rotation=Rotation.head(),
         tie="kv_heads"),))
     monkeypatch.setitem(mappings.ARCHITECTURES, "LlamaForCausalLM", bad)
     with pytest.raises(ValueError, match=r"q_proj gives 64 channels but the site needs 32"):
@@ -164,24 +171,33 @@ def test_group_weight_q_is_split_over_the_linears(llama):
     sites = resolve_sites(llama, ["model.layers.0.self_attn.qkv"])
     rs = sites[0]
     weight_q = torch.arange(128 * 64, dtype=torch.float32).reshape(128, 64)
-    with transformed(sites, {rs.name: SitePlan(None, True, weight_q)}, get_scheme("w4a4")):
+    with transformed(sites, {rs.name: SitePlan(None, rs.rotation, weight_q)}, get_scheme("w4a4")):
         assert torch.equal(rs.weight, weight_q)
         assert torch.equal(rs.linears[2].weight, weight_q[96:])
     with pytest.raises(ValueError, match=r"weight_q has shape \(64, 64\), expected \(128, 64\)"), \
-            transformed(sites, {rs.name: SitePlan(None, True, weight_q[:64])}):
+            transformed(sites, {rs.name: SitePlan(None, rs.rotation, weight_q[:64])}):
         pass
 
 
-def test_input_transform_spec_round_trip():
-    from smoothrot.losses import InputTransform, as_transform
+def test_rotation_round_trip_and_transform_validation():
+    from smoothrot.core.transform import FULL, IDENTITY, ScaleTie
 
-    for t in (InputTransform("head", 16, 4, 2), InputTransform("head", 16), InputTransform("none")):
-        assert as_transform(t.arg) == t
-    assert InputTransform("online").arg is True and InputTransform("none").arg is False
-    with pytest.raises(ValueError, match="cannot parse"):
-        as_transform("diagonal")
+    for r in (Rotation.head(block_size=16), Rotation.head("offline", 16), Rotation.head(),
+              Rotation.block(512), Rotation.full(), Rotation.none()):
+        assert Rotation.from_dict(r.to_dict()) == r
+    assert FULL.rotation.is_online() and not FULL.rotation.is_identity
+    assert IDENTITY.rotation.is_identity and not IDENTITY.rotation.is_online()
+    assert Rotation.head("offline").is_offline() and not Rotation.head("offline").is_online()
+    with pytest.raises(ValueError, match="bad rotation"):
+        Rotation.from_dict({"kind": "diagonal"})
+    with pytest.raises(ValueError, match="unknown rotation key"):
+        Rotation.from_dict({"kind": "full", "size": 4})
+    with pytest.raises(ValueError, match="cannot be offline"):
+        Rotation("full", "offline")
+    with pytest.raises(ValueError, match="needs block_size"):
+        Rotation("block")
     with pytest.raises(ValueError, match="divisible"):
-        InputTransform("head", 16, 4, 3)
+        ScaleTie(4, 3, 16)
 
 
 def test_residual_rotation_matrices_are_orthogonal():
@@ -233,7 +249,8 @@ def test_fold_into_layernorm_divides_bias_too(llama):
     rs = ResolvedSite("x", SmoothingSite("ln", ("l",), "n", "norm"), 0, (linear,), norm, None,
                       resolve_sites(llama, ["qkv"])[0].transform)
     scales = torch.exp(torch.randn(64, dtype=torch.float64))
-    with transformed([rs], {"x": SitePlan(scales, True)}), torch.no_grad():
+    assert rs.rotation == Rotation.full()
+    with transformed([rs], {"x": SitePlan(scales, rs.rotation)}), torch.no_grad():
         out = linear(norm(x))  # the pre-hook applies H online
     assert torch.allclose(out, ref, atol=1e-12)
 
@@ -253,13 +270,13 @@ def test_offline_weights_of_a_source_linear_keep_its_row_folding(scheme):
     sites = resolve_sites(model, ["all"])
     gen = torch.Generator().manual_seed(4)
     plans = {rs.name: SitePlan(torch.exp(torch.randn(rs.n_scales, generator=gen,
-                                                     dtype=torch.float64)), True)
+                                                     dtype=torch.float64)), rs.rotation)
              for rs in sites}
     with transformed(sites, plans, scheme):
         rtn = _logits(model, ids)
     offline = {
-        rs.name: SitePlan(p.scales, True, quantize_weight_spec(
-            transform_weight(rs.weight.detach(), p.scales, rs.transform.arg), scheme))
+        rs.name: SitePlan(p.scales, p.rotation, quantize_weight_spec(
+            transform_weight(rs.weight.detach(), p.scales, rs.transform), scheme))
         for rs, p in zip(sites, plans.values(), strict=True)
     }
     with transformed(sites, offline, scheme):
@@ -275,7 +292,7 @@ def test_site_act_clip_replaces_the_scheme_clip_at_that_site_only(llama):
     w4a4 = get_scheme("w4a4")
 
     def logits(clips: list[float | None], scheme: QuantScheme) -> torch.Tensor:
-        plans = {rs.name: SitePlan(None, True, act_clip=c)
+        plans = {rs.name: SitePlan(None, rs.rotation, act_clip=c)
                  for rs, c in zip(sites, clips, strict=True)}
         with transformed(sites, plans, scheme):
             return _logits(llama, ids)

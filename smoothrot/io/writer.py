@@ -1,0 +1,385 @@
+"""Writing an export: a model transformed by site plans, as a Hugging Face folder.
+
+Formats (docs/equivalence.md has the math, README "Export" the usage):
+
+* ``fused``: the float model after surgery (safetensors): diag(s)⁻¹ folded into each site's
+  source, Wᵢ·diag(s)·R stored in the site's linears; only the online part of R is left to run,
+  on the input of those linears.
+* ``w8a8`` / ``w4a4``: compressed-tensors ``int-quantized`` checkpoints whose integers are the
+  same round-to-nearest of the fused weights that ``core.quantizers`` computes, with dynamic
+  per-token activations declared as llm-compressor does. Only the planned sites are quantized.
+* ``nvfp4`` / ``mxfp4``: compressed-tensors ``nvfp4-`` / ``mxfp4-pack-quantized`` checkpoints
+  from its own presets; NVFP4 also stores static input global scales from calibration tokens.
+
+Plans with offline-rounded weights (GPTQ, ``SitePlan.weight_q``) store those codes. What runs
+online is declared in ``config.json["smoothrot"]`` (:mod:`smoothrot.schema.declaration`, read by
+:func:`smoothrot.io.loader.load_pretrained`) and, where compressed-tensors can express it, as its
+``transform_config`` (:mod:`smoothrot.io.compressed_tensors`). The folder is written atomically
+(:mod:`smoothrot.io.atomic`): it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from smoothrot.arch.sites import ResolvedSite, resolve_sites
+from smoothrot.calibrate.capture import run_model
+from smoothrot.io.atomic import atomic_folder, refuse_existing, write_json
+from smoothrot.io.compressed_tensors import quantize_sites, transform_configs
+from smoothrot.models import model_fingerprint, resolve_dtype
+from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme
+from smoothrot.schema.declaration import (
+    DECLARATION_KEY,
+    LOADER,
+    ActivationQuantDeclaration,
+    ExportDeclaration,
+    ResidualDeclaration,
+    SiteDeclaration,
+    WeightQuantDeclaration,
+)
+from smoothrot.schema.export import (
+    EXPORT_DTYPES,
+    EXPORT_SCALES_FILE,
+    FORMATS,
+    FP4_FORMATS,
+    METADATA_FILE,
+    ExportError,
+)
+from smoothrot.surgery.fuse import linear_weights_q
+from smoothrot.surgery.hooks import apply_plans, site_parameters
+from smoothrot.surgery.plan import SitePlan
+
+__all__ = ["ExportError", "check_representable", "export_model", "package_versions"]
+
+log = logging.getLogger(__name__)
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def _resolve_planned(
+    model: nn.Module, plans: Mapping[str, SitePlan], residual_rotated: bool
+) -> list[ResolvedSite]:
+    """The sites named by ``plans`` (qualified site names), checked against the model."""
+    if not plans:
+        raise ExportError("nothing to export: no site plans given")
+    sites = [rs for rs in resolve_sites(model, list(plans), residual_rotated=residual_rotated)
+             if rs.name in plans]
+    missing = sorted(set(plans) - {rs.name for rs in sites})
+    if missing:
+        raise ExportError(f"plans name {missing}, which are not qualified site names of this model")
+    for rs in sites:
+        plan = plans[rs.name]
+        if plan.weight_q is not None and tuple(plan.weight_q.shape) != tuple(rs.weight.shape):
+            raise ExportError(f"{rs.name}: weight_q has shape {tuple(plan.weight_q.shape)} but "
+                              f"the site's fused weight is {tuple(rs.weight.shape)}")
+        if plan.scales is not None and tuple(plan.scales.shape) != (rs.n_scales,):
+            raise ExportError(
+                f"{rs.name}: scales have shape {tuple(plan.scales.shape)} but the model needs "
+                f"({rs.n_scales},); were they fitted on another model?"
+            )
+        try:
+            rs.transform.with_rotation(plan.rotation).check(rs.in_features)
+        except ValueError as exc:
+            raise ExportError(f"{rs.name}: rotation {plan.rotation.describe()}: {exc}") from None
+    return sites
+
+
+def _site_declarations(
+    model: nn.Module, sites: Sequence[ResolvedSite], plans: Mapping[str, SitePlan]
+) -> dict[str, SiteDeclaration]:
+    """What the declaration says per site: linears, source, what is folded, the rotation."""
+    names = _module_names(model)
+    return {
+        rs.name: SiteDeclaration(
+            linears=tuple(names[id(lin)] for lin in rs.linears),
+            source=names[id(rs.smooth_from)], source_kind=rs.smooth_from_kind,
+            smoothed=plans[rs.name].scales is not None, rotation=plans[rs.name].rotation,
+            activation_clip=plans[rs.name].act_clip,
+        )
+        for rs in sites
+    }
+
+
+def _export_scheme(fmt: str, scheme: str | None) -> QuantScheme | None:
+    """The quantization scheme of a quantized format; it must be what the format stores."""
+    if fmt == "fused":
+        return None
+    try:
+        qs = get_scheme(scheme or fmt)
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+    if fmt in FP4_FORMATS:
+        if (qs.w_format, qs.a_format) != (fmt, fmt):
+            raise ExportError(f"format {fmt} needs an {fmt} scheme (weights and activations), "
+                              f"got {qs.name!r}; pass --scheme {fmt}")
+        return qs
+    bits = int(fmt[1])
+    if (qs.w_bits, qs.a_bits) != (bits, bits):
+        raise ExportError(f"format {fmt} needs a W{bits}A{bits} scheme, got {qs.name!r}")
+    plain = (qs.w_format == qs.a_format == "int" and qs.w_symmetric
+             and qs.w_group_size is None and qs.a_group_size is None)
+    if not plain:
+        raise ExportError(
+            f"scheme {qs.name!r} uses groups, asymmetry or FP4; format {fmt} writes per-channel "
+            "symmetric int weights and per-token int activations (w8a8, w4a4, *-mse); FP4 "
+            "schemes export as --format nvfp4 or mxfp4"
+        )
+    return qs
+
+
+def _drop_gguf_marker(model: nn.Module) -> None:
+    """A GGUF checkpoint is dequantized on load but keeps a quantizer that blocks saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        raise ExportError(f"export needs a float model; this one is quantized with {method}")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@torch.no_grad()
+def check_representable(
+    model: nn.Module,
+    sites: Sequence[ResolvedSite],
+    plans: Mapping[str, SitePlan],
+    dtype: torch.dtype,
+) -> None:
+    """One-line error if a fused weight would not be finite in ``dtype`` (e.g. > 65504 in fp16).
+
+    Dry run: the sites' modules are copied in float64 and fused there, so the check sees the
+    exact values before any rounding and the model is left untouched.
+    """
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    modules = {id(m): m for rs in sites for m in (*rs.linears, rs.smooth_from)}
+    copies = {key: copy.deepcopy(m).double() for key, m in modules.items()}
+    origin = {}  # copied parameter -> the model's parameter name
+    for key, m in modules.items():
+        for (_, p), (_, q) in zip(m.named_parameters(), copies[key].named_parameters(),
+                                  strict=True):
+            origin[id(q)] = names.get(id(p), "?")
+    probe = [replace(rs, linears=tuple(copies[id(lin)] for lin in rs.linears),
+                     smooth_from=copies[id(rs.smooth_from)]) for rs in sites]
+    for handle in apply_plans(probe, plans):
+        handle.remove()
+    limit = torch.finfo(dtype).max
+    for rs in probe:
+        for p in site_parameters(rs):
+            value = float(p.detach().abs().max())
+            if value > limit or value != value:
+                raise ExportError(
+                    f"{origin[id(p)]}: fused max |w| = {value:.4g} exceeds "
+                    f"{str(dtype).removeprefix('torch.')}'s largest finite value {limit:.4g}; "
+                    "lower train.log_bound (a narrower scale range) or export float32"
+                )
+
+
+def _scales_summary(plans: Mapping[str, SitePlan]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, plan in plans.items():
+        if plan.scales is None:
+            continue
+        log_s = plan.scales.double().log()
+        out[name] = {
+            "log_s_min": float(log_s.min()),
+            "log_s_max": float(log_s.max()),
+            "log_s_mean": float(log_s.mean()),
+            "max_over_min": float((log_s.max() - log_s.min()).exp()),
+        }
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that wrote (and must read) an export."""
+    out = {}
+    for pkg in ("smoothrot", "torch", "transformers", "compressed-tensors", "safetensors"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
+                  batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """max |x| over ``windows`` of each named linear's input as its kernel sees it, i.e. after
+    the online rotation hooks already registered (the static part of NVFP4 activations)."""
+    amax = {name: torch.zeros((), dtype=torch.float32) for name in names}
+
+    def recorder(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            value = args[0].detach().abs().amax().float().cpu()
+            amax[name] = torch.maximum(amax[name], value)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
+    try:
+        run_model(model, windows, batch_size, "input global scales")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
+
+
+def _prepared_copy(
+    model: nn.Module, target: torch.dtype, residual_seed: int | None
+) -> tuple[nn.Module, ResidualDeclaration | None]:
+    """A savable copy in ``target`` dtype, with the R1 residual rotation re-applied if asked."""
+    work = copy.deepcopy(model)
+    _drop_gguf_marker(work)
+    residual = None
+    if residual_seed is not None:
+        from smoothrot.surgery.residual import rotate_residual
+
+        work.to(torch.float64 if target == torch.float64 else torch.float32)
+        rot = rotate_residual(work, seed=residual_seed)
+        if rot.handles:
+            raise ExportError("this architecture's residual rotation needs online hooks after "
+                              "output norms, which the export cannot declare yet")
+        residual = ResidualDeclaration(residual_seed, rot.kind, rot.untied_lm_head)
+    return work.to(target), residual
+
+
+def _check_plans(qscheme: QuantScheme | None, plans: Mapping[str, SitePlan],
+                 calibration: torch.Tensor | None) -> None:
+    """One-line errors for plans and calibration the format cannot take or needs."""
+    if qscheme is None and any(p.weight_q is not None for p in plans.values()):
+        raise ExportError("plans carry offline-quantized weights (GPTQ), which the float format "
+                          "'fused' cannot store; export a quantized format, e.g. w4a4 or nvfp4")
+    if qscheme is not None and qscheme.a_format == "nvfp4" and calibration is None:
+        raise ExportError("nvfp4 stores static input global scales; pass calibration token "
+                          "windows (calibration=..., the fit's calibration split)")
+
+
+def export_model(
+    model: nn.Module,
+    plans: Mapping[str, SitePlan],
+    path: str | Path,
+    *,
+    fmt: str = "fused",
+    dtype: str = "float32",
+    scheme: str | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    residual_seed: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
+) -> Path:
+    """Write ``model`` transformed by ``plans`` (qualified site name → SitePlan) to ``path``.
+
+    The model itself is not modified (a copy is fused). ``scheme`` picks the quantizer of a
+    quantized format (default: the format's preset). Plans with ``weight_q`` (GPTQ) store those
+    codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
+    NVFP4's static input global scales (max |x·R| per linear; required for ``nvfp4``).
+    ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under.
+    ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``.
+    Returns the path.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"unsupported export dtype {dtype!r}; choose one of "
+                          f"{list(EXPORT_DTYPES)}")
+    refuse_existing(path, overwrite)
+    qscheme = _export_scheme(fmt, scheme)
+    _check_plans(qscheme, plans, calibration)
+    target = resolve_dtype(dtype)
+
+    # The copy is fused in the export dtype, as apply_plans fuses a model loaded in that dtype
+    # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
+    # GPTQ weights replace the fused float weights only when compressed (their scales come from
+    # the float weights).
+    work, residual = _prepared_copy(model, target, residual_seed)
+    rotated = residual is not None
+    sites = _resolve_planned(work, plans, rotated)
+    names = _module_names(work)
+    weights_q = {names[id(lin)]: w for lin, w in linear_weights_q(sites, plans).items()}
+    handles = apply_plans(sites, {k: replace(p, weight_q=None) for k, p in plans.items()})
+    try:
+        if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
+            # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
+            # parameter and its value (rare path, so the common one fuses once).
+            fresh, _ = _prepared_copy(model, target, residual_seed)
+            check_representable(fresh, _resolve_planned(fresh, plans, rotated), plans, target)
+            raise ExportError(f"fused weights are not finite in {dtype}; export float32")
+        declared = _site_declarations(work, sites, plans)
+        linears = [name for site in declared.values() for name in site.linears]
+        input_amax = ({} if calibration is None or qscheme is None or qscheme.a_format != "nvfp4"
+                      else _input_absmax(work, linears, calibration))
+    finally:
+        for handle in handles:
+            handle.remove()  # the online part is declared in config.json instead
+    precision = torch.float64 if target == torch.float64 else torch.float32
+    ct = transform_configs(declared, {rs.name: rs.in_features for rs in sites}, precision)
+    if ct.online is not None:
+        from compressed_tensors.transform import apply_transform_config
+
+        apply_transform_config(work, ct.online)  # registers the transform weights to save
+    compressor = None
+    if qscheme is not None:
+        compressor = quantize_sites(work, linears, qscheme, weights_q, input_amax)
+        compressor.transform_config = ct.full
+    elif ct.full is not None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        compressor = ModelCompressor(transform_config=ct.full)
+
+    declaration = ExportDeclaration(
+        format=fmt, dtype=dtype, loader=LOADER, sites=declared,
+        activation_quantization=None if qscheme is None else ActivationQuantDeclaration.of(qscheme),
+        weight_quantization=None if qscheme is None else WeightQuantDeclaration.of(
+            qscheme, "gptq" if weights_q else "rtn"),
+        transform_config_groups=tuple(sorted(ct.full.config_groups)) if ct.full else (),
+        transform_config_note=ct.note, residual_rotation=residual,
+    )
+    scales = {name: p.scales.detach().double().cpu().contiguous()
+              for name, p in plans.items() if p.scales is not None}
+    meta = {
+        "format": fmt,
+        "dtype": dtype,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model_fingerprint": model_fingerprint(model),
+        "sites": list(declared),
+        "scales_summary": _scales_summary(plans),
+        "package_versions": package_versions(),
+        **dict(provenance or {}),
+    }
+    with atomic_folder(path, overwrite) as tmp:
+        work.save_pretrained(tmp)
+        if compressor is not None:
+            compressor.update_config(str(tmp))
+        config = json.loads((tmp / "config.json").read_text())
+        config[DECLARATION_KEY] = declaration.to_dict()
+        write_json(tmp / "config.json", config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if scales:
+            (tmp / EXPORT_SCALES_FILE).parent.mkdir()
+            save_file(scales, str(tmp / EXPORT_SCALES_FILE),
+                      metadata={"format": "site -> s (float64)"})
+        write_json(tmp / METADATA_FILE, meta)
+    log.info("exported %s (%s, %s, %d sites) to %s", fmt, dtype,
+             "compressed-tensors transform + smoothrot" if ct.full else "smoothrot declaration",
+             len(declared), path)
+    return path
