@@ -20,16 +20,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from smoothrot.schema.config import (
-    METHODS,
-    PRESET_SCHEMES,
-    ConfigError,
+    DEFAULT_METHODS,
     FitConfig,
     config_from_dict,
     config_to_dict,
     load_config,
 )
+from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.export import EXPORT_DTYPES
 from smoothrot.schema.export import FORMATS as EXPORT_FORMATS
+from smoothrot.schema.quant import PRESET_SCHEMES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
     p.add_argument("--schemes", nargs="+", help="schemes: quantization schemes, some of "
                    + " ".join(PRESET_SCHEMES))
-    p.add_argument("--methods", nargs="+", help="methods: a subset of " + " ".join(METHODS)
-                   + " (smoothrot_max, the baseline, always runs)")
+    p.add_argument("--methods", nargs="+", help="methods: registered method names (default: "
+                   + " ".join(DEFAULT_METHODS) + "; smoothrot_max, the baseline, always runs)")
     p.add_argument("--steps", type=int, help="train.steps: training steps per site (0 skips "
                    "training)")
     p.add_argument("--seed", type=int, help="seed: random seed (same seed, same scales)")

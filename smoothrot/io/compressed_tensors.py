@@ -4,9 +4,10 @@
   parameters computed by smoothrot's own quantizers (``core.quantizers``), so the compressor
   (``int-quantized``, ``nvfp4-`` / ``mxfp4-pack-quantized``) stores exactly the codes smoothrot's
   fake quant uses; GPTQ codes (``SitePlan.weight_q``) are stored as they are.
-* Online rotations: declared as ``transform_config`` ``hadamard`` groups (input, plus the inverse
-  on the already fused weight), as llm-compressor's SpinQuant R4 does. Its Hadamard is
-  Sylvester-only, so a rotation whose blocks are not a power of two is not declared there.
+* Online rotations: declared as ``transform_config`` groups (input, plus the inverse on the
+  already fused weight, as llm-compressor's SpinQuant R4 writes it) whose stored weights are
+  smoothrot's own H for every size: vLLM and compressed-tensors then compute exactly x·H
+  (docs/deployment.md).
 * Reload: NVFP4 weights are dequantized again in the compute dtype (compressed-tensors rounds
   them to bfloat16), and a module a loader already rotates is recognized.
 
@@ -17,7 +18,7 @@ or a reload needs it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ from safetensors import safe_open
 from torch import nn
 
 from smoothrot.core import fp4
+from smoothrot.core.hadamard import hadamard_transform
 from smoothrot.core.quantizers import weight_quantizer
 from smoothrot.schema.declaration import SiteDeclaration
 from smoothrot.schema.export import FP4_FORMATS, ExportError
 from smoothrot.schema.quant import QuantScheme
-from smoothrot.schema.rotation import Rotation, RotationKind
+from smoothrot.schema.rotation import RotationKind
 
 TRANSFORM_GROUP = "smoothrot"
 
@@ -39,10 +41,13 @@ TRANSFORM_GROUP = "smoothrot"
 class TransformConfigs:
     """compressed-tensors transform configs of an export's online rotations: ``full`` (online
     input transform + inverse on the fused weight) for config.json, ``online`` (input only) to
-    register the transform weights that are saved; both None with the reason in ``note``."""
+    register the transform modules whose weights are saved, and ``weights``: per group the
+    stored matrix (√n·H, ±1 entries: both loaders divide by √n); all empty with ``note`` when
+    nothing runs online."""
 
     full: Any = None
     online: Any = None
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     note: str | None = None
 
 
@@ -50,45 +55,60 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def _group_name(rotation: Rotation) -> str:
-    """``smoothrot`` for a full H; ``smoothrot_head16``, ``smoothrot_block512`` for blocks."""
-    if rotation.kind is RotationKind.FULL:
-        return TRANSFORM_GROUP
-    return f"{TRANSFORM_GROUP}_{rotation.kind.value}{rotation.block_size}"
-
-
 def transform_configs(
     sites: Mapping[str, SiteDeclaration], in_features: Mapping[str, int], precision: torch.dtype
 ) -> TransformConfigs:
     """The transform configs of the declared online rotations (``in_features`` per site).
 
-    Linears are grouped by rotation kind and block size, one ``hadamard`` scheme per group
-    (``head_dim``: the block size; None: H over the whole input). If any block is not a power of
-    two nothing is declared: a partial declaration would make such a loader compute a wrong
-    function.
+    One group per Hadamard order and kind (``head_dim``: the block size of a block-diagonal
+    rotation; None: H over the whole input), so every group has one matrix, as vLLM requires
+    (it shares one tensor per group and size). Power-of-two orders are ``hadamard`` groups
+    (Sylvester, the same matrix smoothrot uses: vLLM runs its fast kernel and ignores the stored
+    weight); other orders are ``random-hadamard`` groups, which vLLM and compressed-tensors apply
+    as a dense product with the *stored* weight, here smoothrot's own H.
     """
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
-    groups: dict[Rotation, list[str]] = {}
+    groups: dict[tuple[str, int, bool], list[str]] = {}
     for name, site in sites.items():
-        if not site.rotation.is_online():
-            continue
-        order = site.rotation.order(in_features[name])
-        if not _is_pow2(order):
-            return TransformConfigs(note=f"{name}: rotation size {order} is not a power of two "
-                                    "and compressed-tensors' hadamard transform is Sylvester-only")
-        groups.setdefault(site.rotation, []).extend(site.linears)
+        if site.rotation.is_online():
+            order = site.rotation.order(in_features[name])
+            whole = site.rotation.kind is RotationKind.FULL
+            groups.setdefault((site.rotation.kind.value, order, whole), []).extend(site.linears)
     if not groups:
         return TransformConfigs(note="no online rotation")
-    full, online = {}, {}
-    for rotation, targets in groups.items():
+    full, online, weights = {}, {}, {}
+    for (kind, order, whole), targets in groups.items():
+        name = f"{TRANSFORM_GROUP}_{kind}{order}"
+        kw = {"type": "hadamard" if _is_pow2(order) else "random-hadamard",
+              "head_dim": None if whole else order, "precision": precision}
         inp = TransformArgs(targets=list(targets), location="input")
         fused = TransformArgs(targets=list(targets), location="weight_input", inverse=True)
-        kw = {"type": "hadamard", "head_dim": rotation.block_size, "precision": precision}
-        full[_group_name(rotation)] = TransformScheme(apply=[inp, fused], **kw)
-        online[_group_name(rotation)] = TransformScheme(apply=[inp], **kw)
+        full[name] = TransformScheme(apply=[inp, fused], **kw)
+        online[name] = TransformScheme(apply=[inp], **kw)
+        # x·H as smoothrot computes it (hadamard_transform), times √n: exactly ±1.
+        weights[name] = torch.round(hadamard_transform(torch.eye(order, dtype=torch.float64))
+                                    * order**0.5)
     return TransformConfigs(TransformConfig(config_groups=full),
-                            TransformConfig(config_groups=online))
+                            TransformConfig(config_groups=online), weights)
+
+
+@torch.no_grad()
+def attach_transforms(model: nn.Module, ct: TransformConfigs) -> None:
+    """Register the online transforms on ``model`` (compressed-tensors' own
+    ``apply_transform_config``) and give them smoothrot's matrices: what is saved with the
+    export, and what a loader without smoothrot then applies."""
+    from compressed_tensors.transform import apply_transform_config
+
+    try:
+        apply_transform_config(model, ct.online)
+    except ValueError as exc:
+        raise ExportError(f"compressed-tensors cannot build this rotation ({exc}); split it into "
+                          "power-of-two blocks with rotation.block_size, e.g. 512") from None
+    for module_name, module in model.named_modules():
+        group = module_name.rpartition(".")[2].removesuffix("_input")
+        if group in ct.weights and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.weight.copy_(ct.weights[group].to(module.weight))
 
 
 def has_ct_transform(module: nn.Module) -> bool:
@@ -161,7 +181,8 @@ def quantize_sites(
     """Quantize the named linears in place with compressed-tensors; returns the ModelCompressor.
 
     The parameters are smoothrot's (:func:`_weight_params`); compressed-tensors' compressor for
-    the scheme's format (int-quantized, nvfp4- / mxfp4-pack-quantized) rounds and packs them.
+    the scheme's format (int8: int-quantized, int4: pack-quantized, nvfp4- / mxfp4-pack-quantized)
+    rounds and packs them.
     ``input_amax`` (NVFP4): max |x| of each linear's rotated input, for the static input scale.
     """
     from compressed_tensors.compressors import ModelCompressor
@@ -182,7 +203,11 @@ def quantize_sites(
         for key, value in params.items():
             setattr(linear, key, nn.Parameter(value.contiguous(), requires_grad=False))
         linear.quantization_status = QuantizationStatus.FROZEN
-    compressor = ModelCompressor.from_pretrained_model(model)
+    # int4 as pack-quantized (eight codes per int32), the only int W4A4 layout vLLM reads
+    # (CompressedTensorsWNA4Int); compressed-tensors would infer int-quantized (a byte a code).
+    packed = scheme.w_format == "int" and scheme.w_bits == 4
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format="pack-quantized" if packed else None)
     compressor.compress_model(model)
     compressor.remove_decompression_hook(model)
     return compressor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ from smoothrot.io.atomic import refuse_existing
 from smoothrot.io.scales_file import read_scales_file
 from smoothrot.io.writer import export_model
 from smoothrot.models import model_fingerprint
-from smoothrot.schema.export import EXPORT_DTYPES, FORMATS, ExportError
+from smoothrot.schema.export import ExportError
 
-__all__ = ["check_export_request", "export_from_scales_file", "export_targets"]
+__all__ = ["export_from_scales_file"]
 
 log = logging.getLogger(__name__)
 
@@ -101,40 +101,3 @@ def export_from_scales_file(
         scheme=scheme if fmt != "fused" else None, tokenizer=tokenizer, overwrite=overwrite,
         residual_seed=residual_seed, provenance=provenance, calibration=calibration,
     )
-
-
-def check_export_request(
-    formats: Sequence[str], targets: Mapping[str, Path], schemes: Sequence[str],
-    methods: Sequence[str], method: str, dtype: str, overwrite: bool,
-) -> None:
-    """Fail before a long fit if its export could not be written (one-line errors)."""
-    from smoothrot.methods.registry import get_method
-
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise ExportError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
-        if fmt != "fused" and fmt not in schemes:
-            raise ExportError(f"--export {fmt} needs scheme {fmt} in --schemes "
-                              f"(have {list(schemes)})")
-        refuse_existing(targets[fmt], overwrite)
-    if formats and get_method(method).rounding != "rtn":
-        raise ExportError(f"--export-method {method}: {get_method(method).rounding} weights are "
-                          "not kept in the scales file; export a scale method (e.g. trained), or "
-                          "call smoothrot.io.writer.export_model with plans carrying weight_q")
-    if formats and method not in methods:
-        raise ExportError(f"--export-method {method} is not among the run's methods "
-                          f"{list(methods)}")
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"unsupported --export-dtype {dtype!r}; choose one of "
-                          f"{list(EXPORT_DTYPES)}")
-
-
-def export_targets(output_dir: str | Path, formats: Sequence[str],
-                   export_dir: str | None) -> dict[str, Path]:
-    """Where each format goes: ``<output_dir>/export-<format>`` unless ``export_dir`` is given."""
-    if export_dir is not None:
-        if len(formats) != 1:
-            raise ExportError("--export-dir takes one format; drop it to get "
-                              "<output_dir>/export-<format> for each")
-        return {formats[0]: Path(export_dir)}
-    return {fmt: Path(output_dir) / f"export-{fmt}" for fmt in formats}

@@ -77,7 +77,7 @@ def plans_from_export(path: str | Path) -> dict[str, SitePlan]:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence the expected load chatter (transform weights unknown to transformers, etc.)."""
     from transformers.utils import logging as hf_logging
 
@@ -127,7 +127,7 @@ def load_pretrained(
     kwargs = {"dtype": resolve_dtype(dtype) if dtype else "auto", "local_files_only": True}
     if scheme is not None and activation_quantizer == "smoothrot":
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if decl.format == "nvfp4" and activation_quantizer == "smoothrot":
         dequantize_nvfp4_exactly(model, path, decl.linears)

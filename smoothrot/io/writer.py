@@ -37,9 +37,8 @@ from torch import nn
 from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import run_model
 from smoothrot.io.atomic import atomic_folder, refuse_existing, write_json
-from smoothrot.io.compressed_tensors import quantize_sites, transform_configs
+from smoothrot.io.compressed_tensors import attach_transforms, quantize_sites, transform_configs
 from smoothrot.models import model_fingerprint, resolve_dtype
-from smoothrot.schema.config import ConfigError, QuantScheme, get_scheme
 from smoothrot.schema.declaration import (
     DECLARATION_KEY,
     LOADER,
@@ -49,6 +48,7 @@ from smoothrot.schema.declaration import (
     SiteDeclaration,
     WeightQuantDeclaration,
 )
+from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.export import (
     EXPORT_DTYPES,
     EXPORT_SCALES_FILE,
@@ -57,6 +57,8 @@ from smoothrot.schema.export import (
     METADATA_FILE,
     ExportError,
 )
+from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.target import TARGETS, Target
 from smoothrot.surgery.fuse import linear_weights_q
 from smoothrot.surgery.hooks import apply_plans, site_parameters
 from smoothrot.surgery.plan import SitePlan
@@ -260,9 +262,29 @@ def _prepared_copy(
     return work.to(target), residual
 
 
+def _refuse_non_export(path: Path) -> None:
+    """--overwrite replaces an earlier export only, never a run folder or a model."""
+    if not path.exists():
+        return
+    config = path / "config.json"
+    try:
+        is_export = DECLARATION_KEY in json.loads(config.read_text())
+    except (OSError, ValueError):
+        is_export = False
+    if not is_export:
+        raise ExportError(f"{path} exists and is not a smoothrot export; overwrite replaces "
+                          "exports only, so pick another target folder")
+
+
 def _check_plans(qscheme: QuantScheme | None, plans: Mapping[str, SitePlan],
-                 calibration: torch.Tensor | None) -> None:
-    """One-line errors for plans and calibration the format cannot take or needs."""
+                 calibration: torch.Tensor | None, target: Target) -> None:
+    """One-line errors for plans and calibration the format or target cannot take or needs."""
+    clipped = sorted(s for s, p in plans.items() if p.act_clip not in (None, 1.0))
+    if qscheme is not None and clipped and not target.act_clips:
+        raise ExportError(
+            f"{len(clipped)} sites carry activation clip ratios (e.g. {clipped[0]}), which "
+            f"{target.name} cannot apply (dynamic activation quantization has no clip); fit "
+            "without search.act_clips, or export with target research (smoothrot's loader only)")
     if qscheme is None and any(p.weight_q is not None for p in plans.values()):
         raise ExportError("plans carry offline-quantized weights (GPTQ), which the float format "
                           "'fused' cannot store; export a quantized format, e.g. w4a4 or nvfp4")
@@ -284,11 +306,14 @@ def export_model(
     residual_seed: int | None = None,
     provenance: Mapping[str, Any] | None = None,
     calibration: torch.Tensor | None = None,
+    target: str = "vllm",
 ) -> Path:
     """Write ``model`` transformed by ``plans`` (qualified site name → SitePlan) to ``path``.
 
     The model itself is not modified (a copy is fused). ``scheme`` picks the quantizer of a
-    quantized format (default: the format's preset). Plans with ``weight_q`` (GPTQ) store those
+    quantized format (default: the format's preset), with ``target``'s activation arithmetic
+    (schema/target.py); per-site activation clips need ``target="research"`` (no backend
+    applies them). Plans with ``weight_q`` (GPTQ) store those
     codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
     NVFP4's static input global scales (max |x·R| per linear; required for ``nvfp4``).
     ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under.
@@ -302,15 +327,19 @@ def export_model(
         raise ExportError(f"unsupported export dtype {dtype!r}; choose one of "
                           f"{list(EXPORT_DTYPES)}")
     refuse_existing(path, overwrite)
+    _refuse_non_export(path)
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     qscheme = _export_scheme(fmt, scheme)
-    _check_plans(qscheme, plans, calibration)
-    target = resolve_dtype(dtype)
+    qscheme = None if qscheme is None else TARGETS[target].scheme(qscheme)
+    _check_plans(qscheme, plans, calibration, TARGETS[target])
+    torch_dtype = resolve_dtype(dtype)
 
     # The copy is fused in the export dtype, as apply_plans fuses a model loaded in that dtype
     # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
     # GPTQ weights replace the fused float weights only when compressed (their scales come from
     # the float weights).
-    work, residual = _prepared_copy(model, target, residual_seed)
+    work, residual = _prepared_copy(model, torch_dtype, residual_seed)
     rotated = residual is not None
     sites = _resolve_planned(work, plans, rotated)
     names = _module_names(work)
@@ -320,8 +349,8 @@ def export_model(
         if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
             # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
             # parameter and its value (rare path, so the common one fuses once).
-            fresh, _ = _prepared_copy(model, target, residual_seed)
-            check_representable(fresh, _resolve_planned(fresh, plans, rotated), plans, target)
+            fresh, _ = _prepared_copy(model, torch_dtype, residual_seed)
+            check_representable(fresh, _resolve_planned(fresh, plans, rotated), plans, torch_dtype)
             raise ExportError(f"fused weights are not finite in {dtype}; export float32")
         declared = _site_declarations(work, sites, plans)
         linears = [name for site in declared.values() for name in site.linears]
@@ -330,12 +359,10 @@ def export_model(
     finally:
         for handle in handles:
             handle.remove()  # the online part is declared in config.json instead
-    precision = torch.float64 if target == torch.float64 else torch.float32
+    precision = torch.float64 if torch_dtype == torch.float64 else torch.float32
     ct = transform_configs(declared, {rs.name: rs.in_features for rs in sites}, precision)
     if ct.online is not None:
-        from compressed_tensors.transform import apply_transform_config
-
-        apply_transform_config(work, ct.online)  # registers the transform weights to save
+        attach_transforms(work, ct)  # registers the transform weights to save
     compressor = None
     if qscheme is not None:
         compressor = quantize_sites(work, linears, qscheme, weights_q, input_amax)
@@ -351,7 +378,7 @@ def export_model(
         weight_quantization=None if qscheme is None else WeightQuantDeclaration.of(
             qscheme, "gptq" if weights_q else "rtn"),
         transform_config_groups=tuple(sorted(ct.full.config_groups)) if ct.full else (),
-        transform_config_note=ct.note, residual_rotation=residual,
+        transform_config_note=ct.note, residual_rotation=residual, target=target,
     )
     scales = {name: p.scales.detach().double().cpu().contiguous()
               for name, p in plans.items() if p.scales is not None}

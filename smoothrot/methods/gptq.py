@@ -16,7 +16,13 @@ import torch
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.capture import batch_size, fit_specs
 from smoothrot.calibrate.sequential import gptq_sequential
-from smoothrot.core.gptq import DEFAULT_ACT_AWARE, DEFAULT_DAMP_GRID, GPTQChoice, gptq_quantize, input_hessian
+from smoothrot.core.gptq import (
+    DEFAULT_ACT_AWARE,
+    DEFAULT_DAMP_GRID,
+    GPTQChoice,
+    gptq_quantize,
+    input_hessian,
+)
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output

@@ -19,12 +19,9 @@ import yaml
 
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.export import ExportConfig
-from smoothrot.schema.quant import (  # noqa: F401 TEMP-REEXPORT
+from smoothrot.schema.quant import (
     PRESET_SCHEMES,
-    QUANT_FORMATS,
-    QuantScheme,
     get_scheme,
-    with_act_clip,
 )
 from smoothrot.schema.target import TARGETS
 

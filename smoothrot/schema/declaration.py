@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from smoothrot.arch.tables import SMOOTH_FROM_KINDS
 from smoothrot.schema.export import EXPORT_DTYPES, FORMATS
-from smoothrot.schema.quant import QUANT_FORMATS, QuantScheme
+from smoothrot.schema.quant import ACT_GRIDS, QUANT_FORMATS, QuantScheme
 from smoothrot.schema.rotation import Rotation, RotationKind
 from smoothrot.schema.strict import (
     BOOLEAN,
@@ -31,6 +31,7 @@ from smoothrot.schema.strict import (
     one_of,
     optional,
 )
+from smoothrot.schema.target import TARGETS
 
 DECLARATION_KEY = "smoothrot"
 # 2: a site's rotation is Rotation.to_dict() (version 1 had "online_rotation" strings).
@@ -39,7 +40,9 @@ LOADER = "smoothrot.load_pretrained"
 ROUNDINGS = ("rtn", "gptq")
 # How load_pretrained's smoothrot activation quantizer computes each format's dynamic scale.
 ACTIVATION_SCALE = {
-    "int": "max|x_token| * clip / (2^(bits-1) - 1)",
+    "max": "max|x_token| * clip / (2^(bits-1) - 1), round to nearest even",
+    "compressed-tensors": "max|x_token| / ((2^bits - 1) / 2), clamp to [-2^(bits-1), "
+                          "2^(bits-1) - 1], then round to nearest even",
     "nvfp4": "e4m3(G * max|x_block16| / 6) / G, G = 448*6 / max|x| of the batch (dynamic)",
     "mxfp4": "2^floor(log2 max|x_block32|) / 4, one power up if the mantissa >= 1.75 (E8M0)",
 }
@@ -110,19 +113,23 @@ class QuantDeclaration:
 
 @dataclass(frozen=True)
 class ActivationQuantDeclaration(QuantDeclaration):
-    """Dynamic activation quantization; ``scale`` says how the scale is computed."""
+    """Dynamic activation quantization; ``grid`` (int: whose arithmetic, schema/quant.py
+    ACT_GRIDS) and ``scale`` say how the scale is computed."""
 
     dynamic: bool
+    grid: str
     scale: str
 
     @classmethod
     def _checks(cls) -> dict[str, Check]:
-        return {**super()._checks(), "dynamic": BOOLEAN, "scale": STRING}
+        return {**super()._checks(), "dynamic": BOOLEAN, "grid": one_of(ACT_GRIDS),
+                "scale": STRING}
 
     @classmethod
     def of(cls, scheme: QuantScheme) -> ActivationQuantDeclaration:
+        scale = ACTIVATION_SCALE[scheme.a_format if scheme.a_format != "int" else scheme.a_grid]
         return cls(scheme.name, scheme.a_format, scheme.a_bits, scheme.a_group_size,
-                   scheme.a_clip, True, True, ACTIVATION_SCALE[scheme.a_format])
+                   scheme.a_clip, True, True, scheme.a_grid, scale)
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,7 @@ class ExportDeclaration:
     transform_config_groups: tuple[str, ...]
     transform_config_note: str | None
     residual_rotation: ResidualDeclaration | None
+    target: str = "vllm"
     version: int = DECLARATION_VERSION
 
     def __post_init__(self) -> None:
@@ -202,7 +210,7 @@ class ExportDeclaration:
         return QuantScheme(a.scheme, w_bits=w.num_bits, a_bits=a.num_bits, w_clip=w.clip,
                            a_clip=a.clip, w_format=w.format, a_format=a.format,
                            w_group_size=w.group_size, a_group_size=a.group_size,
-                           w_symmetric=w.symmetric, w_mse_clip=w.mse_clip)
+                           w_symmetric=w.symmetric, w_mse_clip=w.mse_clip, a_grid=a.grid)
 
     def to_dict(self) -> dict[str, Any]:
         def maybe(value: Any) -> Any:
@@ -217,6 +225,7 @@ class ExportDeclaration:
             "transform_config_groups": list(self.transform_config_groups),
             "transform_config_note": self.transform_config_note,
             "residual_rotation": maybe(self.residual_rotation),
+            "target": self.target,
         }
 
     @classmethod
@@ -230,7 +239,7 @@ class ExportDeclaration:
             "format": one_of(FORMATS), "dtype": one_of(EXPORT_DTYPES), "loader": STRING,
             "sites": (lambda v: isinstance(v, dict) and len(v) > 0, "a non-empty mapping"),
             "transform_config_groups": NAMES, "transform_config_note": optional(STRING),
-            "version": INTEGER,
+            "target": one_of(tuple(TARGETS)), "version": INTEGER,
         })
 
         def nested(parse: Callable[[Any, str], Any], key: str) -> Any:
@@ -246,5 +255,5 @@ class ExportDeclaration:
             transform_config_groups=tuple(d["transform_config_groups"]),
             transform_config_note=d["transform_config_note"],
             residual_rotation=nested(ResidualDeclaration.from_dict, "residual_rotation"),
-            version=d["version"],
+            target=d["target"], version=d["version"],
         )

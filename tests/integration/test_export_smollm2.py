@@ -19,7 +19,7 @@ from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.evaluate import perplexity
 from smoothrot.io.loader import load_pretrained
 from smoothrot.io.writer import export_model
-from smoothrot.schema.config import get_scheme
+from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 

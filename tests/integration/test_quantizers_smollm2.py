@@ -5,12 +5,13 @@ import torch
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
-from smoothrot.methods.gptq import gptq_fused_weight
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import weight_absmax
+from smoothrot.core.transform import FULL
 from smoothrot.data.sources import load_documents
 from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.evaluate import layer_error, perplexity
+from smoothrot.methods.gptq import gptq_fused_weight
 from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
@@ -38,11 +39,12 @@ def test_gptq_beats_rtn_on_real_sites_and_fp4_model_runs(smollm2):
             x_cal, x_ho = recs["calibration"][rs.name].tokens(), recs["heldout"][rs.name].tokens()
             assert x_cal.shape[0] == 24 * 128
             s = smoothing_scales(x_cal.abs().amax(0), weight_absmax(w), 0.5, site=rs.name)
-            wq = gptq_fused_weight(w, s, True, x_cal, scheme)
-            e_gptq = layer_error(x_ho, w, s, True, scheme, weight_q=wq)
-            e_rtn = layer_error(x_ho, w, s, True, scheme)
+            assert rs.transform == FULL  # down_proj: full online H, untied scales
+            wq = gptq_fused_weight(w, s, rs.transform, x_cal, scheme)
+            e_gptq = layer_error(x_ho, w, s, rs.transform, scheme, weight_q=wq)
+            e_rtn = layer_error(x_ho, w, s, rs.transform, scheme)
             assert e_gptq.mse < e_rtn.mse, (scheme.name, rs.name, e_gptq, e_rtn)
-            plans[rs.name] = SitePlan(s, True, weight_q=wq)
+            plans[rs.name] = SitePlan(s, rs.rotation, weight_q=wq)
     with transformed(sites, plans, get_scheme("nvfp4")):
         ppl = perplexity(model, win["heldout"][:2])
     assert torch.isfinite(torch.tensor(ppl)) and ppl < 1e3

@@ -42,7 +42,7 @@ def test_outliers_are_real_and_transform_is_exact(smollm2, windows):
     plans = {}
     for rs in sites:
         s = smoothing_scales(amax[rs.name], weight_absmax(rs.linear.weight), 0.5)
-        plans[rs.name] = SitePlan(s, True)
+        plans[rs.name] = SitePlan(s, rs.rotation)
     ids = windows["evaluation"][:2]
     with torch.no_grad():
         ref = model(input_ids=ids).logits

@@ -12,6 +12,7 @@ from smoothrot.arch.sites import resolve_sites
 from smoothrot.data.sources import load_documents
 from smoothrot.data.splits import split_documents, token_windows
 from smoothrot.schema.quant import get_scheme
+from smoothrot.schema.rotation import Rotation
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
@@ -46,14 +47,15 @@ def test_r1_and_every_site_are_exact_with_signed_gamma(smollm2, ids):
     result = rotate_residual(rotated)
     assert result.untied_lm_head and not rotated.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    sites = resolve_sites(rotated, ["all"])
+    sites = resolve_sites(rotated, ["all"], residual_rotated=True)
     assert len(sites) == 120 and sites[1].n_scales == 192  # o_proj: 3 kv heads of 64
+    assert sites[0].rotation.is_identity and sites[1].rotation == Rotation.full()  # qkv: R1
     # Float32 rounding grows with κ = max s / min s (docs/equivalence.md); fitted scales on this
     # model stay below κ ≈ 55, so draw scales of that spread (exactness in float64 is tested on
     # tiny models in tests/arch).
     gen = torch.Generator().manual_seed(0)
     plans = {rs.name: SitePlan(torch.exp(0.5 * torch.randn(rs.n_scales, generator=gen,
-                                                           dtype=torch.float64)), True)
+                                                           dtype=torch.float64)), rs.rotation)
              for rs in sites}
     with transformed(sites, plans):
         out = _logits(rotated, ids)
@@ -67,8 +69,9 @@ def test_whole_model_quantization_with_rotations(smollm2, ids):
     float_ppl = _ppl(_logits(model, ids), ids)
     ppl = {}
     for scheme, rotate in (("w8a8", True), ("w4a4", True), ("w4a4", False)):
-        with transformed(sites, {rs.name: SitePlan(None, rotate) for rs in sites},
-                         get_scheme(scheme)):
+        plans = {rs.name: SitePlan(None, rs.rotation if rotate else Rotation.none())
+                 for rs in sites}
+        with transformed(sites, plans, get_scheme(scheme)):
             ppl[scheme, rotate] = _ppl(_logits(model, ids), ids)
     assert ppl["w8a8", True] <= 1.02 * float_ppl
     assert ppl["w4a4", True] < ppl["w4a4", False] / 10

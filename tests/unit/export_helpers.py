@@ -43,9 +43,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def one_line(exc_info: pytest.ExceptionInfo) -> str:
+def one_line(exc_info: pytest.ExceptionInfo, *words: str) -> str:
+    """The error's message, checked to be one line containing ``words``."""
     msg = str(exc_info.value)
     assert "\n" not in msg
+    for word in words:
+        assert word in msg, (word, msg)
     return msg
 
 

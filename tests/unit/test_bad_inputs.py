@@ -24,9 +24,12 @@ from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import capture_sites, run_model
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
+from smoothrot.core.transform import FULL
 from smoothrot.evaluate import layer_error
 from smoothrot.models import ModelLoadError, load_model
-from smoothrot.schema.config import ConfigError, QuantScheme, config_from_dict, load_config
+from smoothrot.schema.config import config_from_dict, load_config
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import QuantScheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
@@ -275,9 +278,9 @@ def test_zero_and_constant_channels_give_finite_results() -> None:
         for alpha in (0.0, 0.5, 1.0):
             s = smoothing_scales(stat, weight_absmax(w), alpha)
             assert torch.isfinite(s).all() and (s > 0).all()
-            err = layer_error(x, w, s, True, W4A4)
+            err = layer_error(x, w, s, FULL, W4A4)
             assert torch.isfinite(torch.tensor([err.mse, err.relative])).all()
-    zero = layer_error(torch.zeros(16, 24), w, None, True, W4A4)  # all-zero tokens
+    zero = layer_error(torch.zeros(16, 24), w, None, FULL, W4A4)  # all-zero tokens
     assert zero.mse == 0.0
 
 

@@ -1,6 +1,12 @@
 import pytest
 
-from smoothrot.schema.config import FitConfig, config_from_dict, config_to_dict, dump_config, load_config
+from smoothrot.schema.config import (
+    FitConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import QuantScheme, get_scheme
 

@@ -18,6 +18,8 @@ from smoothrot.schema.declaration import (
     SiteDeclaration,
     WeightQuantDeclaration,
 )
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.export import ExportConfig
 from smoothrot.schema.quant import get_scheme
 from smoothrot.schema.rotation import Rotation
 
@@ -103,3 +105,11 @@ def test_schema_modules_need_no_torch():
     code = ("import sys, smoothrot.schema.declaration, smoothrot.schema.export; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_export_config_validates_formats_and_dtype():
+    assert ExportConfig().formats == [] and ExportConfig(["w4a4", "fused"]).dtype == "float32"
+    with pytest.raises(ConfigError, match=r"export\.formats has \['int4'\]; choose from"):
+        ExportConfig(["w4a4", "int4"])
+    with pytest.raises(ConfigError, match=r"export\.dtype='fp8' is not one of"):
+        ExportConfig(dtype="fp8")
