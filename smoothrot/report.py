@@ -22,6 +22,7 @@ from smoothrot.job import FitResult, SchemeResult
 from smoothrot.methods.registry import BASELINE, get_method
 from smoothrot.schema.config import config_to_dict
 from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.target import TARGETS
 
 
 def label(method: str) -> str:
@@ -100,6 +101,7 @@ def to_json(result: FitResult) -> dict[str, Any]:
         "sites": result.sites,
         "tokens": result.tokens,
         "data_hash": result.data_hash,
+        "target": result.config.target,
         "float_perplexity": result.float_perplexity,
         "schemes": schemes,
         "timings_s": result.timings,
@@ -117,6 +119,14 @@ def side_by_side(result: FitResult) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def target_line(result: FitResult) -> str:
+    """Which arithmetic the numbers were measured with, and whether a backend reproduces them."""
+    target = TARGETS[result.config.target]
+    where = ("research figures: only smoothrot.load_pretrained reproduces them"
+             if target.act_clips else "what the backend serves")
+    return f"{target.name} ({target.label}; {where})"
+
+
 def _ppl_cell(value: float, width: int) -> str:
     """A perplexity right-aligned in ``width``; a diverged one (≥ 1e5) in 3 significant digits."""
     return (f"{value:.3f}" if value < 1e5 else f"{value:.3g}").rjust(width)
@@ -127,6 +137,7 @@ def summary_table(result: FitResult) -> str:
     lines = []
     ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
     lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
+    lines.append(f"target: {target_line(result)}")
     for sr in result.schemes:
         header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}  weights"
         lines.append(f"\n{sr.scheme.upper():<20}{header}")
@@ -159,6 +170,8 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
     md.append("Layer errors are measured on held-out tokens (never used for any choice); "
               "α, q and early stopping are chosen on the selection split; perplexity is on the "
               "disjoint evaluation text with every selected site fake-quantized.")
+    md.append(f"\n**Target: {target_line(result)}.** Every number below is computed with this "
+              "target's quantizer arithmetic (docs/deployment.md).")
     if result.config.residual_rotation:
         md.append("The residual stream is rotated (R1, docs/whole_model.md) under every method, "
                   "RTN included; the float perplexity is of the rotated float model (R1 is exact).")

@@ -26,6 +26,7 @@ from smoothrot.schema.export import (  # torch-free, so --help stays instant
     EXPORT_DTYPES,
     FORMATS,
     METADATA_FILE,
+    RUNTIMES,
 )
 
 
@@ -81,6 +82,10 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    "and for nvfp4's input scales (its calibration split)")
     p.add_argument("--samples", type=int, default=8, help="token windows (per use)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    p.add_argument("--runtime", default="smoothrot", choices=RUNTIMES,
+                   help="who computes the reloaded export: smoothrot.load_pretrained, "
+                   "compressed-tensors alone (its forward and transforms, as vLLM's dense path), "
+                   "or plain transformers (fails when a rotation must run online)")
     p.add_argument("--activation-quantizer", default="smoothrot", choices=ACTIVATION_QUANTIZERS,
                    help="who quantizes activations of a quantized reload")
 
@@ -127,7 +132,7 @@ def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{path} does not name its source model; pass --model")
     model, tokenizer = load_model(name, gguf_file=getattr(args, "gguf_file", None))
     result = verify_export(path, model, _windows(tokenizer, args),
-                           activation_quantizer=args.activation_quantizer)
+                           activation_quantizer=args.activation_quantizer, runtime=args.runtime)
     print(json.dumps(result, indent=2))
     return result
 

@@ -30,6 +30,7 @@ from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.export import EXPORT_DTYPES
 from smoothrot.schema.export import FORMATS as EXPORT_FORMATS
 from smoothrot.schema.quant import PRESET_SCHEMES
+from smoothrot.schema.target import TARGETS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -94,16 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="model.trust_remote_code: allow the model's own Python code (off by "
                    "default; never needed for the supported architectures)")
+    p.add_argument("--target", choices=TARGETS, help="target: whose arithmetic every number is "
+                   "computed with (vllm, compressed-tensors, research; docs/deployment.md)")
     p.add_argument("--export", nargs="+", choices=EXPORT_FORMATS, metavar="FORMAT",
-                   help="after the run, write checkpoints (fused, w8a8, w4a4) to "
-                   "<output-dir>/export-<format>; load one with smoothrot.load_pretrained(path)")
-    p.add_argument("--export-dir", help="target folder of the (single) --export format")
-    p.add_argument("--export-method", default="trained",
-                   help="whose scales --export uses (of the format's scheme; fused: the first)")
-    p.add_argument("--export-dtype", default="float32", choices=EXPORT_DTYPES,
-                   help="dtype of the exported float tensors")
+                   help="export.formats: after the run, write checkpoints (fused, w8a8, w4a4, "
+                   "nvfp4, mxfp4) to <output-dir>/export-<format>")
+    p.add_argument("--export-dir", help="export.dir: target folder of the (single) format")
+    p.add_argument("--export-method", help="export.method: whose plans are exported (default "
+                   "trained; GPTQ methods too, e.g. trained+gptq)")
+    p.add_argument("--export-dtype", choices=EXPORT_DTYPES,
+                   help="export.dtype: dtype of the exported float tensors")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace existing --export folders (else the run refuses to start)")
+                   help="export.overwrite: replace earlier exports at the targets (never other "
+                   "folders)")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true",
                            help="only warnings and errors; no progress bars")
@@ -127,11 +131,18 @@ def resolve_config(args: argparse.Namespace) -> FitConfig:
         ("train", "steps"): args.steps,
         ("seed",): args.seed,
         ("output_dir",): args.output_dir,
+        ("target",): args.target,
+        ("export", "formats"): args.export,
+        ("export", "dir"): args.export_dir,
+        ("export", "method"): args.export_method,
+        ("export", "dtype"): args.export_dtype,
     }
     if args.no_perplexity:
         overrides[("perplexity",)] = False
     if args.trust_remote_code:
         overrides[("model", "trust_remote_code")] = True
+    if args.overwrite:
+        overrides[("export", "overwrite")] = True
     for keys, value in overrides.items():
         if value is None:
             continue
@@ -160,50 +171,24 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
-def plan_exports(cfg: FitConfig, args: argparse.Namespace) -> dict[str, Path]:
-    """--export targets, checked before the run (scheme fitted, method run, target free)."""
-    if not args.export:
-        if args.export_dir:
-            raise ConfigError("--export-dir needs --export FORMAT")
-        return {}
-    from smoothrot.io.from_scales import check_export_request, export_targets
-
-    formats = list(dict.fromkeys(args.export))
-    targets = export_targets(cfg.output_dir, formats, args.export_dir)
-    check_export_request(formats, targets, cfg.schemes, cfg.methods, args.export_method,
-                         args.export_dtype, args.overwrite)
-    return targets
-
-
-def run_exports(cfg: FitConfig, args: argparse.Namespace, targets: dict[str, Path],
-                result, scales: str) -> list[Path]:
-    """Write each --export format from the saved scales (the model is loaded once more).
-
-    nvfp4's static input scales are calibrated on the run's own calibration windows.
-    """
-    if not targets:
+def run_exports(cfg: FitConfig, result) -> list[Path]:
+    """Write the config's exports from the fitted plans (the model is loaded once more, as the
+    fit loaded it; nvfp4's static input scales come from the run's calibration windows)."""
+    if not cfg.export.formats:
         return []
     from smoothrot.data.splits import split_windows
-    from smoothrot.io.from_scales import export_from_scales_file
+    from smoothrot.io.from_fit import export_fit
     from smoothrot.models import load_model
-    from smoothrot.report import to_json
 
     model, tokenizer = load_model(
         cfg.model.name, gguf_file=cfg.model.gguf_file,
         trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
     )
     calibration = None
-    if "nvfp4" in targets:
+    if "nvfp4" in cfg.export.formats:
         _, windows = split_windows(tokenizer, cfg.data, cfg.seed, ["calibration"])
         calibration = windows["calibration"]
-    report = to_json(result)
-    return [
-        export_from_scales_file(scales, fmt, target, model=model, tokenizer=tokenizer,
-                                method=args.export_method, dtype=args.export_dtype,
-                                overwrite=args.overwrite, report=report,
-                                calibration=calibration)
-        for fmt, target in targets.items()
-    ]
+    return export_fit(result, model, tokenizer, calibration)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -217,56 +202,57 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.quiet:
-        return _run(args)
-    with _no_progress_bars():
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Progress bars follow the smoothrot logger's level (smoothrot/progress.py); set it here too,
+    # since basicConfig is a no-op when the caller configured logging already.
+    logging.getLogger("smoothrot").setLevel(level)
+    with warnings.catch_warnings(), _quiet_libraries(args.quiet, args.verbose):
+        if not args.verbose:  # third-party chatter only; smoothrot's own warnings stay visible
+            warnings.filterwarnings("ignore", module=r"(transformers|torch|lightning|"
+                                    r"compressed_tensors|accelerate|huggingface_hub)\b")
         return _run(args)
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """--quiet: every tqdm bar (ours, transformers', Lightning's) is created disabled.
+def _quiet_libraries(quiet: bool, verbose: bool) -> Iterator[None]:
+    """Lightning's and transformers' loggers and bars at the CLI's verbosity, restored after
+    (main() also runs in-process, in tests)."""
+    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; ours go after
+    from transformers.utils import logging as hf_logging
 
-    tqdm reads TQDM_DISABLE only when it is imported, so the switch is the constructor's
-    ``disable`` argument; it is restored on exit because main() also runs in-process (tests).
-    """
-    import tqdm.std
-
-    original = tqdm.std.tqdm.__init__
-
-    def disabled(self: tqdm.std.tqdm, *args: object, **kwargs: object) -> None:
-        kwargs["disable"] = True
-        original(self, *args, **kwargs)
-
-    tqdm.std.tqdm.__init__ = disabled
+    names = ("lightning", "lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    bars = hf_logging.is_progress_bar_enabled()
+    for name in names:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        tqdm.std.tqdm.__init__ = original
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
+        if quiet and bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run(args: argparse.Namespace) -> int:
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        warnings.filterwarnings("ignore")
-    # Imported here, not at the top, so `--help` stays instant; Lightning sets its loggers'
-    # levels on import, so quieten them afterwards.
+    # Imported here, not at the top, so `--help` stays instant.
     from smoothrot.distributed import is_rank_zero
+    from smoothrot.io.from_fit import check_fit_export
     from smoothrot.job import run_fit
     from smoothrot.report import summary_table, write_outputs
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
         cfg = resolve_config(args)
         out = prepare_output_dir(cfg.output_dir)
-        exports = plan_exports(cfg, args)
+        check_fit_export(cfg)  # a doomed export fails now, not after the fit
         result = run_fit(cfg, resume=args.resume)
         if not is_rank_zero():  # every rank holds the result; rank 0 writes and prints it
             return 0
         paths = write_outputs(result, out)
-        exported = run_exports(cfg, args, exports, result, paths["scales"])
+        exported = run_exports(cfg, result)
     # Every error smoothrot raises for a bad input is one of these (ConfigError, ModelLoadError,
     # DataLoadError, HadamardSizeError, ResumeError, ...); FloatingPointError is a perplexity
     # that overflowed. Anything else is a bug and keeps its traceback.
@@ -280,9 +266,10 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print(summary_table(result))
-    print(f"report: {paths['report_md']}  scales: {paths['scales']}")
+    print(f"target: {cfg.target}  report: {paths['report_md']}  scales: {paths['scales']}")
     for path in exported:
-        print(f"export: {path}  (smoothrot.load_pretrained({str(path)!r}))")
+        print(f"export: {path}  (vLLM, or smoothrot.load_pretrained({str(path)!r}); its "
+              "README.md says which loaders apply its rotation)")
     return 0
 
 

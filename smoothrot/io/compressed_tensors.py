@@ -206,8 +206,14 @@ def quantize_sites(
     # int4 as pack-quantized (eight codes per int32), the only int W4A4 layout vLLM reads
     # (CompressedTensorsWNA4Int); compressed-tensors would infer int-quantized (a byte a code).
     packed = scheme.w_format == "int" and scheme.w_bits == 4
-    compressor = ModelCompressor.from_pretrained_model(
-        model, quantization_format="pack-quantized" if packed else None)
+    from loguru import logger  # compressed-tensors' logger
+
+    logger.disable("compressed_tensors")  # it warns that it would have inferred int-quantized
+    try:
+        compressor = ModelCompressor.from_pretrained_model(
+            model, quantization_format="pack-quantized" if packed else None)
+    finally:
+        logger.enable("compressed_tensors")
     compressor.compress_model(model)
     compressor.remove_decompression_hook(model)
     return compressor

@@ -23,18 +23,15 @@ from safetensors import safe_open
 
 from smoothrot.io.loader import quiet_transformers
 from smoothrot.models import resolve_dtype
-from smoothrot.schema.export import ExportError
+from smoothrot.schema.export import RUNTIMES, ExportError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["RUNTIMES", "load_without_smoothrot", "online_transform_config"]
+__all__ = ["load_without_smoothrot", "online_transform_config"]
 
 log = logging.getLogger(__name__)
 
-# Who computes a reloaded export: smoothrot's loader (hooks), compressed-tensors (its forward and
-# its transforms with the stored weights, as vLLM), plain transformers (no transforms).
-RUNTIMES = ("smoothrot", "compressed-tensors", "transformers")
 _INPUT_SUFFIX = "_input.weight"
 
 

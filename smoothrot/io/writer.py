@@ -38,6 +38,7 @@ from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import run_model
 from smoothrot.io.atomic import atomic_folder, refuse_existing, write_json
 from smoothrot.io.compressed_tensors import attach_transforms, quantize_sites, transform_configs
+from smoothrot.io.model_card import model_card
 from smoothrot.models import model_fingerprint, resolve_dtype
 from smoothrot.schema.declaration import (
     DECLARATION_KEY,
@@ -406,6 +407,7 @@ def export_model(
             save_file(scales, str(tmp / EXPORT_SCALES_FILE),
                       metadata={"format": "site -> s (float64)"})
         write_json(tmp / METADATA_FILE, meta)
+        (tmp / "README.md").write_text(model_card(declaration, meta))
     log.info("exported %s (%s, %s, %d sites) to %s", fmt, dtype,
              "compressed-tensors transform + smoothrot" if ct.full else "smoothrot declaration",
              len(declared), path)

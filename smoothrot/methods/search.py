@@ -131,31 +131,3 @@ def select_act_clip(
               for c in clips]
     best = min(range(len(clips)), key=losses.__getitem__)
     return float(clips[best]), losses[best]
-
-
-def select_policies(
-    tables: Mapping[str, torch.Tensor], alphas: Sequence[float], quantiles: Sequence[float]
-) -> dict[str, dict[str, Choice]]:
-    """Turn per-site loss tables into the four policy choices {method: {site: Choice}}."""
-    sites = list(tables)
-    stacked = torch.stack([tables[s] for s in sites])  # [sites, α, q]
-    mean = stacked.mean(dim=0)
-    q_max = list(quantiles).index(1.0)
-    a_star = int(mean[:, q_max].argmin())
-    flat = int(mean.flatten().argmin())
-    ja, jq = divmod(flat, len(quantiles))
-
-    def same(alpha_i: int, q_j: int) -> dict[str, Choice]:
-        return {s: Choice(alphas[alpha_i], quantiles[q_j]) for s in sites}
-
-    per_site = {}
-    for s in sites:
-        a_i, q_j = divmod(int(tables[s].flatten().argmin()), len(quantiles))
-        per_site[s] = Choice(alphas[a_i], quantiles[q_j])
-    return {
-        "smoothrot_max": same(a_star, q_max),
-        "quantile": {s: Choice(alphas[a_star], quantiles[int(tables[s][a_star].argmin())])
-                     for s in sites},
-        "joint_global": same(ja, jq),
-        "joint": per_site,
-    }

@@ -17,6 +17,9 @@ FP4_FORMATS = ("nvfp4", "mxfp4")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Who quantizes activations of a reloaded quantized export (smoothrot.load_pretrained).
 ACTIVATION_QUANTIZERS = ("smoothrot", "compressed-tensors")
+# Who computes a reloaded export (io/runtime.py): smoothrot's loader (hooks), compressed-tensors
+# alone (its forward, its transforms with the stored weights: as vLLM), plain transformers.
+RUNTIMES = ("smoothrot", "compressed-tensors", "transformers")
 
 # Files of an export folder besides the Hugging Face ones. The scales sit in a subfolder because
 # vLLM loads every top-level *.safetensors of a checkpoint without an index.
