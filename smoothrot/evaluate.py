@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchmetrics import MeanSquaredError
-from tqdm.auto import tqdm
 
 from smoothrot.core.quantizers import quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_weight
 from smoothrot.losses import quantized_output
+from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme
 
 
@@ -67,7 +67,7 @@ def perplexity(
     """exp(mean next-token NLL) over ``windows`` [samples, seq_len]."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+    for start in progress(range(0, windows.shape[0], batch_size), desc=desc):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(

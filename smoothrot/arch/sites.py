@@ -181,11 +181,21 @@ def resolve_sites(model: nn.Module, patterns: list[str], *,
     return resolved
 
 
+def pow2_block(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n`` and is at most ``cap``."""
+    return min(n & -n, 1 << (cap.bit_length() - 1))
+
+
 def with_rotation_blocks(sites: list[ResolvedSite], block_size: int | None) -> list[ResolvedSite]:
-    """``sites`` with every full Hadamard split into block-diagonal ``block_size`` blocks (a fit
-    option: power-of-two blocks run on backends' fast kernels); None leaves them as they are."""
+    """``sites`` with every full Hadamard over n channels split into block-diagonal Hadamards of
+    the largest power of two dividing n, at most ``block_size`` (1536 → 3·512, 576 → 9·64 for
+    512): backends run power-of-two blocks with a fast kernel. None leaves them as they are."""
     if block_size is None:
         return list(sites)
-    block = Rotation.block(block_size)
-    return [replace(rs, transform=rs.transform.with_rotation(block))
-            if rs.rotation.kind is RotationKind.FULL else rs for rs in sites]
+    out = []
+    for rs in sites:
+        block = pow2_block(rs.in_features, block_size)
+        if rs.rotation.kind is RotationKind.FULL and block != rs.in_features:
+            rs = replace(rs, transform=rs.transform.with_rotation(Rotation.block(block)))
+        out.append(rs)
+    return out

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver
+from smoothrot.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def capture_splits(
 def run_model(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str) -> None:
     """Forward ``windows`` [samples, seq_len] through the model batch by batch (outputs dropped)."""
     device = next(model.parameters()).device
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+    for start in progress(range(0, windows.shape[0], batch_size), desc=desc):
         batch = windows[start : start + batch_size].to(device)
         with suppress(StopForward):
             model(input_ids=batch, use_cache=False)

@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from smoothrot.arch.sites import ResolvedSite, architecture_of
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, StopForward, capture_sites
 from smoothrot.calibrate.weights import LayerWeights, ResidentWeights, return_freed_memory
 from smoothrot.core.gptq import GPTQChoice
+from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
@@ -173,7 +173,7 @@ def capture_sequential(
             weights.release(model, "")
 
     records: dict[str, dict[str, SiteRecord]] = {split: {} for split in specs}
-    for index in tqdm(range(last + 1), desc="sequential calibration", leave=False):
+    for index in progress(range(last + 1), desc="sequential calibration"):
         layer, prefix = layers[index], f"{arch.layers}.{index}."
         weights.materialize(layer, prefix, device)
         try:
@@ -224,7 +224,7 @@ def gptq_sequential(
                                         arch.layers)
              for split, spec in specs.items()}
     choices: dict[str, GPTQChoice] = {}
-    for index in tqdm(range(max(by_layer) + 1), desc="sequential GPTQ", leave=False):
+    for index in progress(range(max(by_layer) + 1), desc="sequential GPTQ"):
         layer, layer_sites = layers[index], by_layer.get(index, [])
         done: dict[str, SitePlan] = {}
         for rs in layer_sites:

@@ -161,16 +161,18 @@ class DistributedConfig:
 
 @dataclass
 class RotationConfig:
-    """Fit options for the sites' online rotations. ``block_size`` splits every full online
-    Hadamard into block-diagonal Hadamards of that size (e.g. 512: 1536 = 3·512), which vLLM runs
-    with its fast power-of-two kernel instead of a dense matrix product (docs/deployment.md)."""
+    """Fit options for the sites' online rotations. ``block_size`` (a power of two) splits every
+    full online Hadamard over n channels into block-diagonal Hadamards of the largest power of two
+    that divides n, at most ``block_size`` (512: 1536 = 3·512, 576 = 9·64), which vLLM runs with
+    its fast kernel instead of a dense matrix product (docs/deployment.md)."""
 
     block_size: int | None = None
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-            raise ConfigError(f"rotation.block_size={b!r} must be null or an integer >= 2, "
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2
+                              or b & (b - 1)):
+            raise ConfigError(f"rotation.block_size={b!r} must be null or a power of two >= 2, "
                               "e.g. 512")
 
 

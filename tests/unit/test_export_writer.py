@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.io import writer
 from smoothrot.io.atomic import TargetExistsError
-from smoothrot.io.from_scales import check_export_request
 from smoothrot.io.loader import load_pretrained, plans_from_export, read_declaration
 from smoothrot.io.verify import verify_export
 from smoothrot.io.writer import ExportError, export_model
@@ -259,9 +258,5 @@ def test_requests_that_cannot_be_honoured(tmp_path):
     with pytest.raises(ExportError, match="rotation block 64") as info:  # 96 = 1.5·64
         export_model(model, {site: replace(plans[site], rotation=Rotation.block(64))},
                      tmp_path / "g")
-    one_line(info)
-    with pytest.raises(ExportError, match="not kept in the scales file") as info:
-        check_export_request(["nvfp4"], {"nvfp4": tmp_path / "h"}, ["nvfp4"],
-                             ["trained+gptq"], "trained+gptq", "float32", False)
     one_line(info)
     assert list(tmp_path.iterdir()) == []
