@@ -28,6 +28,7 @@ from smoothrot.schema.export import (  # torch-free, so --help stays instant
     METADATA_FILE,
     RUNTIMES,
 )
+from smoothrot.schema.target import TARGETS  # torch-free as well
 
 
 def load_model(name: str, **kwargs: Any):
@@ -64,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the stored float tensors")
     e.add_argument("--report", help="the run's report.json, for provenance (default: next to "
                    "the scales file, if there)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    e.add_argument("--target", default="vllm", choices=TARGETS,
+                   help="deployment target: whose activation arithmetic the export declares; "
+                   "per-site activation clips need research (smoothrot.load_pretrained only)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (never another folder)")
     e.add_argument("--verify", action="store_true", help="verify the export afterwards")
     _verify_options(e)
 
@@ -115,7 +120,7 @@ def run_export(args: argparse.Namespace) -> Path:
     path = export_from_scales_file(
         scales, args.format, out, model=model, tokenizer=tokenizer, method=args.method,
         scheme=args.scheme, dtype=args.dtype, overwrite=args.overwrite, report=report,
-        calibration=calibration,
+        calibration=calibration, target=args.target,
     )
     print(f"exported {args.format} to {path}; "
           f"load it with smoothrot.load_pretrained({str(path)!r})")

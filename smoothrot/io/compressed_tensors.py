@@ -17,7 +17,7 @@ or a reload needs it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,21 @@ def transform_configs(
                             TransformConfig(config_groups=online), weights)
 
 
+def transform_group(module_name: str) -> str:
+    """The group of a registered transform module or its weight (``<linear>.<group>_input``)."""
+    return module_name.removesuffix(".weight").rpartition(".")[2].removesuffix("_input")
+
+
 @torch.no_grad()
+def set_transform_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Give every registered transform of a group in ``weights`` that matrix (a group's
+    linears share one tensor, as vLLM's loader shares it)."""
+    for name, module in model.named_modules():
+        group = transform_group(name)
+        if group in weights and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.weight.copy_(weights[group].to(module.weight))
+
+
 def attach_transforms(model: nn.Module, ct: TransformConfigs) -> None:
     """Register the online transforms on ``model`` (compressed-tensors' own
     ``apply_transform_config``) and give them smoothrot's matrices: what is saved with the
@@ -105,10 +119,7 @@ def attach_transforms(model: nn.Module, ct: TransformConfigs) -> None:
     except ValueError as exc:
         raise ExportError(f"compressed-tensors cannot build this rotation ({exc}); split it into "
                           "power-of-two blocks with rotation.block_size, e.g. 512") from None
-    for module_name, module in model.named_modules():
-        group = module_name.rpartition(".")[2].removesuffix("_input")
-        if group in ct.weights and isinstance(getattr(module, "weight", None), torch.Tensor):
-            module.weight.copy_(ct.weights[group].to(module.weight))
+    set_transform_weights(model, ct.weights)
 
 
 def has_ct_transform(module: nn.Module) -> bool:
@@ -219,16 +230,33 @@ def quantize_sites(
     return compressor
 
 
-def _checkpoint_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a (possibly sharded) safetensors checkpoint folder."""
+def checkpoint_tensors(path: Path, keys: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
+    """Tensors of a (possibly sharded) safetensors checkpoint folder, by the name ``keys`` gives
+    a stored key (None: not wanted; the first key of a name wins)."""
     out: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in keys.intersection(f.keys())})
-    missing = sorted(keys - set(out))
+            for key in f.keys():  # noqa: SIM118 - not a dict
+                name = keys(key)
+                if name is not None and name not in out:
+                    out[name] = f.get_tensor(key)
+    return out
+
+
+def _require(path: Path, found: Mapping[str, torch.Tensor], wanted: set[str]) -> None:
+    missing = sorted(wanted - set(found))
     if missing:
         raise ExportError(f"{path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
                           "was it written by another tool?")
+
+
+def stored_transform_weights(path: Path, groups: set[str]) -> dict[str, torch.Tensor]:
+    """Per transform group, its stored weight (the checkpoint may keep a group's shared tensor
+    under its first linear's name only)."""
+    out = checkpoint_tensors(path, lambda k: transform_group(k)
+                             if k.endswith("_input.weight") and transform_group(k) in groups
+                             else None)
+    _require(path, out, groups)
     return out
 
 
@@ -246,7 +274,9 @@ def dequantize_nvfp4_exactly(model: nn.Module, path: Path, linears: Sequence[str
 
     args = preset_name_to_scheme("NVFP4", list(linears)).weights
     suffixes = ("weight_packed", "weight_scale", "weight_global_scale")
-    tensors = _checkpoint_tensors(path, {f"{n}.{s}" for n in linears for s in suffixes})
+    wanted = {f"{n}.{s}" for n in linears for s in suffixes}
+    tensors = checkpoint_tensors(path, lambda k: k if k in wanted else None)
+    _require(path, tensors, wanted)
     for name in linears:
         weight = model.get_submodule(name).weight
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32

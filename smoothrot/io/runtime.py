@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 
+from smoothrot.io.compressed_tensors import set_transform_weights, stored_transform_weights
 from smoothrot.io.loader import quiet_transformers
 from smoothrot.models import resolve_dtype
 from smoothrot.schema.export import RUNTIMES, ExportError
@@ -32,7 +32,6 @@ __all__ = ["load_without_smoothrot", "online_transform_config"]
 
 log = logging.getLogger(__name__)
 
-_INPUT_SUFFIX = "_input.weight"
 
 
 def online_transform_config(path: str | Path) -> Any:
@@ -52,23 +51,6 @@ def online_transform_config(path: str | Path) -> Any:
         scheme.apply = [args for args in scheme.apply
                         if TransformLocation(args.location).is_online()]
     return full
-
-
-def _stored_transform_weights(path: Path, groups: set[str]) -> dict[str, torch.Tensor]:
-    """Per transform group, its stored weight (a group's linears share one; the checkpoint may
-    keep it under the first linear's name only)."""
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - not a dict
-                group = key.rpartition(".")[0].rpartition(".")[2].removesuffix("_input")
-                if key.endswith(_INPUT_SUFFIX) and group in groups and group not in out:
-                    out[group] = f.get_tensor(key)
-    missing = sorted(groups - set(out))
-    if missing:
-        raise ExportError(f"{path}: transform group(s) {missing} have no stored weight; was the "
-                          "export written by another tool?")
-    return out
 
 
 @torch.no_grad()
@@ -93,11 +75,7 @@ def load_without_smoothrot(
     online = online_transform_config(path) if runtime == "compressed-tensors" else None
     if online is not None:
         apply_transform_config(model, online)
-        stored = _stored_transform_weights(path, set(online.config_groups))
-        for name, module in model.named_modules():
-            group = name.rpartition(".")[2].removesuffix("_input")
-            if group in stored and isinstance(getattr(module, "weight", None), torch.Tensor):
-                module.weight.copy_(stored[group].to(module.weight))
+        set_transform_weights(model, stored_transform_weights(path, set(online.config_groups)))
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

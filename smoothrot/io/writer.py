@@ -25,8 +25,6 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import run_model
 from smoothrot.io.atomic import atomic_folder, refuse_existing, write_json
 from smoothrot.io.compressed_tensors import attach_transforms, quantize_sites, transform_configs
+from smoothrot.io.metadata import export_metadata
 from smoothrot.io.model_card import model_card
 from smoothrot.models import model_fingerprint, resolve_dtype
 from smoothrot.schema.declaration import (
@@ -64,7 +63,7 @@ from smoothrot.surgery.fuse import linear_weights_q
 from smoothrot.surgery.hooks import apply_plans, site_parameters
 from smoothrot.surgery.plan import SitePlan
 
-__all__ = ["ExportError", "check_representable", "export_model", "package_versions"]
+__all__ = ["ExportError", "check_representable", "export_model"]
 
 log = logging.getLogger(__name__)
 
@@ -194,32 +193,6 @@ def check_representable(
                     f"{str(dtype).removeprefix('torch.')}'s largest finite value {limit:.4g}; "
                     "lower train.log_bound (a narrower scale range) or export float32"
                 )
-
-
-def _scales_summary(plans: Mapping[str, SitePlan]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, plan in plans.items():
-        if plan.scales is None:
-            continue
-        log_s = plan.scales.double().log()
-        out[name] = {
-            "log_s_min": float(log_s.min()),
-            "log_s_max": float(log_s.max()),
-            "log_s_mean": float(log_s.mean()),
-            "max_over_min": float((log_s.max() - log_s.min()).exp()),
-        }
-    return out
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that wrote (and must read) an export."""
-    out = {}
-    for pkg in ("smoothrot", "torch", "transformers", "compressed-tensors", "safetensors"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 @torch.no_grad()
@@ -383,16 +356,8 @@ def export_model(
     )
     scales = {name: p.scales.detach().double().cpu().contiguous()
               for name, p in plans.items() if p.scales is not None}
-    meta = {
-        "format": fmt,
-        "dtype": dtype,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model_fingerprint": model_fingerprint(model),
-        "sites": list(declared),
-        "scales_summary": _scales_summary(plans),
-        "package_versions": package_versions(),
-        **dict(provenance or {}),
-    }
+    meta = export_metadata(fmt, dtype, model_fingerprint(model), list(declared), plans,
+                           provenance)
     with atomic_folder(path, overwrite) as tmp:
         work.save_pretrained(tmp)
         if compressor is not None:

@@ -207,7 +207,11 @@ def test_export_from_scales_file_with_provenance(tmp_path):
 def test_methods_without_scales_export_like_any_other(tmp_path, method, rotation):
     model = tiny_llama()
     scales, plans, _ = _scales_file(tmp_path, model)
-    path = export_from_scales_file(scales, "w4a4", tmp_path / method, model=model, method=method)
+    with pytest.raises(ExportError, match="activation clip") as info:  # 0.9: no vLLM clip
+        export_from_scales_file(scales, "w4a4", tmp_path / method, model=model, method=method)
+    one_line(info, "research")
+    path = export_from_scales_file(scales, "w4a4", tmp_path / method, model=model, method=method,
+                                   target="research")
     decl = read_declaration(path)
     assert all(not s.smoothed and s.rotation == rotation for s in decl.sites.values())
     expected = {s: SitePlan(None, rotation, act_clip=0.9) for s in plans}
@@ -222,7 +226,8 @@ def test_per_site_activation_clips_travel_to_the_export_and_back(tmp_path):
     clips = dict(zip(sites, [0.7, 0.85], strict=True))
     scales, plans, report = _scales_file(tmp_path, model, act_clips=clips)
     path = export_from_scales_file(scales, "w4a4", tmp_path / "export-w4a4", model=model,
-                                   report=report)
+                                   report=report, target="research")
+    assert read_declaration(path).target == "research"
     assert {s: e.activation_clip for s, e in read_declaration(path).sites.items()} == clips
     assert {s: p.act_clip for s, p in plans_from_export(path).items()} == clips
     clipped = {s: replace(p, act_clip=clips[s]) for s, p in plans.items()}
@@ -294,12 +299,33 @@ def test_export_cli_nvfp4_calibrates_on_the_calibration_split(tmp_path, monkeypa
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["ppl_rel_diff"] == 0.0
 
 
+def test_export_cli_target_carries_clipped_fits_to_research_only(tmp_path, monkeypatch, capsys):
+    """A fit with per-site activation clips exports with --target research; the default target
+    (vllm, no activation clip) refuses it in one line and leaves nothing behind."""
+    cli = _import_script("export")
+    model = tiny_llama()
+    sites = [rs.name for rs in resolve_sites(model, ["down_proj"])]
+    clips = dict(zip(sites, [0.7, 0.85], strict=True))
+    scales, _, _ = _scales_file(tmp_path, model, act_clips=clips)
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, None))
+    monkeypatch.setattr(cli, "_windows", lambda tokenizer, args, split="evaluation": IDS)
+    argv = ["-q", "export", "--scales", str(scales), "--format", "w4a4"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "activation clip" in err and "research" in err and "\n" not in err
+    assert not (tmp_path / "export-w4a4").exists()
+    assert cli.main([*argv, "--target", "research", "--verify"]) == 0
+    decl = read_declaration(tmp_path / "export-w4a4")
+    assert decl.target == "research"
+    assert {s: e.activation_clip for s, e in decl.sites.items()} == clips
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--export", "w8a8", "--schemes", "w4a4"], "needs scheme w8a8"),
     (["--export", "fused", "w4a4", "--export-dir", "x"], "takes one format"),
     (["--export", "fused", "--export-method", "quantile", "--methods", "joint"],
      "not among the run's methods"),
-    (["--export-dir", "x"], "needs --export"),
+    (["--export-dir", "x"], "needs export.formats (--export FORMAT)"),
 ])
 def test_fit_scales_checks_export_flags_before_the_run(tmp_path, monkeypatch, capsys, argv,
                                                        message):

@@ -32,8 +32,10 @@ def exported(tmp_path_factory):
     model = tiny_llama()
     plans = random_plans(model, layers=("down_proj", "o_proj"))
     site = "model.layers.1.mlp.down_proj"
-    plans[site] = SitePlan(None, Rotation.none(), act_clip=0.5)  # an RTN site
-    return export_model(model, plans, tmp_path_factory.mktemp("e") / "w4a4", fmt="w4a4"), plans
+    plans[site] = SitePlan(None, Rotation.none(), act_clip=0.5)  # an RTN site, clipped
+    path = export_model(model, plans, tmp_path_factory.mktemp("e") / "w4a4", fmt="w4a4",
+                        target="research")  # clips: smoothrot's loader only
+    return path, plans
 
 
 def test_plans_from_export_are_the_plans_exported(exported):
@@ -47,6 +49,7 @@ def test_plans_from_export_are_the_plans_exported(exported):
     decl = read_declaration(path)
     assert decl.sites["model.layers.1.mlp.down_proj"].smoothed is False
     assert decl.quant_scheme().name == "w4a4"
+    assert decl.target == "research"
 
 
 def _edit_declaration(path, tmp_path, edit):
