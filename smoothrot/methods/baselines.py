@@ -16,5 +16,5 @@ class Unscaled(Method):
         return MethodResult(ctx.plans(dict.fromkeys(ctx.data), self.rotate, desc=self.name))
 
 
-register(Unscaled("rtn", "RTN", rotate=False))
-register(Unscaled("hadamard", "Hadamard-only", rotate=True))
+RTN = register(Unscaled("rtn", "RTN", rotate=False))
+HADAMARD = register(Unscaled("hadamard", "Hadamard-only", rotate=True))

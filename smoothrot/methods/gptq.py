@@ -26,9 +26,11 @@ from smoothrot.core.gptq import (
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
-from smoothrot.methods import baselines, policy, trained  # noqa: F401 - the wrapped ones first
+from smoothrot.methods.baselines import HADAMARD
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import Method, MethodResult, get_method, register
+from smoothrot.methods.policy import JOINT, QUANTILE, SMOOTHROT_MAX
+from smoothrot.methods.registry import Method, MethodResult, register
+from smoothrot.methods.trained import TRAINED
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 
@@ -111,11 +113,11 @@ class WithGPTQ(Method):
 
     rounding = "gptq"
 
-    def __init__(self, base: str, label: str | None = None) -> None:
-        self.base = base
-        self.name = base + GPTQ_SUFFIX
-        self.label = label or f"{get_method(base).label} + GPTQ"
-        self.requires = (base,)
+    def __init__(self, base: Method, label: str | None = None) -> None:
+        self.base = base.name
+        self.name = base.name + GPTQ_SUFFIX
+        self.label = label or f"{base.label} + GPTQ"
+        self.requires = (base.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
         base = ctx.results[self.base].plans
@@ -146,8 +148,8 @@ class WithGPTQ(Method):
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})
 
 
-register(WithGPTQ("hadamard", "Hadamard + GPTQ"))
-register(WithGPTQ("smoothrot_max"))
-register(WithGPTQ("quantile"))
-register(WithGPTQ("joint", "joint + GPTQ"))
-register(WithGPTQ("trained", "trained + GPTQ"))
+register(WithGPTQ(HADAMARD, "Hadamard + GPTQ"))
+register(WithGPTQ(SMOOTHROT_MAX))
+register(WithGPTQ(QUANTILE))
+register(WithGPTQ(JOINT, "joint + GPTQ"))
+register(WithGPTQ(TRAINED, "trained + GPTQ"))

@@ -93,7 +93,7 @@ class PolicyMethod(Method):
         return MethodResult(ctx.plans(scales, desc=self.name), choices, loss)
 
 
-register(PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max))
-register(PolicyMethod("quantile", "quantile", pick_quantile))
-register(PolicyMethod("joint_global", "joint (global)", pick_joint_global))
-register(PolicyMethod("joint", "joint (per layer)", pick_joint))
+SMOOTHROT_MAX = register(PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max))
+QUANTILE = register(PolicyMethod("quantile", "quantile", pick_quantile))
+JOINT_GLOBAL = register(PolicyMethod("joint_global", "joint (global)", pick_joint_global))
+JOINT = register(PolicyMethod("joint", "joint (per layer)", pick_joint))

@@ -4,7 +4,7 @@ A :class:`Method` declares what it needs (``requires``: methods whose results it
 and implements one call, ``fit(ctx) -> MethodResult`` (a :class:`SitePlan` per site plus what was
 chosen on the selection split). The job is a loop over the registered methods a config asks
 for; report labels and export rules come from here too. Adding a method is one module under
-``smoothrot/methods/`` that calls :func:`register`, plus its import in ``methods/__init__.py``.
+``smoothrot/methods/`` that calls :func:`register`, plus its import in ``methods/catalog.py``.
 """
 
 from __future__ import annotations
@@ -64,14 +64,21 @@ def register(method: Method) -> Method:
     return method
 
 
+def _registered() -> dict[str, Method]:
+    """The registry, with every shipped method in it."""
+    from smoothrot.methods import catalog  # noqa: F401 - registers them on first import
+
+    return _REGISTRY
+
+
 def method_names() -> list[str]:
     """Every registered method, in registration (= report) order."""
-    return list(_REGISTRY)
+    return list(_registered())
 
 
 def get_method(name: str) -> Method:
     try:
-        return _REGISTRY[name]
+        return _registered()[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose from {method_names()}") from None
 
@@ -86,4 +93,4 @@ def run_order(names: Sequence[str]) -> list[Method]:
         if method.name not in needed:
             needed.add(method.name)
             stack.extend(method.requires)
-    return [m for name, m in _REGISTRY.items() if name in needed]
+    return [m for name, m in _registered().items() if name in needed]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smoothrot.methods import policy  # noqa: F401 - registers joint, which trained starts from
 from smoothrot.methods.context import SchemeContext
+from smoothrot.methods.policy import JOINT
 from smoothrot.methods.registry import Method, MethodResult, register
 from smoothrot.progress import progress
 from smoothrot.schema.quant import with_act_clip
@@ -17,10 +17,10 @@ from smoothrot.training.fit import TrainProblem, fit_scales
 class Trained(Method):
     name = "trained"
     label = "trained"
-    requires = ("joint",)
+    requires = (JOINT.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        start = ctx.results["joint"].plans
+        start = ctx.results[JOINT.name].plans
         accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
         checkpoints = Path(ctx.cfg.output_dir) / "checkpoints" / ctx.scheme.name
         scales, losses = {}, {}
@@ -37,4 +37,4 @@ class Trained(Method):
         return MethodResult(ctx.plans(scales, desc=self.name), selection_loss=losses)
 
 
-register(Trained())
+TRAINED = register(Trained())

@@ -110,6 +110,8 @@ def test_residual_rotation_is_exported_with_untied_head(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["w8a8", "w4a4"])
 def test_quantized_reload_reproduces_the_fake_quant_model(tmp_path, fmt):
+    from compressed_tensors.compressors import unpack_from_int32
+
     model = tiny_llama()
     plans = random_plans(model)
     bits = int(fmt[1])
@@ -123,10 +125,12 @@ def test_quantized_reload_reproduces_the_fake_quant_model(tmp_path, fmt):
 
     config = json.loads((path / "config.json").read_text())
     qc = config["quantization_config"]
+    # int4 is pack-quantized (eight codes per int32), the int W4A4 layout vLLM reads
+    layout = "int-quantized" if bits == 8 else "pack-quantized"
     assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == (
-        "compressed-tensors", "int-quantized", "compressed")
+        "compressed-tensors", layout, "compressed")
     group = qc["config_groups"]["group_0"]
-    assert group["targets"] == list(plans)
+    assert group["targets"] == list(plans) and group["format"] == layout
     assert {k: group["weights"][k]
             for k in ("num_bits", "type", "symmetric", "strategy", "dynamic")} == {
         "num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel",
@@ -135,12 +139,23 @@ def test_quantized_reload_reproduces_the_fake_quant_model(tmp_path, fmt):
             for k in ("num_bits", "type", "symmetric", "strategy", "dynamic")} == {
         "num_bits": bits, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     assert "lm_head" in qc["ignore"] and "model.layers.0.mlp.up_proj" in qc["ignore"]
+    site = "model.layers.1.mlp.down_proj"
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        q = f.get_tensor("model.layers.1.mlp.down_proj.weight")
-        assert q.dtype == torch.int8
+        if bits == 8:
+            q = f.get_tensor(f"{site}.weight")
+            assert q.dtype == torch.int8
+        else:
+            assert f"{site}.weight" not in f.keys()  # noqa: SIM118
+            packed = f.get_tensor(f"{site}.weight_packed")
+            assert packed.dtype == torch.int32 and tuple(packed.shape) == (64, 96 // 8)
+            shape = f.get_tensor(f"{site}.weight_shape").tolist()
+            assert shape == [64, 96]
+            q = unpack_from_int32(packed, bits, torch.Size(shape))
         assert int(q.min()) >= -(2 ** (bits - 1)) and int(q.max()) <= 2 ** (bits - 1) - 1
         assert f.get_tensor("model.layers.1.mlp.up_proj.weight").dtype == torch.float32
-        assert "model.layers.1.mlp.down_proj.weight_scale" in f.keys()  # noqa: SIM118
+        scale = f.get_tensor(f"{site}.weight_scale")
+    # the stored codes times the stored scales are the fake-quant model's weight
+    assert torch.equal(q.float() * scale, ref.get_submodule(site).weight)
     stored = plans_from_export(path)
     assert all(torch.equal(stored[k].scales, plans[k].scales) for k in plans)
     assert all(stored[k].rotation == plans[k].rotation for k in plans)
@@ -189,17 +204,32 @@ def test_fp16_overflow_is_a_one_line_error(tmp_path, channel_scale, param):
     export_model(model, plans, tmp_path / "fp32")  # the fix the message names works
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_existing_target_needs_overwrite(tmp_path):
     model = tiny_llama()
     target = tmp_path / "out"
-    target.mkdir()
+    export_model(model, random_plans(model), target)  # an earlier export
     (target / "old.txt").write_text("old")
     with pytest.raises(TargetExistsError, match=r"already exists.*overwrite") as info:
-        export_model(model, random_plans(model), target)
+        export_model(model, random_plans(model, seed=3), target)
     one_line(info)
-    export_model(model, random_plans(model), target, overwrite=True)
+    export_model(model, random_plans(model, seed=3), target, overwrite=True)
     assert not (target / "old.txt").exists() and (target / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert torch.equal(plans_from_export(target)["model.layers.0.mlp.down_proj"].scales,
+                       random_plans(model, seed=3)["model.layers.0.mlp.down_proj"].scales)
+    # overwrite replaces an earlier export only, never another folder (a run, a model)
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "old.txt").write_text("old")
+    with pytest.raises(ExportError, match="is not a smoothrot export") as info:
+        export_model(model, random_plans(model), other, overwrite=True)
+    one_line(info, str(other))
+    assert _files(other) == {"old.txt": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
@@ -212,8 +242,8 @@ def test_failure_mid_write_leaves_no_partial_folder(tmp_path, monkeypatch, stage
     model = tiny_llama()
     target = tmp_path / "out"
     if existing:
-        target.mkdir()
-        (target / "old.txt").write_text("old")
+        export_model(model, random_plans(model, seed=3), target)  # an earlier export
+        before = _files(target)
     if stage == "save_pretrained":
         def partial_then_full(self, save_directory, *args, **kwargs):
             (Path(save_directory) / "model.safetensors").write_bytes(b"\0" * 1024)  # partial
@@ -227,7 +257,7 @@ def test_failure_mid_write_leaves_no_partial_folder(tmp_path, monkeypatch, stage
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == (["out"] if existing else [])
     if existing:
-        assert [p.name for p in target.iterdir()] == ["old.txt"]
+        assert _files(target) == before  # the earlier export, untouched
 
 
 def test_requests_that_cannot_be_honoured(tmp_path):
