@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the stored float tensors")
     e.add_argument("--report", help="the run's report.json, for provenance (default: next to "
                    "the scales file, if there)")
-    e.add_argument("--target", default="vllm", choices=TARGETS,
+    e.add_argument("--target", choices=TARGETS,
                    help="deployment target: whose activation arithmetic the export declares; "
                    "per-site activation clips need research (smoothrot.load_pretrained only)")
     e.add_argument("--overwrite", action="store_true",

@@ -69,15 +69,15 @@ def export_from_scales_file(
     overwrite: bool = False,
     report: Mapping[str, Any] | None = None,
     calibration: torch.Tensor | None = None,
-    target: str = "vllm",
+    target: str | None = None,
 ) -> Path:
     """Export ``model`` with the ``method`` plans of ``scheme`` from a fit's scales file.
 
     ``scheme`` defaults to the format's (``w4a4``, ``w8a8``, ``nvfp4``, ...); for ``fused`` to
     the run's first scheme. ``report`` (the run's report.json) adds provenance and the R1
     setting; ``calibration`` token windows are needed by ``nvfp4`` (see :func:`export_model`).
-    ``target`` (schema/target.py) fixes the activation arithmetic; per-site activation clips in
-    the scales file need ``target="research"``.
+    ``target`` (schema/target.py) fixes the activation arithmetic; default: the fit's own (from
+    ``report``), else ``vllm``. Per-site activation clips in the scales file need ``research``.
     A scales file of another model (fingerprint or shapes) is a one-line error.
     """
     scales_path = Path(scales_path)
@@ -103,5 +103,5 @@ def export_from_scales_file(
         model, plans, out, fmt=fmt, dtype=dtype,
         scheme=scheme if fmt != "fused" else None, tokenizer=tokenizer, overwrite=overwrite,
         residual_seed=residual_seed, provenance=provenance, calibration=calibration,
-        target=target,
+        target=target or config.get("target", "vllm"),
     )

@@ -5,9 +5,10 @@ Formats (docs/equivalence.md has the math, README "Export" the usage):
 * ``fused``: the float model after surgery (safetensors): diag(s)⁻¹ folded into each site's
   source, Wᵢ·diag(s)·R stored in the site's linears; only the online part of R is left to run,
   on the input of those linears.
-* ``w8a8`` / ``w4a4``: compressed-tensors ``int-quantized`` checkpoints whose integers are the
-  same round-to-nearest of the fused weights that ``core.quantizers`` computes, with dynamic
-  per-token activations declared as llm-compressor does. Only the planned sites are quantized.
+* ``w8a8`` / ``w4a4``: compressed-tensors ``int-quantized`` (W8A8) / ``pack-quantized`` (W4A4,
+  eight codes per int32) checkpoints whose integers are the same round-to-nearest of the fused
+  weights that ``core.quantizers`` computes, with dynamic per-token activations declared as
+  llm-compressor does. Only the planned sites are quantized.
 * ``nvfp4`` / ``mxfp4``: compressed-tensors ``nvfp4-`` / ``mxfp4-pack-quantized`` checkpoints
   from its own presets; NVFP4 also stores static input global scales from calibration tokens.
 

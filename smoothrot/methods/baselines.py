@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import Method, MethodResult, register
+from smoothrot.methods.registry import Method, MethodResult
 
 
 class Unscaled(Method):
@@ -16,5 +16,5 @@ class Unscaled(Method):
         return MethodResult(ctx.plans(dict.fromkeys(ctx.data), self.rotate, desc=self.name))
 
 
-RTN = register(Unscaled("rtn", "RTN", rotate=False))
-HADAMARD = register(Unscaled("hadamard", "Hadamard-only", rotate=True))
+RTN = Unscaled("rtn", "RTN", rotate=False)
+HADAMARD = Unscaled("hadamard", "Hadamard-only", rotate=True)

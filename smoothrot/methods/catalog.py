@@ -1,8 +1,15 @@
-"""Every shipped method, registered in report order: importing this module fills the registry
-(registry.py imports it on first use). A new method is a module plus its line here."""
+"""Every shipped method, registered in report order (registry.py loads this module on first
+use). A new method is a module under smoothrot/methods/ plus its entry here."""
 
-from smoothrot.methods import baselines, gptq, policy, trained  # noqa: F401
+from smoothrot.methods.baselines import HADAMARD, RTN
+from smoothrot.methods.gptq import WithGPTQ
+from smoothrot.methods.policy import JOINT, JOINT_GLOBAL, QUANTILE, SMOOTHROT_MAX
+from smoothrot.methods.registry import register
+from smoothrot.methods.trained import TRAINED
 
-# The import order above is not the registration order: gptq imports the methods it wraps, and
-# each module registers its methods when it is first imported (baselines, then policy, trained,
-# then their GPTQ variants).
+for _method in (
+    RTN, HADAMARD, SMOOTHROT_MAX, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
+    WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
+    WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
+):
+    register(_method)

@@ -26,11 +26,8 @@ from smoothrot.core.gptq import (
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
-from smoothrot.methods.baselines import HADAMARD
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.policy import JOINT, QUANTILE, SMOOTHROT_MAX
-from smoothrot.methods.registry import Method, MethodResult, register
-from smoothrot.methods.trained import TRAINED
+from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 
@@ -146,10 +143,3 @@ class WithGPTQ(Method):
         return MethodResult(
             {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})
-
-
-register(WithGPTQ(HADAMARD, "Hadamard + GPTQ"))
-register(WithGPTQ(SMOOTHROT_MAX))
-register(WithGPTQ(QUANTILE))
-register(WithGPTQ(JOINT, "joint + GPTQ"))
-register(WithGPTQ(TRAINED, "trained + GPTQ"))

@@ -19,7 +19,7 @@ import torch
 
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import Method, MethodResult, register
+from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.search import Choice, grid_losses
 from smoothrot.progress import progress
 
@@ -93,7 +93,7 @@ class PolicyMethod(Method):
         return MethodResult(ctx.plans(scales, desc=self.name), choices, loss)
 
 
-SMOOTHROT_MAX = register(PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max))
-QUANTILE = register(PolicyMethod("quantile", "quantile", pick_quantile))
-JOINT_GLOBAL = register(PolicyMethod("joint_global", "joint (global)", pick_joint_global))
-JOINT = register(PolicyMethod("joint", "joint (per layer)", pick_joint))
+SMOOTHROT_MAX = PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max)
+QUANTILE = PolicyMethod("quantile", "quantile", pick_quantile)
+JOINT_GLOBAL = PolicyMethod("joint_global", "joint (global)", pick_joint_global)
+JOINT = PolicyMethod("joint", "joint (per layer)", pick_joint)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.policy import JOINT
-from smoothrot.methods.registry import Method, MethodResult, register
+from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.progress import progress
 from smoothrot.schema.quant import with_act_clip
 from smoothrot.training.fit import TrainProblem, fit_scales
@@ -37,4 +37,4 @@ class Trained(Method):
         return MethodResult(ctx.plans(scales, desc=self.name), selection_loss=losses)
 
 
-TRAINED = register(Trained())
+TRAINED = Trained()

@@ -39,8 +39,9 @@ def _declaration(fmt: str = "w4a4") -> ExportDeclaration:
         },
         activation_quantization=None if scheme is None else ActivationQuantDeclaration.of(scheme),
         weight_quantization=None if scheme is None else WeightQuantDeclaration.of(scheme, "gptq"),
-        transform_config_groups=("smoothrot",), transform_config_note=None,
+        transform_config_groups=("smoothrot_full96",), transform_config_note=None,
         residual_rotation=ResidualDeclaration(0, "hadamard", True),
+        target="research",  # DOWN carries an activation clip
     )
 
 
@@ -51,9 +52,11 @@ def test_round_trip(fmt):
     assert data["version"] == DECLARATION_VERSION == 2
     assert data["sites"][O_PROJ]["rotation"] == {"kind": "head", "location": "offline",
                                                  "block_size": 16}
+    assert data["target"] == "research"
     assert ExportDeclaration.from_dict(copy.deepcopy(data)) == decl
     if fmt != "fused":
         assert decl.quant_scheme() == get_scheme(fmt) and decl.gptq
+        assert data["activation_quantization"]["grid"] == get_scheme(fmt).a_grid
     assert decl.linears == [DOWN, O_PROJ]
 
 

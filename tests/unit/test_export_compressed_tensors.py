@@ -43,8 +43,8 @@ def _online_only(tc: dict):
 
 
 @pytest.mark.parametrize(("layer", "rotation", "group", "head_dim"), [
-    ("down_proj", Rotation.full(), "smoothrot", None),  # H over the 128 MLP channels
-    ("o_proj", Rotation.full(), "smoothrot", None),  # H over all 64 channels of the 4 heads
+    ("down_proj", Rotation.full(), "smoothrot_full128", None),  # H over the 128 MLP channels
+    ("o_proj", Rotation.full(), "smoothrot_full64", None),  # H over all 64 channels of 4 heads
     ("o_proj", Rotation.head(), "smoothrot_head16", 16),  # block-diagonal H over heads of 16
 ])
 def test_power_of_two_rotation_is_declared_for_compressed_tensors(tmp_path, monkeypatch, layer,
@@ -97,14 +97,42 @@ def test_load_pretrained_does_not_rotate_twice(tmp_path, monkeypatch):
     assert rel(logits(loaded), ref) <= 1e-4
 
 
-def test_non_power_of_two_rotation_is_declared_for_smoothrot_only(tmp_path):
-    model = tiny_llama()  # MLP 96 = 12·8: a Paley factor, no Sylvester matrix
+def test_non_power_of_two_rotation_is_declared_as_random_hadamard(tmp_path):
+    """An order with no Sylvester matrix (MLP 96 = 12·8: a Paley factor) is a
+    ``random-hadamard`` group whose stored weight is smoothrot's own H (times √n, ±1 entries),
+    so compressed-tensors, applying the stored matrix, computes the original function."""
+    from smoothrot.core.hadamard import hadamard_transform
+    from smoothrot.io.runtime import load_without_smoothrot
+
+    model = tiny_llama()
+    ref = logits(model)
     path = export_model(model, random_plans(model), tmp_path / "fused")
+    tc = json.loads((path / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert list(tc["config_groups"]) == ["smoothrot_full96"]
+    scheme = tc["config_groups"]["smoothrot_full96"]
+    assert scheme["type"] == "random-hadamard" and scheme["head_dim"] is None
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert [(a["location"], a["inverse"], a["targets"]) for a in scheme["apply"]] == [
+        ("input", False, names), ("weight_input", True, names)]
+    decl = read_declaration(path)
+    assert decl.transform_config_groups == ("smoothrot_full96",)
+    assert decl.transform_config_note is None  # a note only when nothing runs online
+    assert decl.sites["model.layers.0.mlp.down_proj"].rotation == Rotation.full()
+    stored = _ckpt(path, "model.layers.0.mlp.down_proj.smoothrot_full96_input.weight")
+    h = torch.round(hadamard_transform(torch.eye(96, dtype=torch.float64)) * 96**0.5)
+    assert torch.equal(stored.double(), h) and set(stored.unique().tolist()) == {-1.0, 1.0}
+    assert rel(logits(load_without_smoothrot(path)), ref) <= 1e-4
+    assert rel(logits(load_without_smoothrot(path, runtime="transformers")), ref) > 1e-3
+
+
+def test_no_online_rotation_declares_no_transform_config(tmp_path):
+    model = tiny_llama()
+    plans = {name: dataclasses.replace(plan, rotation=Rotation.none())
+             for name, plan in random_plans(model).items()}
+    path = export_model(model, plans, tmp_path / "fused")
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     decl = read_declaration(path)
-    assert decl.transform_config_groups == ()
-    assert "rotation size 96 is not a power of two" in decl.transform_config_note
-    assert decl.sites["model.layers.0.mlp.down_proj"].rotation == Rotation.full()
+    assert decl.transform_config_groups == () and decl.transform_config_note
 
 
 def _ckpt(path, key):

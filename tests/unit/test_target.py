@@ -47,6 +47,8 @@ def _ct_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_compressed_tensors_grid_is_compressed_tensors_fake_quantize(bits):
     x = _activations()
+    half = (2**bits - 1) / 2
+    x[1, 1] = torch.linspace(-half, 3.0, 64)  # scale exactly 1: -7.5 (-127.5) is a true tie
     theirs = _ct_fake_quantize(x, bits)
     ours = Quantizer(bits=bits, grid="compressed-tensors")(x)
     assert torch.equal(ours, theirs)
@@ -58,6 +60,7 @@ def test_compressed_tensors_grid_is_compressed_tensors_fake_quantize(bits):
     codes = theirs / step
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.round().min() == -(2 ** (bits - 1))
+    assert theirs[1, 1, 0] == -(2 ** (bits - 1))  # the tie rounds to even: -8 (-128)
     assert codes.round().max() == 2 ** (bits - 1) - 1
     maxgrid = Quantizer(bits=bits, grid="max")(x)
     assert not torch.equal(maxgrid, theirs)
