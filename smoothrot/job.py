@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smoothrot.arch.sites import ResolvedSite, resolve_sites, with_rotation_blocks
+from smoothrot.arch.sites import (
+    ResolvedSite,
+    resolve_sites,
+    with_dense_rotations,
+    with_rotation_blocks,
+)
 from smoothrot.calibrate.capture import batch_size, capture_splits, fit_specs
 from smoothrot.calibrate.sequential import capture_sequential
 from smoothrot.core.policies import check_finite
@@ -185,9 +190,9 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     if cfg.residual_rotation:
         with timer.stage("residual rotation"):
             rotate_residual(model, seed=cfg.seed)
-    sites = with_rotation_blocks(
+    sites = with_dense_rotations(with_rotation_blocks(
         resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation),
-        cfg.rotation.block_size)
+        cfg.rotation.block_size), target.dense_rotation)
     _check_sites(sites, cfg)
     with timer.stage("load data"):
         splits, windows = split_windows(tokenizer, cfg.data, cfg.seed)

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", help="the run's report.json, for provenance (default: next to "
                    "the scales file, if there)")
     e.add_argument("--target", choices=TARGETS,
-                   help="deployment target: whose activation arithmetic the export declares; "
+                   help="deployment target: whose activation arithmetic the export declares "
+                   "(default: the fit's, from its report.json, else vllm); "
                    "per-site activation clips need research (smoothrot.load_pretrained only)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export at --out (never another folder)")

@@ -199,3 +199,9 @@ def with_rotation_blocks(sites: list[ResolvedSite], block_size: int | None) -> l
             rs = replace(rs, transform=rs.transform.with_rotation(Rotation.block(block)))
         out.append(rs)
     return out
+
+
+def with_dense_rotations(sites: list[ResolvedSite], dense: bool) -> list[ResolvedSite]:
+    """``sites`` rotating activations as compressed-tensors' runtime does (``dense``), or with
+    the fast transform."""
+    return [replace(rs, transform=replace(rs.transform, dense_input=dense)) for rs in sites]

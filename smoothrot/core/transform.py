@@ -52,12 +52,34 @@ def _blockwise(x: torch.Tensor, block: int) -> torch.Tensor:
     return hadamard_transform(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
 
 
+@functools.lru_cache(maxsize=8)
+def stored_hadamard(order: int) -> torch.Tensor:
+    """√n·H as smoothrot computes x·H (±1 entries, float32): what an export stores."""
+    return torch.round(hadamard_transform(torch.eye(order, dtype=torch.float64)) * order**0.5
+                       ).float()
+
+
+def dense_rotate(x: torch.Tensor, order: int) -> torch.Tensor:
+    """x·R computed as compressed-tensors' transform does: (x @ √n·H) / √n in float32, blocks
+    via unflatten. Bit for bit its arithmetic, so values on its activation grid's half-way
+    points (±(2^b−1)/2 after scaling) round the same way."""
+    w = stored_hadamard(order).to(x.device)
+    xf = x.to(torch.float32)
+    y = xf @ w if order == x.shape[-1] else (xf.unflatten(-1, (-1, order)) @ w).flatten(-2, -1)
+    return (y / torch.tensor(order, dtype=torch.float64).sqrt()).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class SiteTransform:
-    """A site's rotation (any location: the math is the same) and optional scale tying."""
+    """A site's rotation (any location: the math is the same) and optional scale tying.
+
+    ``dense_input``: rotate activations with :func:`dense_rotate` (target compressed-tensors)
+    instead of the fast transform; weights are always rotated exactly (float64 when fusing).
+    """
 
     rotation: Rotation = Rotation()  # noqa: RUF009 - frozen, so one shared default is safe
     tie: ScaleTie | None = None
+    dense_input: bool = False
 
     def with_rotation(self, rotation: Rotation) -> SiteTransform:
         return replace(self, rotation=rotation)
@@ -89,6 +111,13 @@ class SiteTransform:
         if order is None:
             return x
         return hadamard_transform(x) if order == x.shape[-1] else _blockwise(x, order)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x·R for activations: as the target's runtime computes it (see ``dense_input``)."""
+        order = self.rotation.order(x.shape[-1])
+        if order is None or not self.dense_input:
+            return self.rotate(x)
+        return dense_rotate(x, order)
 
     def matrix(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """R as a dense [n, n] matrix (x·R == rotate(x)); for offline use (export, unfusing)."""
@@ -122,7 +151,7 @@ def transform_input(
     """X·diag(s)⁻¹·R."""
     if scales is not None:
         x = x / t.expand(scales).to(x.dtype)
-    return t.rotate(x)
+    return t.rotate_input(x)
 
 
 FULL = SiteTransform()

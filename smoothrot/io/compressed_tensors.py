@@ -27,8 +27,8 @@ from safetensors import safe_open
 from torch import nn
 
 from smoothrot.core import fp4
-from smoothrot.core.hadamard import hadamard_transform
 from smoothrot.core.quantizers import weight_quantizer
+from smoothrot.core.transform import stored_hadamard
 from smoothrot.schema.declaration import SiteDeclaration
 from smoothrot.schema.export import FP4_FORMATS, ExportError
 from smoothrot.schema.quant import QuantScheme
@@ -86,9 +86,7 @@ def transform_configs(
         fused = TransformArgs(targets=list(targets), location="weight_input", inverse=True)
         full[name] = TransformScheme(apply=[inp, fused], **kw)
         online[name] = TransformScheme(apply=[inp], **kw)
-        # x·H as smoothrot computes it (hadamard_transform), times √n: exactly ±1.
-        weights[name] = torch.round(hadamard_transform(torch.eye(order, dtype=torch.float64))
-                                    * order**0.5)
+        weights[name] = stored_hadamard(order)
     return TransformConfigs(TransformConfig(config_groups=full),
                             TransformConfig(config_groups=online), weights)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothrot.arch.sites import resolve_sites
+from smoothrot.arch.sites import resolve_sites, with_dense_rotations
 from smoothrot.evaluate import perplexity
 from smoothrot.io.loader import load_pretrained, plans_from_export, read_declaration
 from smoothrot.io.runtime import load_without_smoothrot
@@ -117,8 +117,9 @@ def verify_export(
         if r1 is not None:  # the plans were fitted on the rotated model (R1 is exact in float)
             reference = copy.deepcopy(reference)
             rotate_residual(reference, seed=r1.seed, kind=r1.kind)
-        sites = [rs for rs in resolve_sites(reference, list(plans), residual_rotated=r1 is not None)
-                 if rs.name in plans]
+        sites = with_dense_rotations(
+            [rs for rs in resolve_sites(reference, list(plans), residual_rotated=r1 is not None)
+             if rs.name in plans], activation_quantizer == "compressed-tensors")
         with transformed(sites, plans, scheme):
             ppl_memory = perplexity(reference, windows, batch_size, desc="in-memory ppl")
         ppl_reload = perplexity(reloaded, windows, batch_size, desc="reloaded ppl")

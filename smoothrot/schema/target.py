@@ -35,6 +35,10 @@ class Target:
     act_grid: str
     act_clips: bool
     label: str
+    # Online rotations of activations computed as the runtime does (core/transform.py
+    # dense_rotate): compressed-tensors' grid has half-way points at the row maximum, where
+    # 1e-7 differences between two exact rotations decide the code.
+    dense_rotation: bool = False
 
     def scheme(self, scheme: QuantScheme) -> QuantScheme:
         """``scheme`` with this target's arithmetic (int activation grid)."""
@@ -48,7 +52,8 @@ TARGETS: dict[str, Target] = {
                    "vLLM: int8 activations max/127, int4 max/7, no activation clip"),
     "compressed-tensors": Target(
         "compressed-tensors", "compressed-tensors", False,
-        "transformers + compressed-tensors: int activations max/((2^b-1)/2), no activation clip"),
+        "transformers + compressed-tensors: int activations max/((2^b-1)/2), no activation clip",
+        dense_rotation=True),
     "research": Target("research", "max", True,
                        "research: per-site activation clips, smoothrot.load_pretrained only"),
 }

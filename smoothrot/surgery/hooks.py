@@ -26,7 +26,7 @@ class OnlineInputTransform:
         self.scheme = scheme
 
     def __call__(self, _module: nn.Module, args: tuple) -> tuple:
-        x = self.transform.rotate(args[0])
+        x = self.transform.rotate_input(args[0])
         if self.scheme is not None:
             x = quantize_activation_spec(x, self.scheme)
         return (x, *args[1:])
