@@ -8,15 +8,13 @@ several schemes (``--schemes w4a4 nvfp4``) get one side-by-side table.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from smoothrot.io.atomic import atomic_write, write_json, write_text
 from smoothrot.io.scales_file import ScalesEntry, write_scales_file
 from smoothrot.job import FitResult, SchemeResult
 from smoothrot.methods.registry import BASELINE, get_method
@@ -245,7 +243,7 @@ def plot(result: FitResult, out: Path) -> list[str]:
         ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         files.append(str(path))
 
@@ -268,17 +266,6 @@ def plot(result: FitResult, out: Path) -> list[str]:
     return files
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_scales(result: FitResult, path: Path) -> None:
     """Every method's plans (scales, rotation, activation clip) as a scales file
     (io/scales_file.py). A method whose plans carry offline-rounded weights (GPTQ) is left out:
@@ -299,8 +286,7 @@ def write_outputs(result: FitResult, out: Path) -> dict[str, str]:
     plots = plot(result, out)
     paths = {"report_md": out / "report.md", "report_json": out / "report.json",
              "scales": out / "scales.safetensors"}
-    _atomic_write(paths["report_json"],
-                  lambda tmp: Path(tmp).write_text(json.dumps(to_json(result), indent=2)))
-    _atomic_write(paths["report_md"], lambda tmp: Path(tmp).write_text(to_markdown(result, plots)))
+    write_json(paths["report_json"], to_json(result))
+    write_text(paths["report_md"], to_markdown(result, plots))
     save_scales(result, paths["scales"])
     return {k: str(v) for k, v in paths.items()} | {"plots": ", ".join(plots)}
