@@ -200,15 +200,14 @@ def test_verify_with_compressed_tensors_runtime(setup, fmt):
 
 def test_verify_w4a4_with_compressed_tensors_runtime(setup):
     """W4A4 on compressed-tensors' grid: each token's negative abs-max lands on a rounding tie
-    (-7.5 → -8 half to even, or -7 one ulp off), so the float difference between smoothrot's fast
-    Hadamard and compressed-tensors' dense x·W/√n flips one code in about half the tokens. On
-    this 64-channel model that moves the perplexity by up to ~0.7 %, over the 0.5 % limit for some
-    scales (test_compressed_tensors_forward_is_smoothrots_arithmetic shows the rest is
-    exact); plain transformers is still far worse and fails with the transform_config note."""
+    (-7.5 → -8 half to even, or -7 one ulp off), so a 1e-7 difference between two exact
+    rotations flips that code. The reference rotates activations as compressed-tensors does
+    (core/transform.py dense_rotate), so the reload is bit-exact, not just within the limit;
+    plain transformers fails with the transform_config note."""
     model, _, plans, paths = setup
     result = verify_export(paths["w4a4"], model, IDS, runtime="compressed-tensors")
     assert result["activation_quantizer"] == "compressed-tensors"
-    assert result["ppl_rel_diff"] <= 0.01
+    assert result["passed"] and result["ppl_rel_diff"] == 0.0
     bad = verify_export(paths["w4a4"], model, IDS, runtime="transformers")
     assert bad["passed"] is False and "transform_config" in bad["note"]
     assert bad["ppl_rel_diff"] > bad["limit"]
@@ -218,6 +217,34 @@ def test_verify_w4a4_with_compressed_tensors_runtime(setup):
     ct = rel(logits(load_without_smoothrot(paths["w4a4"], runtime="compressed-tensors")), memory)
     plain = rel(logits(load_without_smoothrot(paths["w4a4"], runtime="transformers")), memory)
     assert ct <= 0.4 and plain > 1.0 and plain > 3 * ct
+
+
+def test_dense_rotation_is_compressed_tensors_transform_bit_for_bit():
+    """dense_rotate computes what compressed-tensors' transform module computes from the stored
+    √n·H, bit for bit (whole input and blocks), and the same rotation as the fast transform."""
+    from compressed_tensors.transform import (
+        TransformArgs,
+        TransformConfig,
+        TransformScheme,
+        apply_transform_config,
+    )
+
+    from smoothrot.core.transform import FULL, dense_rotate, stored_hadamard
+
+    torch.manual_seed(0)
+    for n, head_dim in ((96, None), (96, 32), (64, None)):
+        linear = torch.nn.Sequential(torch.nn.Linear(n, 4))
+        kind = "hadamard" if (head_dim or n) & ((head_dim or n) - 1) == 0 else "random-hadamard"
+        apply_transform_config(linear, TransformConfig(config_groups={"g": TransformScheme(
+            type=kind, head_dim=head_dim, apply=[TransformArgs(targets=["Linear"],
+                                                               location="input")])}))
+        module = linear[0].g_input
+        with torch.no_grad():
+            module.weight.copy_(stored_hadamard(head_dim or n))
+        x = torch.randn(2, 5, n) * 3
+        assert torch.equal(module(x), dense_rotate(x, head_dim or n))
+        if head_dim is None:
+            assert torch.allclose(dense_rotate(x, n), FULL.rotate(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["w4a4", "w8a8"])
