@@ -27,7 +27,7 @@ from smoothrot.data.splits import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.methods.context import SchemeContext, SiteData
-from smoothrot.methods.registry import Method, MethodResult, get_method, run_order
+from smoothrot.methods.registry import BASELINE, Method, MethodResult, get_method, run_order
 from smoothrot.methods.search import Choice
 from smoothrot.models import load_model, model_fingerprint
 from smoothrot.progress import progress
@@ -176,7 +176,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     """
     methods = run_order(cfg.methods)  # unknown method names fail before any loading
     target = TARGETS[cfg.target]
-    reported = {m.name for m in run_order([])} | set(cfg.methods)
+    reported = {BASELINE, *cfg.methods}
     launch(cfg.distributed, "cpu" if cfg.model.device == "cpu" else "gpu")
     torch.manual_seed(cfg.seed)
     timer = Timer()

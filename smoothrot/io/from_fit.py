@@ -15,7 +15,7 @@ from torch import nn
 from smoothrot.io.atomic import refuse_existing
 from smoothrot.io.writer import export_model
 from smoothrot.job import FitResult, SchemeResult
-from smoothrot.methods.registry import get_method
+from smoothrot.methods.registry import BASELINE, chosen_by, get_method
 from smoothrot.report import summarize
 from smoothrot.schema.config import FitConfig
 from smoothrot.schema.export import ExportError
@@ -52,7 +52,7 @@ def check_fit_export(cfg: FitConfig) -> dict[str, Path]:
         return {}
     targets = export_targets(cfg)
     method = get_method(e.method)
-    if e.method not in cfg.methods and e.method != "smoothrot_max":
+    if e.method not in cfg.methods and e.method != BASELINE:
         raise ExportError(f"export.method {e.method} is not among the run's methods "
                           f"{cfg.methods}; add it to methods (--methods)")
     for fmt, target in targets.items():
@@ -74,10 +74,8 @@ def check_fit_export(cfg: FitConfig) -> dict[str, Path]:
 
 def _provenance(result: FitResult, sr: SchemeResult, method: str) -> dict[str, Any]:
     """Method, (α, q) per site, target, data hashes and headline numbers for smoothrot.json."""
-    source = method
-    while source not in sr.choices and get_method(source).requires:
-        source = get_method(source).requires[0]  # trained → joint: where the scales started
-    choices = sr.choices.get(source, {})
+    source = chosen_by(method, sr.choices)
+    choices = sr.choices.get(source, {}) if source else {}
     out: dict[str, Any] = {
         "method": method, "scheme": sr.scheme, "target": result.config.target,
         "alpha_q": {s: {"alpha": c.alpha, "q": c.q} for s, c in choices.items()},

@@ -44,7 +44,10 @@ def _provenance(report: Mapping[str, Any] | None, scheme: str, method: str,
         return out
     sr = report.get("schemes", {}).get(scheme, {})
     choices = sr.get("choices", {})
-    source = method if method in choices else ("joint" if method == "trained" else None)
+    # Here, not at the top: the registry imports every method (Lightning too).
+    from smoothrot.methods.registry import chosen_by
+
+    source = chosen_by(method, choices)
     out["alpha_q"] = choices.get(source, {}) if source else {}
     if source and source != method:
         out["alpha_q_note"] = f"{method} scales start from the {source} choice"

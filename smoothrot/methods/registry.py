@@ -10,7 +10,7 @@ for; report labels and export rules come from here too. Adding a method is one m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,16 @@ def get_method(name: str) -> Method:
         return _registered()[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose from {method_names()}") from None
+
+
+def chosen_by(method: str, choices: Collection[str]) -> str | None:
+    """The method whose (α, q) choice ``method``'s scales come from: itself if it is in
+    ``choices``, else the first of its requirements that is (trained → joint); None if none."""
+    name: str | None = method
+    while name is not None and name not in choices:
+        requires = get_method(name).requires
+        name = requires[0] if requires else None
+    return name
 
 
 def run_order(names: Sequence[str]) -> list[Method]:

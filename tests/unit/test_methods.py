@@ -51,3 +51,14 @@ def test_register_refuses_duplicates_and_unknown_requirements():
         register(Toy())
     with pytest.raises(ValueError, match="registered twice"):
         register(get_method("rtn"))
+
+
+def test_chosen_by_walks_requirements_to_the_method_that_chose_alpha_q():
+    from smoothrot.methods.registry import chosen_by
+
+    choices = {"joint", "smoothrot_max"}
+    assert chosen_by("joint", choices) == "joint"
+    assert chosen_by("trained", choices) == "joint"
+    assert chosen_by("trained+gptq", choices) == "joint"
+    assert chosen_by("hadamard", choices) is None
+    assert chosen_by("trained", set()) is None
