@@ -30,7 +30,6 @@ from smoothrot.methods.context import SchemeContext, SiteData
 from smoothrot.methods.registry import BASELINE, Method, MethodResult, get_method, run_order
 from smoothrot.methods.search import Choice
 from smoothrot.models import load_model, model_fingerprint
-from smoothrot.progress import progress
 from smoothrot.schema.config import FitConfig
 from smoothrot.schema.quant import get_scheme, with_act_clip
 from smoothrot.schema.target import TARGETS
@@ -145,7 +144,7 @@ def _measure(ctx: SchemeContext, method: Method, result: SchemeResult) -> None:
 def _run_scheme(ctx: SchemeContext, methods: list[Method], reported: set[str]) -> SchemeResult:
     """Fit every method in order; measure and report the requested ones (and the baseline)."""
     result = SchemeResult(scheme=ctx.scheme.name)
-    for method in progress(methods, desc=f"{ctx.scheme.name} methods"):
+    for method in methods:  # each stage logs itself and has its own bar
         ctx.results[method.name] = method.fit(ctx)
         if method.name in reported:
             result.results[method.name] = ctx.results[method.name]

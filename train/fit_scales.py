@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print(summary_table(result))
-    print(f"target: {cfg.target}  report: {paths['report_md']}  scales: {paths['scales']}")
+    print(f"report: {paths['report_md']}  scales: {paths['scales']}")
     for path in exported:
         print(f"export: {path}  (vLLM, or smoothrot.load_pretrained({str(path)!r}); its "
               "README.md says which loaders apply its rotation)")
