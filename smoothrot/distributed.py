@@ -53,6 +53,16 @@ def is_rank_zero() -> bool:
     return rank() == 0
 
 
+def launched_as_rank_zero() -> bool:
+    """Whether this process will be global rank 0, read from what its launcher set before any
+    process group exists: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or Lightning's
+    launcher's ``NODE_RANK`` and ``LOCAL_RANK`` (a plain run sets none of them)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return all(int(os.environ.get(var, "0")) == 0 for var in ("NODE_RANK", "LOCAL_RANK"))
+
+
 def launch(cfg: DistributedConfig, accelerator: str) -> None:
     """Start or join the process group of a ``cfg.devices × cfg.num_nodes`` run.
 

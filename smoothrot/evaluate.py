@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanSquaredError
 
-from smoothrot.core.quantizers import quantize_weight_spec
-from smoothrot.core.transform import SiteTransform, transform_weight
+from smoothrot.core.transform import SiteTransform
 from smoothrot.losses import quantized_output
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme
@@ -38,22 +37,21 @@ def layer_error(
     batch_tokens: int = 4096,
     *,
     weight_q: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
 ) -> LayerError:
     """MSE of the fake-quantized output against X·Wᵀ, over all tokens and output channels.
 
     ``weight_q`` replaces the scheme's RTN of the fused weight W·diag(s)·H by a weight quantized
-    offline (e.g. by GPTQ); activations are still quantized as the scheme says.
+    offline (e.g. by GPTQ); activations are still quantized as the scheme says. ``reference``
+    is X·Wᵀ when the caller already has it (one GEMM saved per method scored on the same X).
     """
     w = weight.float()
     s = None if scales is None else scales.float()
-    if weight_q is None:
-        w_q = quantize_weight_spec(transform_weight(w, s, transform), scheme)
-    else:
-        w_q = weight_q.float()
+    w_q = None if weight_q is None else weight_q.float()
     err, ref = MeanSquaredError(), MeanSquaredError()
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
-        y = xb @ w.T
+        y = xb @ w.T if reference is None else reference[start : start + batch_tokens].float()
         err.update(quantized_output(xb, w, s, transform, scheme, weight_q=w_q), y)
         ref.update(torch.zeros_like(y), y)
     mse = float(err.compute())

@@ -20,16 +20,15 @@ from smoothrot.arch.sites import (
 )
 from smoothrot.calibrate.capture import batch_size, capture_splits, fit_specs
 from smoothrot.calibrate.sequential import capture_sequential
-from smoothrot.core.policies import check_finite
 from smoothrot.core.quantizers import check_group_size
 from smoothrot.core.stats import weight_absmax
 from smoothrot.data.splits import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
 from smoothrot.evaluate import LayerError, layer_error, perplexity
 from smoothrot.methods.context import SchemeContext, SiteData
-from smoothrot.methods.registry import BASELINE, Method, MethodResult, get_method, run_order
+from smoothrot.methods.registry import Method, MethodResult, baselines, get_method, run_order
 from smoothrot.methods.search import Choice
-from smoothrot.models import load_model, model_fingerprint
+from smoothrot.models import check_context_length, load_model, model_fingerprint
 from smoothrot.schema.config import FitConfig
 from smoothrot.schema.quant import get_scheme, with_act_clip
 from smoothrot.schema.target import TARGETS
@@ -118,37 +117,59 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
             selection_x=sel_rec[rs.name].tokens(),
             heldout_x=ho_rec[rs.name].tokens(),
         )
+        _check_output_finite(rs, data[rs.name].heldout_x)
     return data
 
 
-def _measure(ctx: SchemeContext, method: Method, result: SchemeResult) -> None:
-    """Held-out layer errors and (if configured) perplexity of one method's plans."""
-    plans = ctx.results[method.name].plans
-    scheme = ctx.scheme
+def _check_output_finite(rs: ResolvedSite, x: torch.Tensor) -> None:
+    """A finite weight (3e38) can give outputs whose squares overflow float32: every held-out
+    error would be inf and every comparison NaN, so stop before any method runs."""
+    w = rs.weight.detach().cpu().float()
+    y = x @ w.T
+    if not torch.isfinite((y * y).sum()):  # what the errors accumulate (evaluate.layer_error)
+        raise FloatingPointError(
+            f"{rs.name}: the layer's outputs on the held-out tokens (max |y| = "
+            f"{float(y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow float32 "
+            "in its squared error; check the model weights")
+
+
+def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[str, LayerError]]:
+    """Held-out layer error of every site under each method's plan (X·Wᵀ computed once)."""
+    errors: dict[str, dict[str, LayerError]] = {m: {} for m in methods}
     with ctx.stage("held-out errors"):
-        result.errors[method.name] = {
-            rs.name: layer_error(ctx.data[rs.name].heldout_x, ctx.weights[rs.name],
-                                 plans[rs.name].scales, ctx.transform(rs, plans[rs.name]),
-                                 with_act_clip(scheme, plans[rs.name].act_clip),
-                                 weight_q=plans[rs.name].weight_q)
-            for rs in ctx.sites
-        }
-    if ctx.cfg.perplexity:
-        with ctx.stage("perplexity"), transformed(ctx.sites, plans, scheme):
-            result.perplexity[method.name] = perplexity(
-                ctx.model, ctx.windows["evaluation"], desc=f"{scheme.name} {method.name} ppl")
-        log.info("%s %s perplexity %.3f", scheme.name, method.name,
-                 result.perplexity[method.name])
+        for rs in ctx.sites:
+            x, w = ctx.data[rs.name].heldout_x, ctx.weights[rs.name]
+            y = x @ w.T
+            for m in methods:
+                plan = ctx.results[m].plans[rs.name]
+                errors[m][rs.name] = layer_error(
+                    x, w, plan.scales, ctx.transform(rs, plan),
+                    with_act_clip(ctx.scheme, plan.act_clip), weight_q=plan.weight_q,
+                    reference=y)
+    return errors
+
+
+def _perplexity(ctx: SchemeContext, method: str) -> float:
+    """Perplexity of the model with every site transformed and quantized as ``method`` says."""
+    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme):
+        ppl = perplexity(ctx.model, ctx.windows["evaluation"],
+                         desc=f"{ctx.scheme.name} {method} ppl")
+    log.info("%s %s perplexity %.3f", ctx.scheme.name, method, ppl)
+    return ppl
 
 
 def _run_scheme(ctx: SchemeContext, methods: list[Method], reported: set[str]) -> SchemeResult:
-    """Fit every method in order; measure and report the requested ones (and the baseline)."""
+    """Fit every method in order, then measure the requested ones (and the baseline)."""
     result = SchemeResult(scheme=ctx.scheme.name)
     for method in methods:  # each stage logs itself and has its own bar
         ctx.results[method.name] = method.fit(ctx)
         if method.name in reported:
             result.results[method.name] = ctx.results[method.name]
-            _measure(ctx, method, result)
+    result.errors = _heldout_errors(ctx, list(result.results))
+    wanted = ctx.cfg.perplexity_methods
+    if ctx.cfg.perplexity:
+        result.perplexity = {m: _perplexity(ctx, m) for m in result.results
+                             if wanted is None or m in wanted}
     return result
 
 
@@ -159,9 +180,6 @@ def _check_sites(sites: list[ResolvedSite], cfg: FitConfig) -> None:
             rs.transform.check(rs.in_features)
         except ValueError as exc:  # HadamardSizeError is a ValueError
             raise type(exc)(f"{rs.name}: {exc}") from None
-        # The last site's own weight never reaches calibration's activation check.
-        check_finite(weight_absmax(rs.weight.detach().cpu()), "max |W| over the input channel",
-                     rs.name)
         for scheme in map(get_scheme, cfg.schemes):
             check_group_size(rs.in_features, scheme.w_group_size, f"{rs.name} {scheme.name}")
             check_group_size(rs.in_features, scheme.a_group_size, f"{rs.name} {scheme.name}")
@@ -175,7 +193,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     """
     methods = run_order(cfg.methods)  # unknown method names fail before any loading
     target = TARGETS[cfg.target]
-    reported = {BASELINE, *cfg.methods}
+    reported = {*baselines(cfg.methods), *cfg.methods}
     launch(cfg.distributed, "cpu" if cfg.model.device == "cpu" else "gpu")
     torch.manual_seed(cfg.seed)
     timer = Timer()
@@ -185,6 +203,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
             device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
+    check_context_length(model, cfg.data.seq_len)
     fingerprint = model_fingerprint(model)  # of the model as loaded, before any R1
     if cfg.residual_rotation:
         with timer.stage("residual rotation"):

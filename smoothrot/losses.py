@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.quantizers import (
+    activation_quantizer,
+    integer_product,
+    quantize_activation_spec,
+    quantize_weight_spec,
+    weight_quantizer,
+)
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.schema.quant import QuantScheme
 
@@ -25,12 +31,22 @@ def quantized_output(
     ste: bool = False,
     weight_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Q_a(X') · Q_w(W')ᵀ; pass a precomputed ``weight_q`` to reuse it across token batches."""
+    """Q_a(X') · Q_w(W')ᵀ; ``weight_q`` is a weight quantized offline (e.g. by GPTQ).
+
+    Without ``ste`` (nothing to differentiate) per-row int schemes take the exact int8 GEMM
+    (:func:`~smoothrot.core.quantizers.integer_product`); otherwise, or where it does not apply,
+    the float product of the dequantized tensors.
+    """
+    x_t = transform_input(x, scales, transform)
     if weight_q is None:
-        weight_q = quantize_weight_spec(transform_weight(weight, scales, transform), scheme,
-                                        ste=ste)
-    x_q = quantize_activation_spec(transform_input(x, scales, transform), scheme, ste=ste)
-    return x_q @ weight_q.T
+        w_t = transform_weight(weight, scales, transform)
+        if not ste:
+            product = integer_product(x_t, w_t, activation_quantizer(scheme),
+                                      weight_quantizer(scheme))
+            if product is not None:
+                return product
+        weight_q = quantize_weight_spec(w_t, scheme, ste=ste)
+    return quantize_activation_spec(x_t, scheme, ste=ste) @ weight_q.T
 
 
 def output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:

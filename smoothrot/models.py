@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
-import os
 import re
+from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from smoothrot.hub import hub_unusable
+from smoothrot.schema.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -30,6 +35,7 @@ __all__ = [
     "EMBEDDED_GGUF_FILE",
     "EMBEDDED_MODEL",
     "ModelLoadError",
+    "check_context_length",
     "embedded_gguf_path",
     "empty_model",
     "load_model",
@@ -54,7 +60,6 @@ DTYPES: dict[str, torch.dtype] = {
 
 # "name" or "org/name" as the hub spells repository ids; anything else is treated as a path.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TRUTHY = {"1", "on", "yes", "true"}
 
 
 class ModelLoadError(RuntimeError):
@@ -115,14 +120,6 @@ def resolve_device(device: str = "cpu") -> torch.device:
     return torch.device("cuda")
 
 
-def _hub_offline() -> bool:
-    """Read the offline switches at call time (the hub client caches them at import time)."""
-    return any(
-        os.environ.get(var, "").strip().lower() in _TRUTHY
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def _looks_like_hub_id(name: str) -> bool:
     """True for strings shaped like 'name' or 'org/name' that are not explicit paths."""
     if name.endswith(".gguf") or name.startswith(("~", ".", "/")):
@@ -166,8 +163,96 @@ def _resolve_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     """First line of an exception message, truncated, for embedding in our own errors."""
     text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
+    first = text[0].rstrip(" :") if text else type(exc).__name__  # "...from one of:" + details
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _listed(names: Iterable[str], limit: int = 3) -> str:
+    """A few sorted names and how many more, for one-line errors about many keys."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_config_file(folder: Path, trust_remote_code: bool) -> None:
+    """A readable config.json, and custom code only when asked: transformers would otherwise
+    fail with a long message that never names the CLI flag."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is unreadable ({_one_line(exc)}); pass a model folder "
+                             "with a valid config.json") from exc
+    if isinstance(config, dict) and "auto_map" in config and not trust_remote_code:
+        raise ModelLoadError(
+            f"model folder {folder} has custom code (auto_map in config.json), which runs only "
+            "when allowed; pass --trust-remote-code (model.trust_remote_code: true) if you trust "
+            "it, or use a supported architecture"
+        )
+
+
+def _check_weight_file(path: Path) -> None:
+    """Parse a safetensors header or a GGUF file's layout (no tensor data is read), so a
+    truncated, zero-filled or foreign file fails here in one line, not deep in transformers."""
+    if path.suffix.lower() == ".gguf":
+        from gguf import GGUFReader
+
+        def parse() -> None:
+            GGUFReader(path)
+    else:
+        from safetensors import safe_open
+
+        def parse() -> None:
+            with safe_open(str(path), framework="pt"):
+                pass
+    try:
+        parse()
+    except Exception as exc:  # parsers of arbitrary bytes: struct.error, IndexError, ...
+        raise ModelLoadError(
+            f"weight file {path} is damaged or truncated ({type(exc).__name__}: "
+            f"{_one_line(exc)}); re-download or re-save the model"
+        ) from exc
+
+
+def _check_loading_info(name: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint that does not hold exactly its architecture's weights.
+
+    transformers random-initialises missing or mis-shaped weights and drops unexpected ones
+    after a log table, and a fit on such a model runs to the end and reports on noise. Weights
+    tied to another (``lm_head`` with ``tie_word_embeddings``) are not reported missing.
+    """
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"lacks {_listed(info['missing_keys'])} (would be random)")
+    if info.get("mismatched_keys"):
+        problems.append("has " + _listed(
+            f"{key} of shape {tuple(stored)} (config: {tuple(wanted)})"
+            for key, stored, wanted in info["mismatched_keys"]))
+    if info.get("unexpected_keys"):
+        problems.append(f"has weights its architecture does not use: "
+                        f"{_listed(info['unexpected_keys'])}")
+    if problems:
+        raise ModelLoadError(
+            f"the checkpoint of model {name!r} does not match its config: {'; '.join(problems)}; "
+            "pass a complete checkpoint whose config.json belongs to its weights (re-download or "
+            "re-save it)"
+        )
+
+
+def _check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse NaN/inf weights at load, naming the tensor and position: nothing computed from
+    them means anything, and one outside the smoothing sites (``lm_head``) would otherwise only
+    surface as a perplexity that overflowed, naming no layer."""
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param.detach())
+        if bad.any():
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            where = (f"row {index[0]}, input channel {index[1]}" if len(index) == 2
+                     else f"index {list(index)}")
+            raise ModelLoadError(
+                f"{name}: {int(bad.sum())} non-finite weight(s), {param[index].item()} at {where}; "
+                "check the model weights for inf or NaN (a damaged or overflowed checkpoint)"
+            )
 
 
 def load_model(
@@ -190,14 +275,27 @@ def load_model(
     torch_device = resolve_device(device)
     target, gguf_name, is_local = _resolve_source(str(name_or_path), gguf_file)
 
+    if is_local:
+        folder = Path(target)
+        if gguf_name is None:
+            _check_config_file(folder, trust_remote_code)
+        for path in [folder / gguf_name] if gguf_name else sorted(folder.glob("*.safetensors")):
+            _check_weight_file(path)
+
     from huggingface_hub.errors import HfHubHTTPError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smoothrot.io.loader import quiet_transformers  # here: io.loader imports this module
 
     kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
     if gguf_name is not None:
         kwargs["gguf_file"] = gguf_name
-    model_kwargs: dict[str, Any] = {} if gguf_name is not None else {"use_safetensors": True}
-    if is_local or _hub_offline():
+    # Mis-shaped weights are reported by _check_loading_info (one line) rather than by
+    # transformers (a log table and a RuntimeError pointing at it).
+    model_kwargs: dict[str, Any] = {"output_loading_info": True, "ignore_mismatched_sizes": True}
+    if gguf_name is None:
+        model_kwargs["use_safetensors"] = True
+    if is_local or hub_unusable():  # an unreachable hub: the cache only, no minute of retries
         kwargs["local_files_only"] = True
     if revision is not None and not is_local:
         kwargs["revision"] = revision
@@ -210,22 +308,30 @@ def load_model(
         dtype,
         torch_device,
     )
+    part = "tokenizer"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=torch_dtype, **kwargs, **model_kwargs
-        )
+        with nullcontext() if logger.isEnabledFor(logging.DEBUG) else quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+            part = "model"
+            model, info = AutoModelForCausalLM.from_pretrained(
+                target, dtype=torch_dtype, **kwargs, **model_kwargs
+            )
     except (OSError, ValueError, HfHubHTTPError) as exc:
         if is_local or isinstance(exc, ValueError):
+            fix = ("; the folder needs the model's tokenizer files (tokenizer.json or "
+                   "tokenizer.model)" if part == "tokenizer" and is_local and gguf_name is None
+                   else "")
             raise ModelLoadError(
-                f"could not load model {name_or_path!r}"
-                f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}"
+                f"could not load the {part} of {name_or_path!r}"
+                f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}{fix}"
             ) from exc
         raise ModelLoadError(
             f"could not fetch model {name_or_path!r} (no local path of that name): the hub is "
             f"unreachable or the id is not cached ({type(exc).__name__}); "
             f"set a local path or {EMBEDDED_MODEL!r}"
         ) from exc
+    _check_loading_info(str(name_or_path), info)
+    _check_finite_weights(model)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -253,6 +359,15 @@ def load_model(
         len(tokenizer),
     )
     return model, tokenizer
+
+
+def check_context_length(model: PreTrainedModel, seq_len: int) -> None:
+    """Refuse token windows longer than the model's positions: rotary models would run past
+    what they were trained on silently, learned position tables fail deep in the forward."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
+                          f"{limit}; lower data.seq_len to at most {limit}")
 
 
 def empty_model(config: PretrainedConfig | str | Path, dtype: str = "float32") -> PreTrainedModel:
@@ -300,19 +415,21 @@ def save_float_checkpoint(model: PreTrainedModel, folder: str | Path) -> Path:
 def model_fingerprint(model: torch.nn.Module, n_values: int = 4096) -> str:
     """Short stable id of a model, used to check that a saved scales file belongs to it.
 
-    Combines the class name, hidden size, layer count and a hash of the first ``n_values`` values
-    of the first parameter tensor (usually the token embedding), rounded to bfloat16 so the id does
-    not change when the same checkpoint is loaded in float32, bfloat16 or float64. Compute it on
-    the unmodified model: smoothing/rotation that rewrites the embedding changes the id.
+    Combines the class name, hidden size, layer count and a hash of every parameter's name,
+    shape and ``n_values`` values sampled at an even stride (all of a smaller tensor), so a
+    checkpoint differing in any tensor (a layer re-initialised, another fine-tune) gets another
+    id, at the cost of reading ~1M values for a 135M model. Values are rounded to bfloat16 so the
+    id does not change when the same checkpoint is loaded in float32, bfloat16 or float64.
+    Compute it on the unmodified model: smoothing or rotation that rewrites weights changes it.
     """
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)
 
     digest = hashlib.sha256()
-    first = next(iter(model.parameters()), None)
-    if first is not None:
-        digest.update(str(tuple(first.shape)).encode())
-        values = first.detach().reshape(-1)[:n_values].to("cpu", torch.bfloat16)
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        values = flat[:: max(1, -(-flat.numel() // n_values))].to("cpu", torch.bfloat16)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
         digest.update(values.view(torch.int16).numpy().tobytes())
     return f"{type(model).__name__}-h{hidden}-l{layers}-{digest.hexdigest()[:12]}"

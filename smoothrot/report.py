@@ -1,23 +1,26 @@
 """Reports: report.md, report.json, PNG plots, scales.safetensors and the terminal summary.
 
 Every number here was measured on held-out tokens (layer errors) or on the disjoint evaluation
-text (perplexity); "% vs SmoothRot-max" is (method − max) / max, negative is better. Each method
-row names its weight quantizer (RTN or GPTQ, and the scheme's weight format), and runs with
-several schemes (``--schemes w4a4 nvfp4``) get one side-by-side table.
+text (perplexity); "% vs max" is (method − reference) / reference, negative is better, where the
+reference is SmoothRot-max, or SmoothRot-max + GPTQ for a GPTQ row when that was run (the same
+weight rounding on both sides: :func:`reference`). Each method row names its weight quantizer
+(RTN or GPTQ, and the scheme's weight format), and runs with several schemes
+(``--schemes w4a4 nvfp4``) get one side-by-side table.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from smoothrot.io.atomic import atomic_write, write_json, write_text
-from smoothrot.io.scales_file import ScalesEntry, write_scales_file
+from smoothrot.io.scales_file import ScalesEntry, fit_settings, write_scales_file
 from smoothrot.job import FitResult, SchemeResult
-from smoothrot.methods.registry import BASELINE, get_method
+from smoothrot.methods.registry import BASELINE, GPTQ_BASELINE, get_method
 from smoothrot.schema.config import config_to_dict
 from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.schema.target import TARGETS
@@ -45,6 +48,28 @@ def weight_quantizer_label(scheme_name: str, method: str) -> str:
     return f"{rounding}, {_weight_format(get_scheme(scheme_name))}"
 
 
+def reference(method: str, methods: Collection[str]) -> str:
+    """The method a row's % is against: a GPTQ row is compared with SmoothRot-max + GPTQ when
+    that ran (else GPTQ's own gain would be credited to the scales); every other row, and
+    SmoothRot-max + GPTQ itself (GPTQ's gain), with SmoothRot-max. The job always runs
+    SmoothRot-max + GPTQ beside a GPTQ method (registry.baselines)."""
+    if get_method(method).rounding == "gptq" and method != GPTQ_BASELINE \
+            and GPTQ_BASELINE in methods:
+        return GPTQ_BASELINE
+    return BASELINE
+
+
+def comparison_note(methods: Collection[str]) -> str:
+    """One sentence saying what each row's % is against (for tables with GPTQ rows)."""
+    if not any(get_method(m).rounding == "gptq" for m in methods):
+        return "% vs max: against SmoothRot-max."
+    if GPTQ_BASELINE in methods:
+        return ("% vs max: each + GPTQ row against SmoothRot-max + GPTQ (same weight rounding), "
+                "SmoothRot-max + GPTQ and the RTN rows against SmoothRot-max.")
+    return ("% vs max: against SmoothRot-max, also for the + GPTQ rows (smoothrot_max+gptq is "
+            "missing from this result), which credits GPTQ's own gain to them.")
+
+
 def _pct(value: float, base: float) -> float:
     return 100.0 * (value - base) / base if base > 0 else float("nan")
 
@@ -53,19 +78,21 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarize(sr: SchemeResult) -> dict[str, dict[str, float]]:
-    """Per method: weight quantizer, mean MSE, mean relative error, % vs SmoothRot-max (of the
-    mean and per layer) and perplexity if measured."""
-    base = sr.errors[BASELINE]
-    base_mean = _mean([e.mse for e in base.values()])
+def summarize(sr: SchemeResult) -> dict[str, dict[str, Any]]:
+    """Per method: weight quantizer, mean MSE, mean relative error, % vs its reference (of the
+    mean and per layer; ``vs`` names the reference, :func:`reference`) and perplexity if
+    measured."""
     out = {}
     for method, errs in sr.errors.items():
+        vs = reference(method, sr.errors)
+        base = sr.errors[vs]
         mse = _mean([e.mse for e in errs.values()])
         out[method] = {
             "weight_quantizer": weight_quantizer_label(sr.scheme, method),
             "mean_mse": mse,
             "mean_relative": _mean([e.relative for e in errs.values()]),
-            "pct_vs_max": _pct(mse, base_mean),
+            "vs": vs,
+            "pct_vs_max": _pct(mse, _mean([e.mse for e in base.values()])),
             "mean_layer_pct_vs_max": _mean([_pct(errs[s].mse, base[s].mse) for s in errs]),
         }
         if method in sr.perplexity:
@@ -85,7 +112,8 @@ def to_json(result: FitResult) -> dict[str, Any]:
             "layers": {
                 s: {
                     m: {"mse": sr.errors[m][s].mse, "relative": sr.errors[m][s].relative,
-                        "pct_vs_max": _pct(sr.errors[m][s].mse, sr.errors[BASELINE][s].mse)}
+                        "pct_vs_max": _pct(sr.errors[m][s].mse,
+                                           sr.errors[reference(m, sr.errors)][s].mse)}
                     for m in sr.errors
                 }
                 for s in result.sites
@@ -107,10 +135,10 @@ def to_json(result: FitResult) -> dict[str, Any]:
     }
 
 
-def side_by_side(result: FitResult) -> dict[str, dict[str, dict[str, float]]]:
+def side_by_side(result: FitResult) -> dict[str, dict[str, dict[str, Any]]]:
     """method → scheme → summary row, methods in first-seen order (a method a scheme lacks is
     absent from that method's entry)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for sr in result.schemes:
         for method, row in summarize(sr).items():
             out.setdefault(method, {})[sr.scheme] = row
@@ -143,6 +171,7 @@ def summary_table(result: FitResult) -> str:
             p = _ppl_cell(row["perplexity"], 10) if "perplexity" in row else f"{'-':>10}"
             lines.append(f"{label(method):<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
+        lines.append(comparison_note(sr.errors))
     if len(result.schemes) > 1:
         schemes = [sr.scheme for sr in result.schemes]
         lines.append(f"\n{'side by side':<20}" + "".join(
@@ -178,7 +207,8 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
     if len(result.schemes) > 1:
         schemes = [sr.scheme.upper() for sr in result.schemes]
         md += ["", "## Schemes side by side", "",
-               "Held-out mean MSE (% vs that scheme's SmoothRot-max) and perplexity.", "",
+               "Held-out mean MSE (% vs max in that scheme, as in its own table below) and "
+               "perplexity.", "",
                "| method | " + " | ".join(f"{s} mean MSE | {s} ppl" for s in schemes) + " |",
                "|---|" + "---:|---:|" * len(schemes)]
         for method, rows in side_by_side(result).items():
@@ -191,7 +221,7 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
             md.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     for sr in result.schemes:
         md += ["", f"## {sr.scheme.upper()}", "",
-               "| method | weights | mean MSE | % vs SmoothRot-max | mean of per-layer % "
+               "| method | weights | mean MSE | % vs max | mean of per-layer % "
                "| mean rel. error | perplexity |",
                "|---|---|---:|---:|---:|---:|---:|"]
         for method, row in summarize(sr).items():
@@ -199,7 +229,10 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
             md.append(f"| {label(method)} | {row['weight_quantizer']} | {row['mean_mse']:.5g} | "
                       f"{row['pct_vs_max']:+.1f}% | {row['mean_layer_pct_vs_max']:+.1f}% | "
                       f"{row['mean_relative']:.4f} | {p} |")
-        glob = {m: next(iter(c.values())) for m, c in sr.choices.items() if m != "joint"}
+        md += ["", comparison_note(sr.errors)]
+        # Choices that are one (α, q) for every site (per-site ones: report.json "choices").
+        glob = {m: next(iter(c.values())) for m, c in sr.choices.items()
+                if len(set(c.values())) == 1}
         if glob:
             md.append("")
             md.append("Global choices: " + "; ".join(
@@ -277,7 +310,8 @@ def save_scales(result: FitResult, path: Path) -> None:
         for site, plan in plans.items()
     ]
     write_scales_file(path, entries, model=result.model_name,
-                      model_fingerprint=result.model_fingerprint, sites=result.sites)
+                      model_fingerprint=result.model_fingerprint, sites=result.sites,
+                      fit=fit_settings(result.config))
 
 
 def write_outputs(result: FitResult, out: Path) -> dict[str, str]:

@@ -3,9 +3,11 @@
     python train/export.py export --scales outputs/fit_scales/scales.safetensors --format w4a4
     python train/export.py verify outputs/fit_scales/export-w4a4
 
-An export loads again with one call: ``smoothrot.load_pretrained(path)``. ``verify`` reloads it
-and compares it with the original model: logits for ``fused``, perplexity against the in-memory
-fake-quant model for the quantized formats (limits in docs/equivalence.md). ``nvfp4`` also
+An export loads again with one call: ``smoothrot.load_pretrained(path)``. ``verify`` checks its
+stored bytes against the SHA-256 digests written with it, reloads it and compares it with the
+original model: logits for ``fused``, the in-memory fake-quant model's logits, bit for bit, for
+the quantized formats (limits in docs/equivalence.md). ``--overwrite`` never replaces the run,
+the scales, the report or the model the export is made from. ``nvfp4`` also
 stores static input scales, calibrated on --samples windows of --data's calibration split.
 Exit status 1 if a check fails, 2 on a usage error (one line on stderr).
 """
@@ -25,7 +27,6 @@ from smoothrot.schema.export import (  # torch-free, so --help stays instant
     ACTIVATION_QUANTIZERS,
     EXPORT_DTYPES,
     FORMATS,
-    METADATA_FILE,
     RUNTIMES,
 )
 from smoothrot.schema.target import TARGETS  # torch-free as well
@@ -108,20 +109,25 @@ def _windows(tokenizer: Any, args: argparse.Namespace, split: str = "evaluation"
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from smoothrot.io.from_scales import export_from_scales_file
+    from smoothrot.io.from_scales import export_from_scales_file, read_report
     from smoothrot.io.scales_file import read_scales_file
+    from smoothrot.io.writer import check_target
 
     scales = Path(args.scales)
     fitted_on = read_scales_file(scales).model
     report_path = Path(args.report) if args.report else scales.parent / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    report = read_report(report_path) if args.report or report_path.is_file() else None
     out = Path(args.out) if args.out else scales.parent / f"export-{args.format}"
-    model, tokenizer = load_model(args.model or fitted_on, gguf_file=args.gguf_file)
+    name = args.model or fitted_on
+    inputs = {"the scales file's folder": scales.parent, "the report": report_path,
+              "the model folder": name}
+    check_target(out, args.overwrite, inputs)  # before the model loads
+    model, tokenizer = load_model(name, gguf_file=args.gguf_file)
     calibration = _windows(tokenizer, args, "calibration") if args.format == "nvfp4" else None
     path = export_from_scales_file(
         scales, args.format, out, model=model, tokenizer=tokenizer, method=args.method,
         scheme=args.scheme, dtype=args.dtype, overwrite=args.overwrite, report=report,
-        calibration=calibration, target=args.target,
+        calibration=calibration, target=args.target, inputs=inputs,
     )
     print(f"exported {args.format} to {path}; "
           f"load it with smoothrot.load_pretrained({str(path)!r})")
@@ -129,10 +135,10 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from smoothrot.io.metadata import read_metadata
     from smoothrot.io.verify import verify_export
 
-    meta_file = path / METADATA_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_metadata(path)
     name = getattr(args, "model", None) or meta.get("source_model")
     if not name:
         raise ValueError(f"{path} does not name its source model; pass --model")

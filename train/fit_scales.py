@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 from smoothrot.schema.config import (
@@ -171,6 +173,16 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
+def lock_output_dir(out: Path) -> AbstractContextManager[object]:
+    """One run per output folder: a second concurrent run is refused at once instead of
+    interleaving its files with the first's. The launch's rank 0 holds the lock for the run;
+    the other ranks of a data-parallel run belong to it."""
+    from smoothrot.distributed import launched_as_rank_zero
+    from smoothrot.io.lock import folder_lock
+
+    return folder_lock(out) if launched_as_rank_zero() else nullcontext()
+
+
 def run_exports(cfg: FitConfig, result) -> list[Path]:
     """Write the config's exports from the fitted plans (the model is loaded once more, as the
     fit loaded it; nvfp4's static input scales come from the run's calibration windows)."""
@@ -207,11 +219,31 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars follow the smoothrot logger's level (smoothrot/progress.py); set it here too,
     # since basicConfig is a no-op when the caller configured logging already.
     logging.getLogger("smoothrot").setLevel(level)
-    with warnings.catch_warnings(), _quiet_libraries(args.quiet, args.verbose):
+    with (warnings.catch_warnings(), _quiet_libraries(args.quiet, args.verbose),
+          _sigterm_as_interrupt(), ExitStack() as held):
         if not args.verbose:  # third-party chatter only; smoothrot's own warnings stay visible
             warnings.filterwarnings("ignore", module=r"(transformers|torch|lightning|"
                                     r"compressed_tensors|accelerate|huggingface_hub)\b")
-        return _run(args)
+        return _run(args, held)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler stopping the job) ends a run as Ctrl-C does: cleanup of
+    half-written files, exit code 130 and the --resume hint, instead of an unexplained death.
+    Restored after (main() also runs in-process, in tests)."""
+    if threading.current_thread() is not threading.main_thread():  # signals need the main one
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -237,7 +269,8 @@ def _quiet_libraries(quiet: bool, verbose: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, held: ExitStack) -> int:
+    """The run, its errors as one line; ``held`` keeps the output folder's lock to the end."""
     # Imported here, not at the top, so `--help` stays instant.
     from smoothrot.distributed import is_rank_zero
     from smoothrot.io.from_fit import check_fit_export
@@ -247,6 +280,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = resolve_config(args)
         out = prepare_output_dir(cfg.output_dir)
+        held.enter_context(lock_output_dir(out))
         check_fit_export(cfg)  # a doomed export fails now, not after the fit
         result = run_fit(cfg, resume=args.resume)
         if not is_rank_zero():  # every rank holds the result; rank 0 writes and prints it

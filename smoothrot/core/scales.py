@@ -6,7 +6,9 @@ parameterization only has to guarantee that, plus what deployment needs:
 * positive and finite: s = exp(log s);
 * bounded: log s = c + B·tanh(v / B) stays within c ± B, so fused weights cannot overflow fp16;
 * normalized: v = φ − mean(φ) + m₀ removes the direction φ + const, along which the quantized
-  loss is invariant (per-row quantizers are scale-equivariant), so Adam cannot drift along it.
+  loss is invariant for scale-equivariant quantizers (int grids, NVFP4), so Adam cannot drift
+  along it. MXFP4 is not equivariant (power-of-two block scales): the trained method searches
+  that factor after training instead (methods/trained.py, docs/equivalence.md section 4).
 """
 
 from __future__ import annotations

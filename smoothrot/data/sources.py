@@ -11,9 +11,13 @@ source yields a plain list of non-empty documents.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
+from contextlib import nullcontext
 from pathlib import Path
+
+from smoothrot.hub import hub_unusable, offline_mode
 
 __all__ = [
     "PARAGRAPH_RE",
@@ -25,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 # A blank line (possibly with whitespace): the paragraph boundary of text files and long documents.
 PARAGRAPH_RE = re.compile(r"\n[ \t\r\f\v]*\n")
+# Control characters other than whitespace, and U+FFFD: a text file holds few of them, a binary
+# file that happens to decode as UTF-8 many (above MAX_ODD_CHARS of its characters).
+_ODD_CHAR_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+MAX_ODD_CHARS = 0.01
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -72,14 +80,40 @@ def _load_pydoc() -> list[str]:
     return docs
 
 
+def _decode_text(raw: bytes, path: Path) -> str:
+    """``raw`` as UTF-8 text, or a one-line error: a binary, UTF-16 or NUL-filled file decoded
+    leniently would still tokenize, and the run would fit and report on noise."""
+    fix = "pass a UTF-8 text file or 'pydoc'"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataLoadError(f"text source {path} is UTF-16; convert it to UTF-8 (e.g. iconv -f "
+                            "UTF-16 -t UTF-8) or pass 'pydoc'")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataLoadError(f"text source {path} contains NUL bytes (first at byte {nul}): binary, "
+                            f"or UTF-16 without a byte-order mark; {fix}")
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = exc.start + len(raw) - len(body)
+        raise DataLoadError(f"text source {path} is not UTF-8 (byte 0x{raw[at]:02x} at {at} is "
+                            "invalid); convert it to UTF-8 or pass 'pydoc'") from None
+    odd = len(_ODD_CHAR_RE.findall(text))
+    if odd > MAX_ODD_CHARS * len(text):
+        raise DataLoadError(f"text source {path} looks binary: {odd} of {len(text)} characters "
+                            f"are control or replacement characters; {fix}")
+    return text
+
+
 def _load_text_file(path: Path) -> list[str]:
     """Paragraphs (blank-line separated) of a UTF-8 text file."""
     if path.is_dir():
         raise ValueError(f"text source {path} is a directory; pass a text file")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataLoadError(f"cannot read text source {path}: {exc.strerror or exc}") from exc
+    text = _decode_text(raw, path)
     docs = [para.strip() for para in PARAGRAPH_RE.split(text.replace("\r\n", "\n"))]
     docs = [doc for doc in docs if doc]
     if not docs:
@@ -128,15 +162,18 @@ def _parse_hf(source: str) -> tuple[str, str | None, str, str]:
 def _load_hf(source: str) -> list[str]:
     """Non-empty rows of one column of a Hugging Face dataset split."""
     name, config, split, column = _parse_hf(source)
+    offline = hub_unusable()  # then the cache only: no minute of retries
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, config, split=split)
+        with offline_mode() if offline else nullcontext():
+            dataset = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # the hub client raises many unrelated types when offline
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        why = "the hub is unreachable and it is not cached;" if offline else "offline?"
         raise DataLoadError(
             f"could not load dataset {name!r} (config={config}, split={split}): "
-            f"{type(exc).__name__}: {first}; offline? use a local text file or 'pydoc' instead"
+            f"{type(exc).__name__}: {first}; {why} use a local text file or 'pydoc' instead"
         ) from exc
     if column not in dataset.column_names:
         raise ValueError(

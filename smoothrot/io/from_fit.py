@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothrot.io.atomic import refuse_existing
-from smoothrot.io.writer import export_model
+from smoothrot.io.writer import check_target, export_model
 from smoothrot.job import FitResult, SchemeResult
 from smoothrot.methods.registry import BASELINE, chosen_by, get_method
 from smoothrot.report import summarize
@@ -42,9 +41,15 @@ def _scheme_of(cfg: FitConfig, fmt: str) -> str:
     return cfg.schemes[0] if fmt == "fused" else fmt
 
 
+def _inputs(cfg: FitConfig) -> dict[str, str]:
+    """What an export of the run must never replace: the run folder and the model."""
+    return {"the run's output folder": cfg.output_dir, "the run's model folder": cfg.model.name}
+
+
 def check_fit_export(cfg: FitConfig) -> dict[str, Path]:
     """The export targets of ``cfg``, after one-line errors for anything that could not be
-    written at the end (scheme not fitted, method not run, target taken, GPTQ into ``fused``)."""
+    written at the end (scheme not fitted, method not run, GPTQ into ``fused``, a target that is
+    taken, not an export, the run or model folder (or holds one), or under a file)."""
     e = cfg.export
     if not e.formats:
         if e.dir is not None:
@@ -63,12 +68,7 @@ def check_fit_export(cfg: FitConfig) -> dict[str, Path]:
         if fmt == "fused" and method.rounding != "rtn":
             raise ExportError(f"export.method {e.method} rounds weights offline, which the float "
                               "format 'fused' cannot store; export a quantized format")
-        for protected in (Path(cfg.output_dir), Path(cfg.model.name)):
-            if target.resolve() == protected.resolve():
-                raise ExportError(f"export target {target} is the run's "
-                                  f"{'output' if protected == Path(cfg.output_dir) else 'model'}"
-                                  " folder; pick another --export-dir")
-        refuse_existing(target, e.overwrite)
+        check_target(target, e.overwrite, _inputs(cfg))
     return targets
 
 
@@ -103,5 +103,6 @@ def export_fit(result: FitResult, model: nn.Module, tokenizer: Any = None,
             scheme=sr.scheme if fmt != "fused" else None, target=cfg.target,
             tokenizer=tokenizer, overwrite=cfg.export.overwrite,
             residual_seed=cfg.seed if cfg.residual_rotation else None,
-            provenance=_provenance(result, sr, cfg.export.method), calibration=calibration))
+            provenance=_provenance(result, sr, cfg.export.method), calibration=calibration,
+            inputs=_inputs(cfg)))
     return paths

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.transform import IDENTITY
@@ -37,7 +37,7 @@ from smoothrot.surgery.plan import SitePlan
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["load_pretrained", "plans_from_export", "read_declaration"]
+__all__ = ["load_pretrained", "plans_from_export", "read_declaration", "require_safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,28 @@ def read_declaration(path: str | Path) -> ExportDeclaration:
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise ExportError(f"{path} is not a model folder (no config.json)")
-    data = json.loads(config_path.read_text())
-    if DECLARATION_KEY not in data:
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{config_path} is unreadable ({exc}); export it again") from None
+    if not isinstance(data, dict) or DECLARATION_KEY not in data:
         raise ExportError(f"{path} is not a smoothrot export (config.json has no "
                           f"{DECLARATION_KEY!r} entry); load it with transformers directly")
     try:
         return ExportDeclaration.from_dict(data[DECLARATION_KEY])
     except ValueError as exc:
-        raise ExportError(f"{path}: {exc}") from None
+        raise ExportError(f"{path}: {exc}; the declaration was edited or written by another "
+                          "tool or version: export it again") from None
+
+
+def require_safetensors(path: Path) -> None:
+    """Exports load from safetensors only (``use_safetensors=True``): a pickled
+    ``pytorch_model.bin`` can run code when unpickled, so it is refused, not loaded."""
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        found = f"only pickled {pickled}" if pickled else "none"
+        raise ExportError(f"{path} holds no safetensors weights ({found}; pickled weights are "
+                          "never loaded); export it again")
 
 
 def _site_plan(site: SiteDeclaration, scales: torch.Tensor | None) -> SitePlan:
@@ -68,8 +82,12 @@ def plans_from_export(path: str | Path) -> dict[str, SitePlan]:
     scales: dict[str, torch.Tensor] = {}
     file = Path(path) / EXPORT_SCALES_FILE
     if file.is_file():
-        with safe_open(str(file), framework="pt") as f:
-            scales = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                scales = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        except SafetensorError as exc:
+            raise ExportError(f"{file} is not a readable safetensors file ({exc}); export it "
+                              "again") from None
     missing = [name for name, site in decl.sites.items() if site.smoothed and name not in scales]
     if missing:
         raise ExportError(f"{path}: {EXPORT_SCALES_FILE} lacks the scales of {missing}")
@@ -124,7 +142,9 @@ def load_pretrained(
         raise ExportError(f"compressed-tensors decompresses {decl.format} weights to bfloat16, "
                           "which fails in a float model; pass dtype='bfloat16' or "
                           "activation_quantizer='smoothrot'")
-    kwargs = {"dtype": resolve_dtype(dtype) if dtype else "auto", "local_files_only": True}
+    require_safetensors(path)
+    kwargs = {"dtype": resolve_dtype(dtype) if dtype else "auto", "local_files_only": True,
+              "use_safetensors": True}
     if scheme is not None and activation_quantizer == "smoothrot":
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with quiet_transformers():

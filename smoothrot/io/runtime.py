@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot.io.compressed_tensors import set_transform_weights, stored_transform_weights
-from smoothrot.io.loader import quiet_transformers
+from smoothrot.io.loader import quiet_transformers, require_safetensors
 from smoothrot.models import resolve_dtype
 from smoothrot.schema.export import RUNTIMES, ExportError
 
@@ -68,6 +68,7 @@ def load_without_smoothrot(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} is not a model folder (no config.json)")
+    require_safetensors(path)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype) if dtype else "auto", local_files_only=True,

@@ -6,7 +6,9 @@ a JSON index with one record per (scheme, method, site): the rotation, the clip 
 its float64 scales tensor (null: no scales). Readers go through the index only; the tensor names
 (``<scheme>/<method>/<site>``) are for people and tools browsing the file and are never parsed.
 Plans are rebuilt from the records as they were written, so the export needs no rule about which
-methods have scales or rotate.
+methods have scales or rotate; a tensor the index does not name is refused (an edit, not a plan).
+The fit settings an export re-applies (R1 and its seed, the target) are in the metadata too
+(``fit``), so an export does not depend on a report.json that may belong to another run.
 
 Offline-quantized weights (GPTQ's ``SitePlan.weight_q``) are not part of a scales file.
 """
@@ -14,10 +16,10 @@ Offline-quantized weights (GPTQ's ``SitePlan.weight_q``) are not part of a scale
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,11 +27,28 @@ from safetensors.torch import save_file
 
 from smoothrot.io.atomic import atomic_write
 from smoothrot.schema.rotation import Rotation
-from smoothrot.schema.strict import CLIP, NAMES, STRING, checked, optional
+from smoothrot.schema.strict import (
+    BOOLEAN,
+    CLIP,
+    INTEGER,
+    NAMES,
+    STRING,
+    Check,
+    checked,
+    one_of,
+    optional,
+)
+from smoothrot.schema.target import TARGETS
 from smoothrot.surgery.plan import SitePlan
+
+if TYPE_CHECKING:
+    from smoothrot.schema.config import FitConfig
 
 FILE_FORMAT = "smoothrot-scales"
 FILE_VERSION = "1"
+# The fit settings an export follows, by their config key: R1 (with its seed) and the target.
+FIT_SETTINGS: dict[str, Check] = {"residual_rotation": BOOLEAN, "seed": INTEGER,
+                                  "target": one_of(tuple(TARGETS))}
 
 
 class ScalesFileError(ValueError):
@@ -77,6 +96,7 @@ class ScalesFile:
     model_fingerprint: str
     sites: tuple[str, ...]
     entries: tuple[ScalesEntry, ...]
+    fit: Mapping[str, Any] | None = None  # FIT_SETTINGS (None: written before they were kept)
 
     def schemes(self) -> list[str]:
         """The schemes, in the order they were fitted."""
@@ -100,6 +120,11 @@ class ScalesFile:
         return {site: found[site] for site in self.sites}
 
 
+def fit_settings(config: FitConfig) -> dict[str, Any]:
+    """The settings of ``config`` that an export of its scales must re-apply."""
+    return {key: getattr(config, key) for key in FIT_SETTINGS}
+
+
 def write_scales_file(
     path: str | Path,
     entries: Iterable[ScalesEntry],
@@ -107,8 +132,10 @@ def write_scales_file(
     model: str,
     model_fingerprint: str,
     sites: Sequence[str],
+    fit: Mapping[str, Any] | None = None,
 ) -> None:
-    """Atomically write ``entries`` (scales as float64) with their index to ``path``."""
+    """Atomically write ``entries`` (scales as float64) with their index to ``path``; ``fit``:
+    the run's :func:`fit_settings`."""
     entries = list(entries)
     _check_entries(entries, sites)
     tensors = {e.tensor_name: e.scales.detach().double().cpu().contiguous()
@@ -122,6 +149,8 @@ def write_scales_file(
     meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": model,
             "model_fingerprint": model_fingerprint, "sites": json.dumps(list(sites)),
             "index": json.dumps(index)}
+    if fit is not None:
+        meta["fit"] = json.dumps(_checked_fit(dict(fit)))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -135,6 +164,16 @@ def _check_entries(entries: Sequence[ScalesEntry], sites: Sequence[str]) -> None
         if e.site not in sites:
             raise ValueError(f"scales entry {key} names a site that is not in sites")
         seen.add(key)
+
+
+def _checked_fit(fit: Any) -> dict[str, Any]:
+    """``fit`` as a mapping of exactly the FIT_SETTINGS keys, each valid (one-line error)."""
+    if not isinstance(fit, dict) or set(fit) != set(FIT_SETTINGS):
+        raise ValueError(f"fit settings must be a mapping of {list(FIT_SETTINGS)}, got {fit!r}")
+    for key, (fits, expected) in FIT_SETTINGS.items():
+        if not fits(fit[key]):
+            raise ValueError(f"fit.{key}={fit[key]!r} must be {expected}")
+    return fit
 
 
 def _entry(record: Any, where: str, tensors: dict[str, torch.Tensor]) -> ScalesEntry:
@@ -183,6 +222,12 @@ def read_scales_file(path: str | Path) -> ScalesFile:
             raise ValueError(f"index must be a list, got {type(index).__name__}")
         entries = tuple(_entry(r, f"index[{i}]", tensors) for i, r in enumerate(index))
         _check_entries(entries, sites)
+        fit = _checked_fit(json.loads(meta["fit"])) if "fit" in meta else None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ScalesFileError(f"{path}: bad scales index: {exc}") from None
-    return ScalesFile(path, meta["model"], meta["model_fingerprint"], tuple(sites), entries)
+    stray = sorted(set(tensors) - {r["tensor"] for r in index})
+    if stray:
+        raise ScalesFileError(f"{path}: tensor(s) {stray[:3]} are not in the scales index (the "
+                              "file was edited or written by another tool); run "
+                              "train/fit_scales.py again")
+    return ScalesFile(path, meta["model"], meta["model_fingerprint"], tuple(sites), entries, fit)

@@ -1,8 +1,13 @@
-"""Checking an export: reload it and compare it with the model it was written from.
+"""Checking an export: its stored bytes, then a reload compared with the model it was written
+from.
 
-An export is only useful if it computes what the report measured, so every format has a check
-with a stated limit (docs/equivalence.md): the float logits for ``fused``, the perplexity of the
-in-memory fake-quant model for the quantized formats.
+An export is only useful if it computes what the report measured. First every stored tensor and
+config.json entry must hash to the digest the writer recorded (io/metadata.py): the reference
+below is rebuilt from the export's own declaration and scales, so an edit to those would
+otherwise change both sides alike. Then every format has a check with a stated limit
+(docs/equivalence.md): the float logits for ``fused`` (float64: with norms in float64), and for
+the quantized formats the logits of the in-memory fake-quant model, which a clean reload
+reproduces bit for bit.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,22 +27,22 @@ from torch import nn
 from smoothrot.arch.sites import resolve_sites, with_dense_rotations
 from smoothrot.evaluate import perplexity
 from smoothrot.io.loader import load_pretrained, plans_from_export, read_declaration
+from smoothrot.io.metadata import DIGESTS_KEY, content_mismatch, read_metadata
 from smoothrot.io.runtime import load_without_smoothrot
 from smoothrot.models import resolve_dtype
 from smoothrot.schema.export import ExportError
 from smoothrot.schema.target import TARGETS
-from smoothrot.surgery.hooks import transformed
+from smoothrot.surgery.hooks import exact_norms, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 
-__all__ = ["LOGIT_TOLERANCE", "PPL_TOLERANCE", "verify_export"]
+__all__ = ["LOGIT_TOLERANCE", "verify_export"]
 
 log = logging.getLogger(__name__)
 
-# Relative Frobenius error of the logits (fused) and relative perplexity difference to the
-# in-memory fake-quant model (quantized), see docs/equivalence.md.
+# Relative Frobenius error of the fused logits (float64: with exact_norms), see
+# docs/equivalence.md. Quantized reloads must equal the in-memory fake-quant model exactly.
 LOGIT_TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
-PPL_TOLERANCE = 0.005
 
 
 def as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -49,18 +55,21 @@ def as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def _logit_error(reference: nn.Module, reloaded: nn.Module, windows: torch.Tensor,
-                 batch_size: int) -> float:
-    """Relative Frobenius error of the reloaded model's logits over ``windows``."""
+def _compare_logits(reference: nn.Module, reloaded: nn.Module, windows: torch.Tensor,
+                    batch_size: int) -> tuple[float, float]:
+    """Relative Frobenius error and largest absolute difference of the reloaded model's logits
+    over ``windows`` (NaN if any logit differs by NaN: torch.maximum keeps it)."""
     device = next(reference.parameters()).device
     num = den = 0.0
+    worst = torch.zeros((), dtype=torch.float64)
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start:start + batch_size].to(device)
         ref = reference(input_ids=ids, use_cache=False).logits.double()
         out = reloaded(input_ids=ids, use_cache=False).logits.double()
         num += float((out - ref).pow(2).sum())
         den += float(ref.pow(2).sum())
-    return (num / den) ** 0.5
+        worst = torch.maximum(worst, (out - ref).abs().max().cpu())
+    return (num / den) ** 0.5, float(worst)
 
 
 @torch.no_grad()
@@ -74,12 +83,17 @@ def verify_export(
     batch_size: int = 4,
     plans: Mapping[str, SitePlan] | None = None,
 ) -> dict[str, Any]:
-    """Reload an export and compare it with the original ``model`` on token ``windows``.
+    """Check an export's stored bytes, reload it and compare it with the original ``model`` on
+    token ``windows``.
 
-    fused: relative Frobenius error of the logits against the untransformed model (limit by
-    dtype: 1e-10 float64, 1e-4 float32). Quantized formats: perplexity against the in-memory
-    fake-quant model built from the same plans (limit 0.5 % relative). ``plans`` default to the
-    export's stored scales; a GPTQ export needs the plans with their ``weight_q``.
+    First the digests in smoothrot.json: the first tensor or config.json entry that changed
+    since the export was written fails the check (``content``). fused: relative Frobenius error
+    of the logits against the untransformed model (limit by dtype: 1e-10 float64, computed with
+    float64 norms, 1e-4 float32). Quantized formats: the logits must equal those of the in-memory
+    fake-quant model built from the same plans (``max_abs_logit_diff`` 0; the perplexities are
+    reported too). ``plans`` default to the export's stored scales; a GPTQ export needs the plans
+    with their ``weight_q``, and its limit is the fused one of its dtype (its stored scales are
+    refitted on the fused weight, within an ulp of GPTQ's).
 
     ``runtime`` (io/runtime.py): ``smoothrot`` reloads with :func:`load_pretrained`;
     ``compressed-tensors`` with transformers + compressed-tensors only (its forward, its
@@ -87,6 +101,12 @@ def verify_export(
     compressed-tensors' arithmetic; ``transformers`` with a plain ``from_pretrained``, which
     fails whenever a rotation must run online. Returns the numbers and ``passed``.
     """
+    path = Path(path)
+    mismatch = content_mismatch(path, read_metadata(path).get(DIGESTS_KEY))
+    if mismatch is not None:
+        log.warning("verify %s: %s", path, mismatch)
+        return {"path": str(path), "runtime": runtime, "content": mismatch, "passed": False,
+                "note": "the export was changed after it was written; export it again"}
     decl = read_declaration(path)
     if decl.gptq and plans is None:
         raise ExportError(f"{path} holds GPTQ-rounded weights; pass the plans with their weight_q "
@@ -105,7 +125,11 @@ def verify_export(
     if scheme is not None and activation_quantizer == "compressed-tensors":
         scheme = TARGETS["compressed-tensors"].scheme(scheme)  # the grid that runtime computes
     if scheme is None:
-        rel = _logit_error(reference, reloaded, windows, batch_size)
+        with ExitStack() as stack:
+            if decl.dtype == "float64":  # HF norms compute in float32 even in float64
+                for m in (reference, reloaded):
+                    stack.enter_context(exact_norms(m))
+            rel, _ = _compare_logits(reference, reloaded, windows, batch_size)
         limit = LOGIT_TOLERANCE[decl.dtype]
         result = {"format": decl.format, "dtype": decl.dtype, "runtime": runtime,
                   "logit_rel_error": rel, "limit": limit, "passed": rel <= limit}
@@ -115,24 +139,34 @@ def verify_export(
             plans = {k: replace(p, act_clip=None) for k, p in plans.items()}
         r1 = decl.residual_rotation
         if r1 is not None:  # the plans were fitted on the rotated model (R1 is exact in float)
-            reference = copy.deepcopy(reference)
-            rotate_residual(reference, seed=r1.seed, kind=r1.kind)
+            # rotated in float32 (float64) and rounded to the export dtype once, as written
+            rotated = copy.deepcopy(model).to(
+                torch.float64 if target == torch.float64 else torch.float32)
+            rotate_residual(rotated, seed=r1.seed, kind=r1.kind)
+            reference = as_loaded(rotated, target)
+        # compressed-tensors' runtime rotates with the stored matrix (a dense product)
         sites = with_dense_rotations(
             [rs for rs in resolve_sites(reference, list(plans), residual_rotated=r1 is not None)
-             if rs.name in plans], activation_quantizer == "compressed-tensors")
+             if rs.name in plans], runtime != "smoothrot")
         with transformed(sites, plans, scheme):
+            logit_rel, diff = _compare_logits(reference, reloaded, windows, batch_size)
             ppl_memory = perplexity(reference, windows, batch_size, desc="in-memory ppl")
         ppl_reload = perplexity(reloaded, windows, batch_size, desc="reloaded ppl")
-        rel = abs(ppl_reload - ppl_memory) / ppl_memory
         result = {"format": decl.format, "dtype": decl.dtype, "runtime": runtime,
                   "activation_quantizer": activation_quantizer, "ppl_in_memory": ppl_memory,
-                  "ppl_reloaded": ppl_reload, "ppl_rel_diff": rel, "limit": PPL_TOLERANCE,
-                  "passed": rel <= PPL_TOLERANCE}
+                  "ppl_reloaded": ppl_reload,
+                  "ppl_rel_diff": abs(ppl_reload - ppl_memory) / ppl_memory,
+                  "logit_rel_error": logit_rel, "max_abs_logit_diff": diff}
+        if decl.gptq:  # the stored scales are refitted on the fused weight: GPTQ's up to an ulp
+            limit = LOGIT_TOLERANCE[decl.dtype]
+            result.update(limit=limit, passed=logit_rel <= limit)
+        else:
+            result.update(limit=0.0, passed=diff == 0.0)
         if activation_quantizer != "smoothrot" and scheme.a_format != "int":
             # NVFP4's static calibrated input scale is not the in-memory dynamic one.
             result.update(limit=None, passed=math.isfinite(ppl_reload), note=(
                 "compressed-tensors quantizes FP4 activations with the static calibrated global "
-                "scale; the 0.5 % limit applies to int formats and the smoothrot runtime"))
+                "scale, not the in-memory dynamic one, so the logits cannot be compared exactly"))
     if runtime == "transformers" and any(s.rotation.is_online() for s in decl.sites.values()):
         result.update(passed=False, note=(
             "plain transformers ignores transform_config, so this export's online rotations did "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.calibrate.capture import run_model
 from smoothrot.io.atomic import atomic_folder, refuse_existing, write_json
 from smoothrot.io.compressed_tensors import attach_transforms, quantize_sites, transform_configs
-from smoothrot.io.metadata import export_metadata
+from smoothrot.io.metadata import DIGESTS_KEY, content_digests, export_metadata
 from smoothrot.io.model_card import model_card
 from smoothrot.models import model_fingerprint, resolve_dtype
 from smoothrot.schema.declaration import (
@@ -59,12 +60,13 @@ from smoothrot.schema.export import (
     ExportError,
 )
 from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.strict import CLIP
 from smoothrot.schema.target import TARGETS, Target
 from smoothrot.surgery.fuse import linear_weights_q
 from smoothrot.surgery.hooks import apply_plans, site_parameters
 from smoothrot.surgery.plan import SitePlan
 
-__all__ = ["ExportError", "check_representable", "export_model"]
+__all__ = ["ExportError", "check_representable", "check_target", "export_model"]
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +245,8 @@ def _refuse_non_export(path: Path) -> None:
         return
     config = path / "config.json"
     try:
-        is_export = DECLARATION_KEY in json.loads(config.read_text())
+        data = json.loads(config.read_text())
+        is_export = isinstance(data, dict) and DECLARATION_KEY in data
     except (OSError, ValueError):
         is_export = False
     if not is_export:
@@ -251,9 +254,51 @@ def _refuse_non_export(path: Path) -> None:
                           "exports only, so pick another target folder")
 
 
+def _refuse_inputs(path: Path, inputs: Mapping[str, str | Path]) -> None:
+    """Replacing ``path`` removes everything in it: it must not be, or hold, an input (be it,
+    even before it exists: a run folder is created later; a hub id is no folder to hold)."""
+    target = path.resolve()
+    for what, item in inputs.items():
+        if not item:
+            continue
+        resolved = Path(item).resolve()
+        if target == resolved or (resolved.exists() and target in resolved.parents):
+            raise ExportError(f"export target {path} is or contains {what} {item}; pick another "
+                              "target folder (--out, --export-dir)")
+
+
+def _refuse_unwritable(path: Path) -> None:
+    """The target's nearest existing folder must be a writable folder (checked before the
+    work, not when the folder is created at the end)."""
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ExportError(f"cannot create export folder {path}: {parent} is a file; pick "
+                          "another target folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot create export folder {path}: {parent} is not writable; pick "
+                          "another target folder")
+
+
+def check_target(path: str | Path, overwrite: bool,
+                 inputs: Mapping[str, str | Path] | None = None) -> None:
+    """One-line errors for a target the export must not or cannot write: taken (without
+    ``overwrite``), not an earlier export (``overwrite`` replaces exports only), one of the
+    command's ``inputs`` (what → path) or a folder holding one, or not creatable (under a file,
+    read-only)."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    _refuse_non_export(path)
+    _refuse_inputs(path, inputs or {})
+    _refuse_unwritable(path)
+
+
 def _check_plans(qscheme: QuantScheme | None, plans: Mapping[str, SitePlan],
                  calibration: torch.Tensor | None, target: Target) -> None:
     """One-line errors for plans and calibration the format or target cannot take or needs."""
+    for site, plan in plans.items():
+        if plan.act_clip is not None and not CLIP[0](plan.act_clip):
+            raise ExportError(f"{site}: activation clip {plan.act_clip!r} must be {CLIP[1]} (a "
+                              "ratio of max |x|); fix or drop the plan's act_clip")
     clipped = sorted(s for s, p in plans.items() if p.act_clip not in (None, 1.0))
     if qscheme is not None and clipped and not target.act_clips:
         raise ExportError(
@@ -282,6 +327,7 @@ def export_model(
     provenance: Mapping[str, Any] | None = None,
     calibration: torch.Tensor | None = None,
     target: str = "vllm",
+    inputs: Mapping[str, str | Path] | None = None,
 ) -> Path:
     """Write ``model`` transformed by ``plans`` (qualified site name → SitePlan) to ``path``.
 
@@ -292,8 +338,11 @@ def export_model(
     codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
     NVFP4's static input global scales (max |x·R| per linear; required for ``nvfp4``).
     ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under.
-    ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``.
-    Returns the path.
+    ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``,
+    with the SHA-256 of every stored tensor and config entry (what ``verify`` checks).
+    ``overwrite`` replaces an earlier export only, never the model's own folder or ``inputs``
+    (what → path: the run folder, the scales file, ...) or a folder holding one. Returns the
+    path.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -301,8 +350,8 @@ def export_model(
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unsupported export dtype {dtype!r}; choose one of "
                           f"{list(EXPORT_DTYPES)}")
-    refuse_existing(path, overwrite)
-    _refuse_non_export(path)
+    check_target(path, overwrite,
+                 {"the model folder": getattr(model, "name_or_path", ""), **(inputs or {})})
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     qscheme = _export_scheme(fmt, scheme)
@@ -372,8 +421,8 @@ def export_model(
             (tmp / EXPORT_SCALES_FILE).parent.mkdir()
             save_file(scales, str(tmp / EXPORT_SCALES_FILE),
                       metadata={"format": "site -> s (float64)"})
-        write_json(tmp / METADATA_FILE, meta)
         (tmp / "README.md").write_text(model_card(declaration, meta))
+        write_json(tmp / METADATA_FILE, {**meta, DIGESTS_KEY: content_digests(tmp)})
     log.info("exported %s (%s, %s, %d sites) to %s", fmt, dtype,
              "compressed-tensors transform + smoothrot" if ct.full else "smoothrot declaration",
              len(declared), path)

@@ -3,12 +3,12 @@ use). A new method is a module under smoothrot/methods/ plus its entry here."""
 
 from smoothrot.methods.baselines import HADAMARD, RTN
 from smoothrot.methods.gptq import WithGPTQ
-from smoothrot.methods.policy import JOINT, JOINT_GLOBAL, QUANTILE, SMOOTHROT_MAX
+from smoothrot.methods.policy import ALPHA_ONLY, JOINT, JOINT_GLOBAL, QUANTILE, SMOOTHROT_MAX
 from smoothrot.methods.registry import register
 from smoothrot.methods.trained import TRAINED
 
 for _method in (
-    RTN, HADAMARD, SMOOTHROT_MAX, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
+    RTN, HADAMARD, SMOOTHROT_MAX, ALPHA_ONLY, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
     WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
     WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
 ):

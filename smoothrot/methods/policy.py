@@ -1,10 +1,11 @@
 """The policy methods: SmoothRot's s = a^α / w^(1−α) with (α, q) picked on the selection split.
 
-All four read one grid of selection losses per site (every α × activation quantile q, computed
+All five read one grid of selection losses per site (every α × activation quantile q, computed
 once per scheme) and differ only in how they pick from it:
 
 ===================  ====================================================================
 ``smoothrot_max``    the baseline: q = 1 (max |X|), one α for all sites (lowest mean loss)
+``alpha_only``       q = 1, α per site (the ablation: ``joint`` without the quantile)
 ``quantile``         the baseline's α, q per site
 ``joint_global``     one (α, q) for all sites
 ``joint``            (α, q) per site
@@ -37,6 +38,14 @@ def pick_max(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
              ) -> dict[str, Choice]:
     a = alphas[_max_alpha(tables, quantiles)]
     return {s: Choice(a, 1.0) for s in tables}
+
+
+def pick_alpha_only(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
+                    ) -> dict[str, Choice]:
+    """α per site on the q = 1 column: what per-site α alone gains, so ``joint``'s gain over
+    it is the quantile's share."""
+    j = list(quantiles).index(1.0)
+    return {s: Choice(alphas[int(t[:, j].argmin())], 1.0) for s, t in tables.items()}
 
 
 def pick_quantile(tables: Tables, alphas: Sequence[float], quantiles: Sequence[float]
@@ -94,6 +103,7 @@ class PolicyMethod(Method):
 
 
 SMOOTHROT_MAX = PolicyMethod("smoothrot_max", "SmoothRot-max", pick_max)
+ALPHA_ONLY = PolicyMethod("alpha_only", "α per layer (q = 1)", pick_alpha_only)
 QUANTILE = PolicyMethod("quantile", "quantile", pick_quantile)
 JOINT_GLOBAL = PolicyMethod("joint_global", "joint (global)", pick_joint_global)
 JOINT = PolicyMethod("joint", "joint (per layer)", pick_joint)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 # Every method is reported relative to this one, so it always runs.
 BASELINE = "smoothrot_max"
+# A GPTQ row is reported relative to this one (the same weight rounding), so it runs whenever a
+# GPTQ method does.
+GPTQ_BASELINE = BASELINE + "+gptq"
 
 
 @dataclass
@@ -93,11 +96,18 @@ def chosen_by(method: str, choices: Collection[str]) -> str | None:
     return name
 
 
+def baselines(names: Sequence[str]) -> list[str]:
+    """What the % of ``names`` are against: the baseline, and SmoothRot-max + GPTQ when a GPTQ
+    method is among them (else GPTQ's own gain would be credited to the scales)."""
+    gptq = any(get_method(name).rounding == "gptq" for name in names)
+    return [BASELINE, GPTQ_BASELINE] if gptq else [BASELINE]
+
+
 def run_order(names: Sequence[str]) -> list[Method]:
-    """The methods to run for a request: the requested ones, the baseline and everything they
-    require, in registration order (so requirements always run first)."""
+    """The methods to run for a request: the requested ones, their baselines and everything
+    they require, in registration order (so requirements always run first)."""
     needed: set[str] = set()
-    stack = [BASELINE, *names]
+    stack = [*baselines(names), *names]
     while stack:
         method = get_method(stack.pop())
         if method.name not in needed:

@@ -4,6 +4,7 @@ Every candidate (α, q) of a site is scored by the same fake-quant output loss u
 (losses.py) on selection tokens; the choices below only read that table:
 
 * SmoothRot-max: q = 1 (max statistic), one α for all sites (the baseline);
+* α per site at q = 1 (``alpha_only``): the ablation that isolates the quantile's share;
 * quantile: that α kept, each site its own q (the paper's quantile-only search);
 * joint (global): one (α, q) for all sites;
 * joint (per site): each site its own (α, q).
@@ -20,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from smoothrot.core.policies import smoothing_scales
-from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.quantizers import (
+    activation_quantizer,
+    integer_product,
+    quantize_activation_spec,
+    quantize_weight_spec,
+    weight_quantizer,
+)
 from smoothrot.core.transform import FULL, SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.quant import QuantScheme, with_act_clip
@@ -56,9 +63,13 @@ def candidate_losses(
     (per-row quantizers; NVFP4 global scales per candidate).
     """
     s = scales.float()[:, None, :]
-    w_q = quantize_weight_spec(transform_weight(weight, s, transform), scheme, batch_dims=1)
-    x_q = quantize_activation_spec(transform_input(x, s, transform), scheme, batch_dims=1)
-    y_q = torch.matmul(x_q, w_q.transpose(-1, -2))
+    w_t = transform_weight(weight, s, transform)
+    x_t = transform_input(x, s, transform)
+    y_q = integer_product(x_t, w_t, activation_quantizer(scheme), weight_quantizer(scheme))
+    if y_q is None:
+        w_q = quantize_weight_spec(w_t, scheme, batch_dims=1)
+        x_q = quantize_activation_spec(x_t, scheme, batch_dims=1)
+        y_q = torch.matmul(x_q, w_q.transpose(-1, -2))
     return (y - y_q).pow(2).sum(dim=-1).mean(dim=-1)
 
 

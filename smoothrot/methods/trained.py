@@ -1,17 +1,44 @@
 """Trained scales: log s refined by Adam on the straight-through fake-quant output loss
 (smoothrot/training/), starting from the ``joint`` choice and its activation clips; the best
-point on the selection split is kept."""
+point on the selection split is kept. Under a scheme that is not scale-equivariant (MXFP4) the
+global factor of s, which training holds fixed, is then searched (:func:`best_global_factor`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from smoothrot.core.transform import SiteTransform
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.policy import JOINT
 from smoothrot.methods.registry import Method, MethodResult
+from smoothrot.methods.search import candidate_loss
 from smoothrot.progress import progress
-from smoothrot.schema.quant import with_act_clip
+from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.training.fit import TrainProblem, fit_scales
+
+# Global factors c tried for s → c·s: one period of a power-of-two grid (c and 2c quantize alike).
+GLOBAL_FACTORS = tuple(2.0 ** (k / 16) for k in range(16))
+
+
+@torch.no_grad()
+def best_global_factor(scales: torch.Tensor, x_sel: torch.Tensor, weight: torch.Tensor,
+                       scheme: QuantScheme, transform: SiteTransform) -> tuple[torch.Tensor, float]:
+    """``c·scales`` for the c of :data:`GLOBAL_FACTORS` (1 included) with the lowest selection
+    loss, and that loss.
+
+    Training normalizes log s (core/scales.py) because the loss of an equivariant scheme does
+    not depend on c. Under MXFP4 it does, with period 2 in c and several local minima, and the
+    power-of-two block exponents carry no gradient: evaluating one period finds the best c
+    exactly, which a straight-through gradient cannot.
+    """
+    x = x_sel.float()
+    w = weight.float()
+    y = x @ w.T
+    losses = [candidate_loss(x, y, w, scales * c, scheme, transform) for c in GLOBAL_FACTORS]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return scales * GLOBAL_FACTORS[best], losses[best]
 
 
 class Trained(Method):
@@ -34,6 +61,10 @@ class Trained(Method):
                 scales[rs.name], losses[rs.name] = fit_scales(
                     problem, ctx.cfg.train, accelerator=accelerator,
                     checkpoint_dir=checkpoints / rs.name, resume=ctx.resume)
+                if not problem.scheme.scale_equivariant:
+                    scales[rs.name], losses[rs.name] = best_global_factor(
+                        scales[rs.name], data.selection_x, problem.weight, problem.scheme,
+                        problem.rotate)
         return MethodResult(ctx.plans(scales, desc=self.name), selection_loss=losses)
 
 

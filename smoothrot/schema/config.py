@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from smoothrot.schema.quant import (
 from smoothrot.schema.target import TARGETS
 
 # What a run fits and reports unless told otherwise (the paper's comparison plus GPTQ rows).
-DEFAULT_METHODS = ("rtn", "hadamard", "smoothrot_max", "quantile", "joint_global", "joint",
-                   "trained", "hadamard+gptq", "joint+gptq", "trained+gptq")
+DEFAULT_METHODS = ("rtn", "hadamard", "smoothrot_max", "alpha_only", "quantile", "joint_global",
+                   "joint", "trained", "hadamard+gptq", "smoothrot_max+gptq", "joint+gptq",
+                   "trained+gptq")
 
 @dataclass
 class ModelConfig:
@@ -98,15 +100,27 @@ class SearchConfig:
             self.quantiles = [*self.quantiles, 1.0]
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
-    """Refinement of log-scales by Adam on the straight-through fake-quant output loss."""
+    """Refinement of log-scales by Adam on the straight-through fake-quant output loss.
 
-    steps: int = 150
-    lr: float = 0.02
-    batch_tokens: int = 512
-    val_every: int = 25
+    ``schedule``: "cosine" decays the learning rate to zero over ``steps`` (converges in tens of
+    steps, bench/README.md), "constant" keeps ``lr``. ``patience``: stop a site after that many
+    validations in a row that do not lower the best selection loss by ``min_delta`` (relative);
+    0 trains every step.
+    """
+
+    steps: int = 40
+    lr: float = 0.08
+    batch_tokens: int = 256
+    val_every: int = 20
     log_bound: float = 9.0
+    schedule: str = "cosine"
+    patience: int = 0
+    min_delta: float = 0.0
     progress_bar: bool = False
 
     def __post_init__(self) -> None:
@@ -119,6 +133,13 @@ class TrainConfig:
         if not 0 < self.log_bound <= 20:
             raise ConfigError(
                 f"train.log_bound={self.log_bound} must be in (0, 20] (natural-log range of s)"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r} is not one of {list(SCHEDULES)}")
+        if self.patience < 0 or not 0 <= self.min_delta < 1:
+            raise ConfigError(
+                f"train.patience={self.patience} must be >= 0 and train.min_delta="
+                f"{self.min_delta} in [0, 1) (a relative improvement)"
             )
 
 
@@ -192,6 +213,9 @@ class FitConfig:
     # Registered method names (smoothrot/methods/); the baseline smoothrot_max always runs.
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     perplexity: bool = True
+    # Which reported methods get a perplexity (a forward pass over the evaluation split each);
+    # null: every reported method. Held-out layer errors are always measured for all.
+    perplexity_methods: list[str] | None = None
     seed: int = 0
     output_dir: str = "outputs/fit_scales"
     # Rotate the residual stream by Q (QuaRot/SpinQuant R1, residual.py) before calibration.
@@ -204,6 +228,32 @@ class FitConfig:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ConfigError("layers must name at least one site, e.g. ['down_proj']")
+        for entry in self.layers:  # a bad regex fails now, not after the model loaded
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as exc:
+                    raise ConfigError(f"layers entry {entry!r} is not a valid regex ({exc}); "
+                                      "fix the pattern after 're:'") from None
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**32) (numpy's seed range)")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty; pass --output-dir a folder, e.g. "
+                              "outputs/fit_scales")
+        for key in ("schemes", "methods"):
+            values = getattr(self, key)
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{key} lists {repeated} more than once; name each once")
+        needed = ["calibration", "selection", "heldout"] + (["evaluation"] if self.perplexity
+                                                            else [])
+        missing = [name for name in needed if name not in self.data.fractions]
+        if missing:
+            raise ConfigError(
+                f"data.fractions has no share for {missing}, which the run needs (evaluation: "
+                "perplexity); add them, e.g. " + ", ".join(
+                    f"{name}: {DataConfig().fractions[name]}" for name in missing)
+                + (", or set perplexity: false" if missing == ["evaluation"] else ""))
         if not isinstance(self.residual_rotation, bool):
             raise ConfigError(
                 f"residual_rotation={self.residual_rotation!r} must be true or false"
@@ -221,6 +271,12 @@ class FitConfig:
             get_scheme(name)
         if not self.methods:
             raise ConfigError("methods must not be empty, e.g. [trained]")
+        if self.perplexity_methods is not None:
+            reported = {"smoothrot_max", *self.methods}  # registry.BASELINE always reports
+            stray = [m for m in self.perplexity_methods if m not in reported]
+            if stray:
+                raise ConfigError(f"perplexity_methods {stray} are not among the reported "
+                                  f"methods {sorted(reported)}; add them to methods or drop them")
         if self.target not in TARGETS:
             raise ConfigError(f"target={self.target!r} is not one of {list(TARGETS)}")
         clips = self.search.act_clips != [1.0]
@@ -310,13 +366,34 @@ def config_to_dict(cfg: FitConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build Python objects) that also refuses a key given
+    twice in one mapping, where PyYAML would keep the last value silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may override keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKeyError(f"key {key!r} appears twice in one mapping (line "
+                                         f"{key_node.start_mark.line + 1}); keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> FitConfig:
     """Read a YAML config; errors name the file and the offending key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # a SafeLoader
     except yaml.YAMLError as exc:
         first = f"config file {path} is not valid YAML: {exc}".splitlines()[0]
         if isinstance(exc, yaml.constructor.ConstructorError):  # e.g. !!python/object tags

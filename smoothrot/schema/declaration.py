@@ -234,13 +234,18 @@ class ExportDeclaration:
         where = DECLARATION_KEY
         if isinstance(data, dict) and "version" in data and data["version"] != DECLARATION_VERSION:
             raise ValueError(f"declaration version {data['version']!r} is not supported (this "
-                             f"smoothrot reads version {DECLARATION_VERSION}); export it again")
+                             f"smoothrot reads version {DECLARATION_VERSION})")
         d = checked(cls, data, where, {
             "format": one_of(FORMATS), "dtype": one_of(EXPORT_DTYPES), "loader": STRING,
             "sites": (lambda v: isinstance(v, dict) and len(v) > 0, "a non-empty mapping"),
             "transform_config_groups": NAMES, "transform_config_note": optional(STRING),
             "target": one_of(tuple(TARGETS)), "version": INTEGER,
         })
+
+        patterns = [name for name in d["sites"] if name.startswith("re:")]
+        if patterns:
+            raise ValueError(f"{where}.sites has the pattern {patterns[0]!r} (sites are "
+                             "qualified site names, e.g. model.layers.0.mlp.down_proj)")
 
         def nested(parse: Callable[[Any, str], Any], key: str) -> Any:
             return None if d[key] is None else parse(d[key], f"{where}.{key}")

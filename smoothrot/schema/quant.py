@@ -86,6 +86,14 @@ class QuantScheme:
                 f"scheme {self.name!r}: w_mse_clip searches the clip ratio; leave w_clip at 1.0"
             )
 
+    @property
+    def scale_equivariant(self) -> bool:
+        """Whether Q(c·z) = c·Q(z) for every c > 0 on both sides, so the loss of scales c·s does
+        not depend on c. Int grids (max-, MSE- or min/max-scaled) and NVFP4 (its FP32 global
+        scale absorbs c) are; MXFP4 is not: its power-of-two block scales make the loss depend
+        on c modulo 2 (docs/equivalence.md section 4)."""
+        return "mxfp4" not in (self.w_format, self.a_format)
+
 
 PRESET_SCHEMES: dict[str, QuantScheme] = {
     "w4a4": QuantScheme("w4a4", w_bits=4, a_bits=4),

@@ -1,5 +1,6 @@
 """The online half of the surgery: pre-hooks that rotate (and fake-quantize) a linear's input,
-and applying site plans to a live model, permanently or for the length of a ``with`` block."""
+and applying site plans to a live model, permanently or for the length of a ``with`` block; and
+norms recomputed in the model's own dtype, for float64 checks of exact math."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from smoothrot.arch.sites import ResolvedSite
+from smoothrot.arch.sites import ResolvedSite, architecture_of
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import IDENTITY, SiteTransform
 from smoothrot.schema.quant import QuantScheme, with_act_clip
@@ -105,3 +106,35 @@ def transformed(
         with torch.no_grad():
             for p, original in saved.values():
                 p.copy_(original)
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Every RMSNorm of the model (its class name ends in RMSNorm)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+
+
+@contextmanager
+def exact_norms(model: nn.Module) -> Iterator[None]:
+    """Recompute every RMSNorm in its input's dtype for the length of the block.
+
+    transformers' RMSNorms upcast to float32 even in a float64 model, so a float64 model whose
+    residual stream is rotated (R1) or whose norm weights were rescaled (Gemma's 1+γ) agrees
+    with the original to float32's resolution only (~1e-7), not float64's: exact math would
+    look like a fusion error.
+    """
+    offset = architecture_of(model).residual.norm_kind == "offset_rms"
+
+    def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        w = module.weight.to(x.dtype)
+        return y * (1.0 + w if offset else w)
+
+    # prepend: run before other hooks on the norm (R1 rotates Gemma-2 output norms online)
+    handles = [m.register_forward_hook(hook, prepend=True) for m in norm_modules(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -65,14 +65,16 @@ class TrainProblem:
     seed: int = 0
 
     def key(self, cfg: TrainConfig) -> str:
-        """Identity of this run under ``cfg`` except its length (``steps``): equal keys, same
-        trajectory."""
+        """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
+        depends on it): equal keys, same trajectory."""
         tensors = tensor_digest(self.weight.float(), self.init_scales.double(),
                                 self.train_x.float(), self.val_x.float())
         transform = repr(self.rotate)  # a frozen dataclass: its repr is its identity
+        # A cosine schedule depends on the length; a constant one does not.
+        schedule = cfg.schedule if cfg.schedule == "constant" else f"{cfg.schedule}@{cfg.steps}"
         return (f"{tensors}|{self.scheme!r}|rotate={transform}|lr={cfg.lr}|"
                 f"batch={cfg.batch_tokens}|val_every={cfg.val_every}|bound={cfg.log_bound}|"
-                f"seed={self.seed}")
+                f"schedule={schedule}|patience={cfg.patience}/{cfg.min_delta}|seed={self.seed}")
 
 
 def fit_scales(
@@ -110,7 +112,9 @@ def fit_scales(
 
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = ScaleFitModule(problem.weight, problem.init_scales, problem.scheme, problem.rotate,
-                            cfg.lr, cfg.log_bound, key)
+                            cfg.lr, cfg.log_bound, key, schedule=cfg.schedule,
+                            total_steps=cfg.steps, patience=cfg.patience,
+                            min_delta=cfg.min_delta)
     # The sampler reads the step when an epoch starts, after the Trainer below exists.
     train, val = _loaders(problem, cfg, first_step=lambda: trainer.global_step)
     all_callbacks = list(callbacks or [])
@@ -122,7 +126,9 @@ def fit_scales(
     if cfg.steps > 0:
         interruptible(trainer, trainer.fit, model=module, train_dataloaders=train,
                       val_dataloaders=val, ckpt_path=ckpt, weights_only=True)
-        interruptible(trainer, trainer.validate, model=module, dataloaders=val, verbose=False)
+        if trainer.global_step % cfg.val_every:  # a last partial epoch had no validation
+            interruptible(trainer, trainer.validate, model=module, dataloaders=val,
+                          verbose=False)
     best = module.best_scales.detach().cpu().clone()
     best_val = float(module.best_val)
     if files is not None and is_rank_zero():

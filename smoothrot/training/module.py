@@ -3,13 +3,16 @@
 Loss: mean over tokens of ||x·Wᵀ − Q(x′)·Q(W′)ᵀ||² with straight-through rounding (losses.py);
 the parameterization (core/scales.py) keeps s positive, bounded and normalized, so every iterate
 is an exactly equivalent transform. Validation on the selection split keeps the best scales seen,
-including the initial ones, so training can only improve the selection error.
+including the initial ones, so training can only improve the selection error, and stops the site
+early once that error has stopped falling (``patience``). The learning rate is constant or decays
+along a cosine to zero at ``total_steps``.
 
 Kept apart from the entry point (fit.py) so the math of one training step reads on its own.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +42,11 @@ class ScaleFitModule(L.LightningModule):
         lr: float = 0.02,
         log_bound: float = 9.0,
         run_key: str = "",
+        *,
+        schedule: str = "constant",
+        total_steps: int = 1,
+        patience: int = 0,
+        min_delta: float = 0.0,
     ) -> None:
         super().__init__()
         # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True)
@@ -47,16 +55,24 @@ class ScaleFitModule(L.LightningModule):
         self.scheme = scheme
         self.rotate = rotate
         self.lr = lr
+        self.schedule = schedule
+        self.total_steps = max(total_steps, 1)
+        self.patience = patience
+        self.min_delta = min_delta
         self.register_buffer("weight", weight.detach().float(), persistent=False)
         self.log_scales = LogScales(init_scales, log_bound)
         self.register_buffer("best_scales", self.log_scales.scales())
         self.register_buffer("best_val", torch.tensor(float("inf"), dtype=torch.float64))
+        # Validations since the best loss last fell by min_delta; in the checkpoint, so a resumed
+        # run stops where an uninterrupted one would.
+        self.register_buffer("stale", torch.tensor(0, dtype=torch.int64))
         self.val_loss = MeanMetric()
 
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
+        # Straight-through rounding only where there is a gradient to pass.
         y_q = quantized_output(x, self.weight, self.log_scales(), self.rotate, self.scheme,
-                               ste=True)
+                               ste=stage == "train")
         loss = output_loss(y, y_q)
         if stage == "val":
             self.val_loss.update(loss, weight=x.shape[0])
@@ -77,12 +93,24 @@ class ScaleFitModule(L.LightningModule):
         self.val_loss.reset()
         # Already reduced over ranks by the metric; sync_dist only states it (and is exact).
         self.log("val_loss", value.float(), prog_bar=True, sync_dist=True)
+        significant = value < self.best_val * (1 - self.min_delta)
         if value < self.best_val:
             self.best_val.copy_(value)
             self.best_scales.copy_(self.log_scales.scales())
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.stale.copy_(torch.zeros_like(self.stale) if significant else self.stale + 1)
+        if self.patience and int(self.stale) >= self.patience:
+            self.trainer.should_stop = True
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.log_scales.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.log_scales.parameters(), lr=self.lr)
+        if self.schedule == "constant":
+            return {"optimizer": optimizer}
+        total = self.total_steps
+        cosine = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 class EpochEndCheckpoint(L.Callback):

@@ -1,4 +1,5 @@
-"""Tiny random-init models, one per supported architecture, and float64-faithful norms.
+"""Tiny random-init models, one per supported architecture (float64-faithful norms:
+``smoothrot.surgery.hooks.exact_norms``, re-exported).
 
 Every model has hidden 64, 2 layers, a small vocabulary, eager attention and grouped-query
 attention (4 query heads of 16 on 2 kv heads), so every table entry, the GQA scale tying and the
@@ -7,8 +8,7 @@ per-head rotation are exercised in milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from transformers import (
 )
 
 from smoothrot.arch.sites import architecture_of
+from smoothrot.surgery.hooks import exact_norms, norm_modules
+
+__all__ = ["TINY", "exact_norms", "norm_modules", "tiny_model"]
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=96, max_position_embeddings=64)
@@ -73,32 +76,3 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1, generator=gen)
     return model
-
-
-def norm_modules(model: nn.Module) -> list[nn.Module]:
-    """Every RMSNorm of the model (its class name ends in RMSNorm)."""
-    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-
-
-@contextmanager
-def exact_norms(model: nn.Module) -> Iterator[None]:
-    """Recompute every RMSNorm in the input's dtype (HF upcasts to float32 even in float64).
-
-    Lets float64 tests check equivalence to ~1e-12 instead of float32's 1e-7.
-    """
-    offset = architecture_of(model).residual.norm_kind == "offset_rms"
-
-    def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        w = module.weight.to(x.dtype)
-        return y * (1.0 + w if offset else w)
-
-    # prepend: run before other hooks on the norm (R1 rotates Gemma-2 output norms online)
-    handles = [m.register_forward_hook(hook, prepend=True) for m in norm_modules(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -84,11 +84,10 @@ def test_fit_pipeline_quick(smollm2, tmp_path, monkeypatch):
         assert all(v == v for v in row.values()), "no NaN in the report"
     assert summary["hadamard"]["mean_mse"] < summary["rtn"]["mean_mse"]
     assert summary["smoothrot_max"]["mean_mse"] < summary["hadamard"]["mean_mse"]
-    sel = w4["selection_loss"]
-    for site in result.sites:  # on the selection split, each step can only improve
-        assert sel[site]["joint"] <= sel[site]["smoothrot_max"]
-        assert sel[site]["trained"] <= sel[site]["joint"]
-    assert summary["trained"]["mean_mse"] < summary["smoothrot_max"]["mean_mse"]
+    # Chosen on the selection split, measured on held-out tokens: each refinement must
+    # generalize (on the selection split it cannot be worse, by construction).
+    held_out = {m: row["mean_mse"] for m, row in summary.items()}
+    assert held_out["trained"] < held_out["joint"] <= held_out["smoothrot_max"]
     assert result.float_perplexity < w4["perplexity"]["rtn"]
     for name in ("report_md", "report_json", "scales"):
         assert (tmp_path / paths[name].split("/")[-1]).is_file()

@@ -254,9 +254,10 @@ def test_nan_in_a_site_weight_names_layer_and_channel(capsys, tmp_path) -> None:
 
 
 def test_inf_activations_name_layer_and_channel(capsys, tmp_path) -> None:
-    """inf in up_proj row 7 makes input channel 7 of down_proj non-finite during calibration."""
+    """A finite but huge up_proj row 7 (3e38; inf is refused at load) overflows, making input
+    channel 7 of down_proj non-finite during calibration."""
     def poison(model: torch.nn.Module) -> None:
-        model.model.layers[0].mlp.up_proj.weight[7, :] = float("inf")
+        model.model.layers[0].mlp.up_proj.weight[7, :] = 3e38
 
     model = save_tiny_model(tmp_path / "inf_a", edit=poison)
     line = cli_error(capsys, "--config", str(small_config(tmp_path, model)))
@@ -444,8 +445,9 @@ def test_verbose_keeps_the_traceback(tmp_path) -> None:
         main(["--config", str(small_config(tmp_path, "x", search={"alphas": [2.0]})), "-v"])
 
 
-def test_config_errors_are_config_errors() -> None:
-    """Every YAML-level mistake is a ConfigError (a ValueError), which the CLI reports."""
-    assert issubclass(ConfigError, ValueError)
+def test_config_errors_are_config_errors(capsys, tmp_path) -> None:
+    """Every YAML-level mistake is a ConfigError, which the CLI reports in one line."""
     with pytest.raises(ConfigError, match="must be a mapping"):
         config_from_dict({"train": [1, 2]})
+    line = cli_error(capsys, "--config", str(small_config(tmp_path, "x", train=[1, 2])))
+    assert_words(line, "train", "must be a mapping")

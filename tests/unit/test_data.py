@@ -15,6 +15,7 @@ from smoothrot.data.splits import (
     DEFAULT_FRACTIONS,
     SPLITS,
     chunk_documents,
+    near_duplicate_groups,
     split_documents,
     split_windows,
     text_hash,
@@ -140,8 +141,8 @@ def test_pydoc_splits_roughly_match_shares() -> None:
     total = sum(map(len, docs))
     all_docs = [doc for split_docs in out.values() for doc in split_docs]
     assert len(all_docs) == len(set(all_docs))
-    for name, fraction in DEFAULT_FRACTIONS.items():
-        assert sum(map(len, out[name])) / total == pytest.approx(fraction, abs=0.08)
+    for name, fraction in DEFAULT_FRACTIONS.items():  # groups are dealt by room left
+        assert sum(map(len, out[name])) / total == pytest.approx(fraction, abs=0.01)
 
 
 def test_splits_deterministic_per_seed() -> None:
@@ -165,6 +166,71 @@ def test_duplicates_cannot_leak() -> None:
     out = split_documents(docs, DEFAULT_FRACTIONS, seed=0)
     flat = [doc for split_docs in out.values() for doc in split_docs]
     assert len(flat) == len(set(flat)) == 50
+
+
+def _shingle_set(docs: list[str], words: int = 12) -> set[tuple[str, ...]]:
+    """Every 12-word run of ``docs`` (exact tuples: independent of the splitter's hashes)."""
+    out: set[tuple[str, ...]] = set()
+    for doc in docs:
+        tokens = doc.split()
+        out.update(tuple(tokens[i : i + words]) for i in range(len(tokens) - words + 1))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pydoc_splits_share_almost_no_text(seed: int) -> None:
+    """pydoc topics nest (``compound`` holds ``if``, ``for``, ...): before grouping, 27.3 % of
+    the evaluation split's 12-word shingles (seed 0; 13.5 % held-out, 39.9 % selection) occurred
+    verbatim in calibration; measured after: at most 0.08 % (seeds 0-9), against any split."""
+    out = split_documents(load_documents("pydoc"), DEFAULT_FRACTIONS, seed)
+    sets = {name: _shingle_set(docs) for name, docs in out.items()}
+    for name in ("selection", "heldout", "evaluation"):
+        others = set().union(*(s for other, s in sets.items() if other != name))
+        assert len(sets[name] & others) / len(sets[name]) < 0.005, name
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Any:
+    """The embedded model's tokenizer alone (from its GGUF; no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    from smoothrot.models import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.mark.parametrize("config", ["default", "quick", "whole_model"])
+def test_shipped_budgets_fit_twice_in_the_grouped_pydoc_splits(
+    config: str, smollm2_tokenizer: Any
+) -> None:
+    """Grouping near-duplicates keeps the shares (groups are dealt by room), so every split of
+    pydoc still holds at least twice the tokens the shipped configs draw from it."""
+    from smoothrot.schema.config import load_config
+
+    data = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{config}.yaml").data
+    for seed in range(3):
+        splits = split_documents(load_documents(data.source), data.fractions, seed)
+        for name, docs in splits.items():
+            available = token_windows(smollm2_tokenizer, docs, None, data.seq_len, seed=seed,
+                                      split_name=name)
+            assert len(available) >= 2 * getattr(data, f"{name}_samples"), (seed, name)
+
+
+def test_documents_that_quote_each_other_go_to_one_split() -> None:
+    words = [f"w{i}" for i in range(40)]
+    base = _docs(60, words=40)
+    quoted = " ".join(words)
+    nested = "intro " * 5 + quoted + " outro" * 5  # holds all of ``quoted``
+    one_phrase = " ".join(words[:12] + [f"x{i}" for i in range(200)])  # 1 of 199 shingles
+    docs = [*base, quoted, nested, one_phrase]
+    groups = near_duplicate_groups(docs)
+    assert [quoted, nested] in groups and [one_phrase] in groups
+    assert len(groups) == len(docs) - 1
+    for seed in range(5):
+        out = split_documents(docs, DEFAULT_FRACTIONS, seed)
+        home = {doc: name for name, split_docs in out.items() for doc in split_docs}
+        assert home[quoted] == home[nested]
 
 
 def test_single_huge_document_is_chunked() -> None:

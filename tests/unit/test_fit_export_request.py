@@ -102,7 +102,7 @@ def test_gptq_method_cannot_go_into_fused(tmp_path):
 def test_target_cannot_be_the_run_or_model_folder(tmp_path):
     run = tmp_path / "run"
     cfg = _cfg(tmp_path, {"formats": ["w4a4"], "dir": str(run)})
-    with pytest.raises(ExportError, match="is the run's output folder") as info:
+    with pytest.raises(ExportError, match="is or contains the run's output folder") as info:
         check_fit_export(cfg)
     one_line(info, "--export-dir")
     # the same folder spelled differently is still the output folder
@@ -112,7 +112,7 @@ def test_target_cannot_be_the_run_or_model_folder(tmp_path):
     model_dir = tmp_path / "my-model"
     cfg = _cfg(tmp_path, {"formats": ["fused"], "dir": str(model_dir)},
                model={"name": str(model_dir)})
-    with pytest.raises(ExportError, match="is the run's model folder") as info:
+    with pytest.raises(ExportError, match="is or contains the run's model folder") as info:
         check_fit_export(cfg)
     one_line(info)
 
@@ -126,5 +126,8 @@ def test_existing_target_needs_overwrite(tmp_path):
         check_fit_export(cfg)
     one_line(info, str(target), "--overwrite")
     cfg = _cfg(tmp_path, {"formats": ["fused", "w8a8"], "overwrite": True})
+    with pytest.raises(ExportError, match="not a smoothrot export"):  # before the fit, now
+        check_fit_export(cfg)
+    (target / "config.json").write_text('{"smoothrot": {}}')  # an earlier export
     assert check_fit_export(cfg)["w8a8"] == target
     assert (target / "keep.txt").read_text() == "x"  # checking removes nothing

@@ -21,8 +21,9 @@ def test_unknown_method_is_a_one_line_config_error():
 
 
 def test_run_order_adds_baseline_and_requirements_first():
+    # A GPTQ row brings its baseline, SmoothRot-max + GPTQ (reports compare it with that).
     assert [m.name for m in run_order(["trained+gptq"])] == [
-        "smoothrot_max", "joint", "trained", "trained+gptq"]
+        "smoothrot_max", "joint", "trained", "smoothrot_max+gptq", "trained+gptq"]
     assert [m.name for m in run_order(["rtn"])] == ["rtn", BASELINE]
     assert [m.name for m in run_order([])] == [BASELINE]
 

@@ -109,3 +109,24 @@ def test_report_says_when_the_residual_stream_is_rotated():
     assert "R1" not in to_markdown(result, [])
     result.config.residual_rotation = True
     assert "residual stream is rotated (R1" in to_markdown(result, [])
+
+
+def test_gptq_rows_are_compared_with_smoothrot_max_gptq_when_it_ran():
+    """A + GPTQ row against SmoothRot-max + GPTQ (same rounding); that row and the RTN rows
+    against SmoothRot-max; without it, the note says GPTQ's gain is credited to the scales."""
+    sr = _scheme(gptq=True)
+    without = to_markdown(_result(sr), [])
+    assert "smoothrot_max+gptq is missing" in without
+    sr.errors["smoothrot_max+gptq"] = {"a": LayerError(1.0, 0.1), "b": LayerError(0.25, 0.02)}
+    sr.results["smoothrot_max+gptq"] = sr.results["trained+gptq"]
+    rows = summarize(sr)
+    assert rows["trained+gptq"]["vs"] == "smoothrot_max+gptq"
+    assert rows["trained+gptq"]["pct_vs_max"] == -20.0  # 0.5 against 0.625
+    assert rows["trained+gptq"]["mean_layer_pct_vs_max"] == 25.0  # mean of -50 % and +100 %
+    assert rows["smoothrot_max+gptq"]["vs"] == "smoothrot_max"
+    assert rows["smoothrot_max+gptq"]["pct_vs_max"] == -68.75  # 0.625 against 2.0
+    assert rows["trained"]["vs"] == "smoothrot_max" and rows["trained"]["pct_vs_max"] == -50.0
+    layers = to_json(_result(sr))["schemes"]["w4a4"]["layers"]
+    assert layers["b"]["trained+gptq"]["pct_vs_max"] == 100.0
+    note = "each + GPTQ row against SmoothRot-max + GPTQ"
+    assert note in to_markdown(_result(sr), []) and note in summary_table(_result(sr))

@@ -99,13 +99,18 @@ def test_finished_site_is_not_retrained(problem, reference, tmp_path, monkeypatc
 
 
 def test_more_steps_continue_from_the_checkpoint(problem, tmp_path) -> None:
-    """Resuming with a larger train.steps equals a fresh run of that length."""
-    longer = TrainConfig(steps=20, lr=CFG.lr, batch_tokens=CFG.batch_tokens,
-                         val_every=CFG.val_every)
-    _fit(problem, checkpoint_dir=tmp_path)
+    """Resuming with a larger train.steps equals a fresh run of that length (a constant
+    learning rate; a cosine schedule depends on the length, so its checkpoint is refused)."""
+    constant = replace(CFG, schedule="constant")
+    longer = replace(constant, steps=20)
+    _fit(problem, constant, checkpoint_dir=tmp_path)
     resumed = _fit(problem, longer, checkpoint_dir=tmp_path, resume=True)
     fresh = _fit(problem, longer)
     assert torch.equal(resumed[0], fresh[0]) and resumed[1] == fresh[1]
+    _fit(problem, checkpoint_dir=tmp_path / "cosine")
+    with pytest.raises(ResumeError) as exc:
+        _fit(problem, replace(CFG, steps=20), checkpoint_dir=tmp_path / "cosine", resume=True)
+    _one_line_error(exc, "without --resume")
 
 
 def _one_line_error(excinfo: pytest.ExceptionInfo[BaseException], *words: str) -> None:
@@ -130,10 +135,10 @@ def test_resume_refuses_a_checkpoint_of_other_inputs(problem, tmp_path) -> None:
 
 
 def test_resume_refuses_fewer_steps_than_the_checkpoint(problem, tmp_path) -> None:
+    constant = replace(CFG, schedule="constant")  # its key does not include the length
     with pytest.raises(KeyboardInterrupt):
-        _fit(problem, checkpoint_dir=tmp_path, callbacks=[InterruptAt(12)])
-    shorter = TrainConfig(steps=5 - 1, lr=CFG.lr, batch_tokens=CFG.batch_tokens,
-                          val_every=CFG.val_every)
+        _fit(problem, constant, checkpoint_dir=tmp_path, callbacks=[InterruptAt(12)])
+    shorter = replace(constant, steps=5 - 1)
     with pytest.raises(ResumeError) as exc:
         _fit(problem, shorter, checkpoint_dir=tmp_path, resume=True)
     _one_line_error(exc, "at step 10", "train.steps=4")

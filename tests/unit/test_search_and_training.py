@@ -9,8 +9,15 @@ from smoothrot.core.transform import FULL, IDENTITY, ScaleTie, SiteTransform
 from smoothrot.evaluate import layer_error
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods import search
-from smoothrot.methods.policy import pick_joint, pick_joint_global, pick_max, pick_quantile
+from smoothrot.methods.policy import (
+    pick_alpha_only,
+    pick_joint,
+    pick_joint_global,
+    pick_max,
+    pick_quantile,
+)
 from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses
+from smoothrot.methods.trained import GLOBAL_FACTORS, best_global_factor
 from smoothrot.schema.config import TrainConfig
 from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.schema.rotation import Rotation
@@ -52,7 +59,8 @@ def test_grid_and_selection():
     tables = {"a": torch.tensor([[3.0, 2.0, 5.0], [4.0, 1.0, 2.5]]),
               "b": torch.tensor([[1.0, 9.0, 1.0], [0.4, 0.5, 1.0]])}
     pickers = {"smoothrot_max": pick_max, "quantile": pick_quantile,
-               "joint_global": pick_joint_global, "joint": pick_joint}
+               "joint_global": pick_joint_global, "joint": pick_joint,
+               "alpha_only": pick_alpha_only}
     ch = {m: pick(tables, [0.3, 0.5], [0.9, 0.99, 1.0]) for m, pick in pickers.items()}
     # q=1 column mean: [3.0, 1.75] -> α=0.5; then q at α=0.5: [3.0, 0.75, 1.75] -> 0.99
     assert {c.alpha for c in ch["smoothrot_max"].values()} == {0.5}
@@ -63,6 +71,35 @@ def test_grid_and_selection():
     assert {(c.alpha, c.q) for c in ch["joint_global"].values()} == {(0.5, 0.99)}
     assert (ch["joint"]["a"].alpha, ch["joint"]["a"].q) == (0.5, 0.99)
     assert (ch["joint"]["b"].alpha, ch["joint"]["b"].q) == (0.5, 0.9)
+    # α-only: q = 1 column per site, a: [5.0, 2.5] -> 0.5; b: [1.0, 1.0] -> the first, 0.3
+    assert {s: (c.alpha, c.q) for s, c in ch["alpha_only"].items()} == {"a": (0.5, 1.0),
+                                                                         "b": (0.3, 1.0)}
+
+
+def test_alpha_only_is_the_argmin_of_independently_scored_max_policies():
+    """α per site at q = 1: each site's α minimizes the selection loss of the max policy, scored
+    here one α at a time with the plain loss (not the batched grid); joint, which may also move
+    q, is at least as good on the selection split."""
+    alphas, quantiles = [0.2, 0.35, 0.5, 0.65, 0.8], [0.99, 1.0]
+    tables, chosen_loss = {}, {}
+    for seed in range(4):
+        x, w = outlier_data(tokens=512, seed=seed)  # seeds 0 and 1 prefer different α
+        stats = stats_of(x, quantiles)
+        site = f"site{seed}"
+        tables[site] = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, site)
+        losses = [float(output_loss(x @ w.T, quantized_output(
+            x, w, smoothing_scales(stats[1.0], weight_absmax(w), a), FULL, W4A4)))
+            for a in alphas]
+        chosen_loss[site] = dict(zip(alphas, losses, strict=True))
+    picked = pick_alpha_only(tables, alphas, quantiles)
+    joint = pick_joint(tables, alphas, quantiles)
+    for site, choice in picked.items():
+        by_alpha = chosen_loss[site]
+        assert choice.q == 1.0 and choice.alpha == min(by_alpha, key=by_alpha.__getitem__)
+        j = joint[site]
+        joint_loss = float(tables[site][alphas.index(j.alpha), quantiles.index(j.q)])
+        assert by_alpha[choice.alpha] >= joint_loss * (1 - 1e-5)
+    assert len({c.alpha for c in picked.values()}) > 1, "per-site α, not one global α"
 
 
 @pytest.mark.parametrize(
@@ -149,3 +186,18 @@ def test_act_clip_search_clips_heavy_tails_and_keeps_flat_inputs():
         if expect_clipped:
             assert min(losses) < 0.95 * losses[0]
     assert search.select_act_clip(laplace, w, None, [0.7], W4A4, transform=IDENTITY)[0] == 0.7
+
+
+def test_mxfp4_global_factor_is_chosen_on_selection_and_holds_on_held_out():
+    """Under MXFP4 the loss of c·s depends on c (period 2): the factor searched on selection
+    tokens also lowers the error on held-out tokens (int grids: c changes nothing, test_scales)."""
+    mxfp4 = get_scheme("mxfp4")
+    x, w = outlier_data(tokens=1536, n=256, seed=2)  # a site where c = 1 is a bad phase
+    x_sel, x_ho = x[:768], x[768:]
+    s = smoothing_scales(stats_of(x_sel, [1.0])[1.0], weight_absmax(w), 0.5).double()
+    picked, loss = best_global_factor(s, x_sel, w, mxfp4, FULL)
+    c = float((picked / s).mean())
+    assert min(abs(c - f) for f in GLOBAL_FACTORS[1:]) < 1e-9  # one of the grid, not 1
+    assert loss < 0.9 * candidate_loss(x_sel, x_sel @ w.T, w, s, mxfp4)
+    assert layer_error(x_ho, w, picked, FULL, mxfp4).mse < 0.9 * layer_error(
+        x_ho, w, s, FULL, mxfp4).mse
