@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from smoothrot.methods.search import Choice
+from smoothrot.schema.config import BASELINE
 from smoothrot.schema.errors import ConfigError
 from smoothrot.surgery.plan import SitePlan
 
 if TYPE_CHECKING:
     from smoothrot.methods.context import SchemeContext
 
-# Every method is reported relative to this one, so it always runs.
-BASELINE = "smoothrot_max"
 # A GPTQ row is reported relative to this one (the same weight rounding), so it runs whenever a
 # GPTQ method does.
 GPTQ_BASELINE = BASELINE + "+gptq"

@@ -26,10 +26,13 @@ from smoothrot.schema.quant import (
 )
 from smoothrot.schema.target import TARGETS
 
+# The method every % is reported against (registry.BASELINE); it always runs and reports.
+BASELINE = "smoothrot_max"
 # What a run fits and reports unless told otherwise (the paper's comparison plus GPTQ rows).
 DEFAULT_METHODS = ("rtn", "hadamard", "smoothrot_max", "alpha_only", "quantile", "joint_global",
                    "joint", "trained", "hadamard+gptq", "smoothrot_max+gptq", "joint+gptq",
                    "trained+gptq")
+
 
 @dataclass
 class ModelConfig:
@@ -272,7 +275,7 @@ class FitConfig:
         if not self.methods:
             raise ConfigError("methods must not be empty, e.g. [trained]")
         if self.perplexity_methods is not None:
-            reported = {"smoothrot_max", *self.methods}  # registry.BASELINE always reports
+            reported = {BASELINE, *self.methods}
             stray = [m for m in self.perplexity_methods if m not in reported]
             if stray:
                 raise ConfigError(f"perplexity_methods {stray} are not among the reported "

@@ -1,5 +1,8 @@
 """Same seed, same numbers: ``configs/quick.yaml`` (budget cut to three layers) against a stored
-reference of the same code path, written before the package was reorganised.
+reference of the same code path. Written before the package was reorganised; regenerated on
+2026-12-01 for changes meant to move the numbers: splits that keep near-duplicate documents
+together (issue 17), the cosine training schedule in quick.yaml and the exact int8 GEMM scoring
+path (issue 18).
 
 Regenerate (only when a change is *meant* to move the numbers, and say so in the commit):
 ``python -m tests.integration.test_reference``.
