@@ -192,6 +192,8 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     every rank returns the same result.
     """
     methods = run_order(cfg.methods)  # unknown method names fail before any loading
+    for name in cfg.perplexity_methods or ():
+        get_method(name)
     target = TARGETS[cfg.target]
     reported = {*baselines(cfg.methods), *cfg.methods}
     launch(cfg.distributed, "cpu" if cfg.model.device == "cpu" else "gpu")
