@@ -38,7 +38,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 EPILOG = """\
 examples:
-  fit_scales.py --config configs/quick.yaml          a ~2-minute run on the embedded model
+  fit_scales.py --config configs/quick.yaml          a ~1-minute run on the embedded model
   fit_scales.py --layers 're:model\\.layers\\.2[89]\\.mlp\\.down_proj' --schemes w4a4 --steps 10
   fit_scales.py --config configs/quick.yaml --resume  continue after Ctrl-C or a crash
 
