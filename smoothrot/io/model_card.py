@@ -41,7 +41,8 @@ def model_card(decl: ExportDeclaration, meta: Mapping[str, Any]) -> str:
         "- Online rotations: " + (", ".join(online) if online else "none") + ".",
     ]
     if "perplexity" in headline:
-        lines.append(f"- Reported perplexity: {headline['perplexity']:.3f} (float "
+        lines.append(f"- Reported perplexity: {headline['perplexity']:.3f} (float, i.e. the "
+                     "source model as loaded in float32 (a GGUF's weights dequantized): "
                      f"{headline.get('float_perplexity') or float('nan'):.3f}), under target "
                      f"{target.name}.")
     lines += ["", "## Loaders", "", "| loader | applies the online rotation | computes |",
