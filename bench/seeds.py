@@ -17,9 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-_LABELS = {"rtn": "RTN", "hadamard": "Hadamard-only", "smoothrot_max": "SmoothRot-max",
-           "alpha_only": "α per layer (q = 1)", "quantile": "quantile",
-           "joint_global": "joint (global)", "joint": "joint (per layer)", "trained": "trained"}
+from smoothrot.methods.registry import get_method
 
 
 def _cell(values: list[float], fmt: str) -> str:
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             ppl_cell = _cell(ppl, ".3f") if not ppl else (
                 f"{_cell(ppl, '.3f')} ({_cell(vs_float, '+.2f')} % vs float)")
             cells += [_cell(mse, digits), _cell(pct, "+.1f") + " %", ppl_cell]
-        print(f"| {_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        print(f"| {get_method(method).label} | " + " | ".join(cells) + " |")
     return 0
 
 
