@@ -30,12 +30,14 @@ def quantized_output(
     *,
     ste: bool = False,
     weight_q: torch.Tensor | None = None,
+    batch_dims: int = 0,
 ) -> torch.Tensor:
     """Q_a(X') · Q_w(W')ᵀ; ``weight_q`` is a weight quantized offline (e.g. by GPTQ).
 
     Without ``ste`` (nothing to differentiate) per-row int schemes take the exact int8 GEMM
     (:func:`~smoothrot.core.quantizers.integer_product`); otherwise, or where it does not apply,
-    the float product of the dequantized tensors.
+    the float product of the dequantized tensors. ``batch_dims`` leading dims of ``scales``
+    (e.g. [C, 1, n]) index independent candidates (NVFP4 takes its global scale per candidate).
     """
     x_t = transform_input(x, scales, transform)
     if weight_q is None:
@@ -45,8 +47,9 @@ def quantized_output(
                                       weight_quantizer(scheme))
             if product is not None:
                 return product
-        weight_q = quantize_weight_spec(w_t, scheme, ste=ste)
-    return quantize_activation_spec(x_t, scheme, ste=ste) @ weight_q.T
+        weight_q = quantize_weight_spec(w_t, scheme, ste=ste, batch_dims=batch_dims)
+    x_q = quantize_activation_spec(x_t, scheme, ste=ste, batch_dims=batch_dims)
+    return x_q @ weight_q.transpose(-1, -2)
 
 
 def output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:

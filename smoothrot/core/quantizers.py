@@ -190,7 +190,8 @@ class Quantizer:
         if self.symmetric:
             return self._symmetric_codes(x, qp, ste) * qp.scale
         assert qp.zero is not None
-        q = torch.round(x / qp.scale) if not ste else RoundSTE.apply(x / qp.scale)
+        scaled = x / qp.scale
+        q = RoundSTE.apply(scaled) if ste else torch.round(scaled)
         return (torch.clamp(q + qp.zero, 0, 2**self.bits - 1) - qp.zero) * qp.scale
 
     @property

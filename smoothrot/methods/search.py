@@ -21,14 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from smoothrot.core.policies import smoothing_scales
-from smoothrot.core.quantizers import (
-    activation_quantizer,
-    integer_product,
-    quantize_activation_spec,
-    quantize_weight_spec,
-    weight_quantizer,
-)
-from smoothrot.core.transform import FULL, SiteTransform, transform_input, transform_weight
+from smoothrot.core.quantizers import quantize_weight_spec
+from smoothrot.core.transform import FULL, SiteTransform, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 
@@ -62,14 +56,8 @@ def candidate_losses(
     Each candidate gets exactly the arithmetic of :func:`~smoothrot.losses.quantized_output`
     (per-row quantizers; NVFP4 global scales per candidate).
     """
-    s = scales.float()[:, None, :]
-    w_t = transform_weight(weight, s, transform)
-    x_t = transform_input(x, s, transform)
-    y_q = integer_product(x_t, w_t, activation_quantizer(scheme), weight_quantizer(scheme))
-    if y_q is None:
-        w_q = quantize_weight_spec(w_t, scheme, batch_dims=1)
-        x_q = quantize_activation_spec(x_t, scheme, batch_dims=1)
-        y_q = torch.matmul(x_q, w_q.transpose(-1, -2))
+    y_q = quantized_output(x, weight, scales.float()[:, None, :], transform, scheme,
+                           batch_dims=1)
     return (y - y_q).pow(2).sum(dim=-1).mean(dim=-1)
 
 
