@@ -110,20 +110,24 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
         stats = {q: rec.quantiles.value(q) for q in cfg.search.quantiles}
         stats[1.0] = rec.absmax.value()
         tie = rs.transform.tied_max  # tied (GQA o_proj) scales: max over the tied channels
+        heldout_x = ho_rec[rs.name].tokens()
         data[rs.name] = SiteData(
             act_stats={q: tie(v) for q, v in stats.items()},
             weight_stat=tie(weight_absmax(rs.weight.detach().cpu())),
             train_x=rec.tokens(),
             selection_x=sel_rec[rs.name].tokens(),
-            heldout_x=ho_rec[rs.name].tokens(),
+            heldout_x=heldout_x,
+            heldout_y=_heldout_output(rs, heldout_x),
         )
-        _check_output_finite(rs, data[rs.name].heldout_x)
     return data
 
 
-def _check_output_finite(rs: ResolvedSite, x: torch.Tensor) -> None:
-    """A finite weight (3e38) can give outputs whose squares overflow float32: every held-out
-    error would be inf and every comparison NaN, so stop before any method runs."""
+def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> torch.Tensor:
+    """X·Wᵀ of the held-out tokens, the reference of every method's held-out error.
+
+    A finite weight (3e38) can give outputs whose squares overflow float32: every held-out error
+    would be inf and every comparison NaN, so this stops the run before any method does.
+    """
     w = rs.weight.detach().cpu().float()
     y = x @ w.T
     if not torch.isfinite((y * y).sum()):  # what the errors accumulate (evaluate.layer_error)
@@ -131,21 +135,21 @@ def _check_output_finite(rs: ResolvedSite, x: torch.Tensor) -> None:
             f"{rs.name}: the layer's outputs on the held-out tokens (max |y| = "
             f"{float(y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow float32 "
             "in its squared error; check the model weights")
+    return y
 
 
 def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[str, LayerError]]:
-    """Held-out layer error of every site under each method's plan (X·Wᵀ computed once)."""
+    """Held-out layer error of every site under each method's plan (X·Wᵀ from calibration)."""
     errors: dict[str, dict[str, LayerError]] = {m: {} for m in methods}
     with ctx.stage("held-out errors"):
         for rs in ctx.sites:
-            x, w = ctx.data[rs.name].heldout_x, ctx.weights[rs.name]
-            y = x @ w.T
+            site = ctx.data[rs.name]
             for m in methods:
                 plan = ctx.results[m].plans[rs.name]
                 errors[m][rs.name] = layer_error(
-                    x, w, plan.scales, ctx.transform(rs, plan),
+                    site.heldout_x, ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan),
                     with_act_clip(ctx.scheme, plan.act_clip), weight_q=plan.weight_q,
-                    reference=y)
+                    reference=site.heldout_y)
     return errors
 
 

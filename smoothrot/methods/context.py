@@ -33,6 +33,9 @@ class SiteData:
     train_x: torch.Tensor
     selection_x: torch.Tensor
     heldout_x: torch.Tensor
+    # X·Wᵀ of heldout_x: computed once in calibration (it also checks the outputs are finite),
+    # the reference of every method's held-out error under every scheme.
+    heldout_y: torch.Tensor
 
 
 @dataclass
