@@ -225,10 +225,12 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     if cfg.perplexity:
         with timer.stage("float perplexity"):
             float_ppl = perplexity(model, windows["evaluation"], desc="float ppl")
+    schemes = tuple(target.scheme(get_scheme(name)) for name in cfg.schemes)
+    across: dict[str, object] = {}  # work every scheme shares (SchemeContext.shared)
     results = [
-        _run_scheme(SchemeContext(target.scheme(get_scheme(name)), model, sites, data, windows,
-                                  cfg, timer, resume), methods, reported)
-        for name in cfg.schemes
+        _run_scheme(SchemeContext(scheme, model, sites, data, windows, cfg, timer, resume,
+                                  schemes, across), methods, reported)
+        for scheme in schemes
     ]
     return FitResult(
         config=cfg,

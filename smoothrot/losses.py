@@ -34,22 +34,39 @@ def quantized_output(
 ) -> torch.Tensor:
     """Q_a(X') · Q_w(W')ᵀ; ``weight_q`` is a weight quantized offline (e.g. by GPTQ).
 
-    Without ``ste`` (nothing to differentiate) per-row int schemes take the exact int8 GEMM
-    (:func:`~smoothrot.core.quantizers.integer_product`); otherwise, or where it does not apply,
-    the float product of the dequantized tensors. ``batch_dims`` leading dims of ``scales``
-    (e.g. [C, 1, n]) index independent candidates (NVFP4 takes its global scale per candidate).
+    ``batch_dims`` leading dims of ``scales`` (e.g. [C, 1, n]) index independent candidates
+    (NVFP4 takes its global scale per candidate).
     """
     x_t = transform_input(x, scales, transform)
-    if weight_q is None:
-        w_t = transform_weight(weight, scales, transform)
-        if not ste:
-            product = integer_product(x_t, w_t, activation_quantizer(scheme),
-                                      weight_quantizer(scheme))
-            if product is not None:
-                return product
-        weight_q = quantize_weight_spec(w_t, scheme, ste=ste, batch_dims=batch_dims)
+    if weight_q is not None:
+        x_q = quantize_activation_spec(x_t, scheme, ste=ste, batch_dims=batch_dims)
+        return x_q @ weight_q.transpose(-1, -2)
+    return quantized_product(x_t, transform_weight(weight, scales, transform), scheme, ste=ste,
+                             batch_dims=batch_dims)
+
+
+def quantized_product(
+    x_t: torch.Tensor,
+    w_t: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    ste: bool = False,
+    batch_dims: int = 0,
+) -> torch.Tensor:
+    """Q_a(X')·Q_w(W')ᵀ of an already transformed input X' and weight W'.
+
+    Without ``ste`` (nothing to differentiate) per-row int schemes take the exact int8 GEMM
+    (:func:`~smoothrot.core.quantizers.integer_product`); otherwise, or where it does not apply,
+    the float product of the dequantized tensors. Split from :func:`quantized_output` so several
+    schemes can score one transformed candidate (search.py).
+    """
+    if not ste:
+        product = integer_product(x_t, w_t, activation_quantizer(scheme), weight_quantizer(scheme))
+        if product is not None:
+            return product
+    w_q = quantize_weight_spec(w_t, scheme, ste=ste, batch_dims=batch_dims)
     x_q = quantize_activation_spec(x_t, scheme, ste=ste, batch_dims=batch_dims)
-    return x_q @ weight_q.transpose(-1, -2)
+    return x_q @ w_q.transpose(-1, -2)
 
 
 def output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:

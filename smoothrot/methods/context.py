@@ -43,8 +43,9 @@ class SchemeContext:
     """One scheme's fitting problem: the model, its sites, their data and what is done so far.
 
     ``weights``: each site's float weight (CPU float32); ``results``: finished methods by name;
-    shared work (the (α, q) grid every policy method picks from) is computed once via
-    :meth:`shared`.
+    shared work is computed once via :meth:`shared`: per scheme, or with ``across=True`` once
+    for all the run's ``schemes`` (the (α, q) grid every policy method picks from: each
+    candidate's rotation is the same under every scheme).
     """
 
     scheme: QuantScheme
@@ -55,11 +56,16 @@ class SchemeContext:
     cfg: FitConfig
     timer: Timer
     resume: bool = False
+    # Every scheme of the run, and the store the run's contexts share (one dict for all).
+    schemes: tuple[QuantScheme, ...] = ()
+    across: dict[str, Any] = field(default_factory=dict, repr=False)
     results: dict[str, MethodResult] = field(default_factory=dict)
     _shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.weights = {rs.name: rs.weight.detach().cpu().float() for rs in self.sites}
+        if self.scheme not in self.schemes:
+            self.schemes = (*self.schemes, self.scheme)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -67,11 +73,12 @@ class SchemeContext:
         with self.timer.stage(f"{self.scheme.name}: {name}"):
             yield
 
-    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per scheme, then its cached value."""
-        if key not in self._shared:
-            self._shared[key] = compute()
-        return self._shared[key]
+    def shared(self, key: str, compute: Callable[[], Any], across: bool = False) -> Any:
+        """``compute()`` once per scheme (``across``: once per run), then its cached value."""
+        store = self.across if across else self._shared
+        if key not in store:
+            store[key] = compute()
+        return store[key]
 
     @staticmethod
     def transform(rs: ResolvedSite, plan: SitePlan) -> SiteTransform:

@@ -1,7 +1,7 @@
 """The policy methods: SmoothRot's s = a^α / w^(1−α) with (α, q) picked on the selection split.
 
-All five read one grid of selection losses per site (every α × activation quantile q, computed
-once per scheme) and differ only in how they pick from it:
+All five read one grid of selection losses per site and scheme (every α × activation quantile
+q, computed once per run) and differ only in how they pick from it:
 
 ===================  ====================================================================
 ``smoothrot_max``    the baseline: q = 1 (max |X|), one α for all sites (lowest mean loss)
@@ -71,18 +71,21 @@ def pick_joint(tables: Tables, alphas: Sequence[float], quantiles: Sequence[floa
 
 
 def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
-    """Every site's selection-loss table, computed once per scheme."""
-    def compute() -> dict[str, torch.Tensor]:
+    """Every site's selection-loss table under ``ctx.scheme``, computed once per run for all
+    its schemes (they score the same rotated candidates)."""
+    def compute() -> dict[str, dict[str, torch.Tensor]]:
         search = ctx.cfg.search
-        with ctx.stage("search"):
-            return {
+        with ctx.timer.stage("search (all schemes)"):
+            tables = {
                 rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
                                      ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
-                                     search.alphas, search.quantiles, ctx.scheme, rs.name,
+                                     search.alphas, search.quantiles, ctx.schemes, rs.name,
                                      rs.transform)
-                for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} grid search")
+                for rs in progress(ctx.sites, desc="grid search")
             }
-    return ctx.shared("policy grid", compute)
+        return {scheme.name: {site: t[i] for site, t in tables.items()}
+                for i, scheme in enumerate(ctx.schemes)}
+    return ctx.shared("policy grid", compute, across=True)[ctx.scheme.name]
 
 
 class PolicyMethod(Method):

@@ -22,8 +22,8 @@ import torch
 
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.quantizers import quantize_weight_spec
-from smoothrot.core.transform import FULL, SiteTransform, transform_weight
-from smoothrot.losses import output_loss, quantized_output
+from smoothrot.core.transform import FULL, SiteTransform, transform_input, transform_weight
+from smoothrot.losses import output_loss, quantized_output, quantized_product
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 
 
@@ -48,17 +48,22 @@ def candidate_losses(
     y: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor,
-    scheme: QuantScheme,
+    schemes: Sequence[QuantScheme],
     transform: SiteTransform = FULL,
 ) -> torch.Tensor:
-    """Selection losses [C] of C candidate scale vectors ``scales`` [C, n_scales], batched.
+    """Selection losses [S, C] of C candidate scale vectors ``scales`` [C, n_scales] under each
+    of S schemes, batched.
 
-    Each candidate gets exactly the arithmetic of :func:`~smoothrot.losses.quantized_output`
-    (per-row quantizers; NVFP4 global scales per candidate).
+    Each (scheme, candidate) gets exactly the arithmetic of
+    :func:`~smoothrot.losses.quantized_output` (per-row quantizers; NVFP4 global scales per
+    candidate); the transformed input and weight of a candidate are computed once for all
+    schemes.
     """
-    y_q = quantized_output(x, weight, scales.float()[:, None, :], transform, scheme,
-                           batch_dims=1)
-    return (y - y_q).pow(2).sum(dim=-1).mean(dim=-1)
+    s = scales.float()[:, None, :]
+    x_t = transform_input(x, s, transform)
+    w_t = transform_weight(weight, s, transform)
+    return torch.stack([(y - quantized_product(x_t, w_t, scheme, batch_dims=1)).pow(2)
+                        .sum(dim=-1).mean(dim=-1) for scheme in schemes])
 
 
 def candidate_loss(
@@ -70,7 +75,7 @@ def candidate_loss(
     transform: SiteTransform = FULL,
 ) -> float:
     """Selection loss of one candidate scale vector (with the site's rotation, default H)."""
-    return float(candidate_losses(x, y, weight, scales[None], scheme, transform)[0])
+    return float(candidate_losses(x, y, weight, scales[None], [scheme], transform)[0, 0])
 
 
 @torch.no_grad()
@@ -81,15 +86,17 @@ def grid_losses(
     weight_stat: torch.Tensor,
     alphas: Sequence[float],
     quantiles: Sequence[float],
-    scheme: QuantScheme,
+    schemes: Sequence[QuantScheme],
     site: str,
     transform: SiteTransform = FULL,
 ) -> torch.Tensor:
-    """Selection loss for every (α, q): tensor [len(alphas), len(quantiles)] (float64).
+    """Selection loss for every scheme and (α, q): [len(schemes), len(alphas), len(quantiles)]
+    (float64).
 
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
-    per device type by ``_CHUNK_ELEMENTS``. ``transform``: the site's input transform (tied GQA
-    scales, per-head H).
+    per device type by ``_CHUNK_ELEMENTS``; every scheme scores the same transformed candidates
+    (the rotation is the larger part of a candidate's cost). ``transform``: the site's input
+    transform (tied GQA scales, per-head H).
     """
     w = weight.float()
     x = x_sel.float()
@@ -98,8 +105,8 @@ def grid_losses(
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
     chunk = max(1, budget // max(1, x.numel() + w.numel()))
-    losses = [candidate_losses(x, y, w, part, scheme, transform) for part in scales.split(chunk)]
-    return torch.cat(losses).double().reshape(len(alphas), len(quantiles))
+    losses = [candidate_losses(x, y, w, part, schemes, transform) for part in scales.split(chunk)]
+    return torch.cat(losses, dim=1).double().reshape(len(schemes), len(alphas), len(quantiles))
 
 
 @torch.no_grad()

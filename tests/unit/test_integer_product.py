@@ -69,7 +69,7 @@ def test_search_and_evaluation_scores_agree_with_the_straight_through_path() -> 
     y = x @ w.T
     scheme = get_scheme("w4a4")
     cands = torch.rand(3, 64, generator=torch.Generator().manual_seed(3)) + 0.5
-    fast = candidate_losses(x, y, w, cands, scheme, FULL)
+    fast = candidate_losses(x, y, w, cands, [scheme], FULL)[0]
     ste = torch.stack([(y - quantized_output(x, w, c, FULL, scheme, ste=True)).pow(2)
                        .sum(-1).mean() for c in cands])
     torch.testing.assert_close(fast, ste, rtol=1e-5, atol=0)

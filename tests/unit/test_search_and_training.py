@@ -24,6 +24,7 @@ from smoothrot.schema.rotation import Rotation
 from smoothrot.training.fit import TrainProblem, fit_scales
 
 W4A4 = get_scheme("w4a4")
+W8A8 = get_scheme("w8a8")
 
 
 def outlier_data(tokens: int = 1024, n: int = 96, m: int = 32, seed: int = 0):
@@ -49,7 +50,7 @@ def test_grid_and_selection():
     x, w = outlier_data()
     alphas, quantiles = [0.3, 0.5, 0.7], [0.9, 0.99, 1.0]
     stats = stats_of(x, quantiles)
-    table = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, "site")
+    table = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, [W4A4], "site")[0]
     assert table.shape == (3, 3) and torch.isfinite(table).all()
     s = smoothing_scales(stats[0.99], weight_absmax(w), 0.5)
     expected = float(output_loss(x @ w.T, quantized_output(x, w, s, FULL, W4A4)))
@@ -86,7 +87,8 @@ def test_alpha_only_is_the_argmin_of_independently_scored_max_policies():
         x, w = outlier_data(tokens=512, seed=seed)  # seeds 0 and 1 prefer different α
         stats = stats_of(x, quantiles)
         site = f"site{seed}"
-        tables[site] = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, W4A4, site)
+        tables[site] = grid_losses(x, w, stats, weight_absmax(w), alphas, quantiles, [W4A4],
+                                   site)[0]
         losses = [float(output_loss(x @ w.T, quantized_output(
             x, w, smoothing_scales(stats[1.0], weight_absmax(w), a), FULL, W4A4)))
             for a in alphas]
@@ -123,7 +125,7 @@ def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, transform: 
     n_scales = transform.n_scales(x.shape[1])
     assert n_scales == (32 if transform.tie else x.shape[1])
     cands = torch.exp(torch.randn(5, n_scales, generator=gen))
-    batched = candidate_losses(x, x @ w.T, w, cands, scheme, transform)
+    batched = candidate_losses(x, x @ w.T, w, cands, [scheme], transform)[0]
     single = torch.stack([output_loss(x @ w.T, quantized_output(x, w, c, transform, scheme))
                           for c in cands])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=0)
@@ -133,10 +135,25 @@ def test_batched_candidates_match_one_at_a_time(scheme: QuantScheme, transform: 
 def test_grid_is_the_same_whatever_the_chunk_size(monkeypatch):
     x, w = outlier_data(tokens=256)
     stats = stats_of(x, [0.99, 1.0])
-    args = (x, w, stats, weight_absmax(w), [0.3, 0.6], [0.99, 1.0], W4A4, "site")
+    args = (x, w, stats, weight_absmax(w), [0.3, 0.6], [0.99, 1.0], [W4A4, W8A8], "site")
     whole = grid_losses(*args)
     monkeypatch.setattr(search, "_CHUNK_ELEMENTS", {"cpu": 1})  # one candidate per chunk
     torch.testing.assert_close(grid_losses(*args), whole, rtol=1e-6, atol=0)
+
+
+def test_one_grid_for_several_schemes_equals_one_grid_per_scheme():
+    """The run scores every scheme on the same rotated candidates: each scheme's table is the one
+    a search of that scheme alone computes, and the schemes' tables differ."""
+    x, w = outlier_data(tokens=256)
+    stats = stats_of(x, [0.99, 1.0])
+    args = (x, w, stats, weight_absmax(w), [0.3, 0.6], [0.99, 1.0])
+    schemes = [W4A4, W8A8, get_scheme("w4a8")]
+    together = grid_losses(*args, schemes, "site")
+    assert together.shape == (3, 2, 2)
+    for i, scheme in enumerate(schemes):
+        torch.testing.assert_close(together[i], grid_losses(*args, [scheme], "site")[0],
+                                   rtol=0, atol=0)
+    assert (together[0] > 10 * together[1]).all()  # 4-bit activations: far larger errors
 
 
 def test_rotation_and_smoothing_reduce_error_on_outliers():
