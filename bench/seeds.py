@@ -3,7 +3,8 @@
     python bench/seeds.py RUN_DIR [RUN_DIR ...]
 
 Each RUN_DIR is the output folder of one ``train/fit_scales.py --seed N`` run (its report.json);
-the runs must share everything but the seed. Prints a markdown table: per scheme and method, the
+the runs must share everything but the seed and the list of methods (methods are fitted
+independently of each other); the table has the methods every run reports. Prints a markdown table: per scheme and method, the
 held-out MSE and its % vs the row's reference, and the perplexity with its % vs the same seed's
 float perplexity (each seed splits the text anew, so the evaluation text differs), as mean ±
 sample standard deviation over the runs. A difference smaller than the spread is noise.
@@ -33,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path)
     args = p.parse_args(argv)
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
-    configs = [{k: v for k, v in r["config"].items() if k not in ("seed", "output_dir")}
-               for r in reports]
+    free = ("seed", "output_dir", "methods", "perplexity_methods")
+    configs = [{k: v for k, v in r["config"].items() if k not in free} for r in reports]
     if any(c != configs[0] for c in configs):
-        print("error: the runs differ in more than the seed; compare runs of one config",
-              file=sys.stderr)
+        print("error: the runs differ in more than the seed and the methods; compare runs of "
+              "one config", file=sys.stderr)
         return 2
     seeds = [r["config"]["seed"] for r in reports]
     floats = [r["float_perplexity"] for r in reports if r["float_perplexity"] is not None]
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
           + " |")
     print("|---|" + "---:|---:|---:|" * len(schemes))
     for method in reports[0]["schemes"][schemes[0]]["summary"]:
+        if any(method not in r["schemes"][s]["summary"] for r in reports for s in schemes):
+            continue  # not run with every seed
         cells = []
         for scheme in schemes:
             rows = [r["schemes"][scheme]["summary"][method] for r in reports]

@@ -13,14 +13,15 @@ _spec.loader.exec_module(seeds)
 
 
 def _run(folder: Path, seed: int, mse: float, ppl: float, float_ppl: float,
-         lr: float = 0.08) -> Path:
+         lr: float = 0.08, extra: tuple[str, ...] = ()) -> Path:
     folder.mkdir()
     row = {"mean_mse": mse, "pct_vs_max": 100 * (mse / 2.0 - 1), "perplexity": ppl}
-    report = {"config": {"seed": seed, "output_dir": str(folder), "train": {"lr": lr}},
+    summary = {"smoothrot_max": {"mean_mse": 2.0, "pct_vs_max": 0.0}, "trained": row,
+               **{m: {"mean_mse": 3.0, "pct_vs_max": 50.0} for m in extra}}
+    report = {"config": {"seed": seed, "output_dir": str(folder), "train": {"lr": lr},
+                         "methods": ["trained", *extra]},
               "target": "vllm", "float_perplexity": float_ppl,
-              "schemes": {"w4a4": {"summary": {"smoothrot_max": {"mean_mse": 2.0,
-                                                                 "pct_vs_max": 0.0},
-                                               "trained": row}}}}
+              "schemes": {"w4a4": {"summary": summary}}}
     (folder / "report.json").write_text(json.dumps(report))
     return folder
 
@@ -36,8 +37,16 @@ def test_mean_and_sample_spread_and_perplexity_against_each_seeds_float(tmp_path
     assert "seeds [0, 1]" in out and "float ppl 12.500 ± 3.536" in out
 
 
+def test_a_method_not_run_with_every_seed_is_left_out(tmp_path, capsys) -> None:
+    runs = [_run(tmp_path / "a", 0, 1.0, 12.0, 10.0, extra=("hadamard",)),
+            _run(tmp_path / "b", 1, 1.2, 16.5, 15.0)]
+    assert seeds.main([str(r) for r in runs]) == 0
+    out = capsys.readouterr().out
+    assert "| trained" in out and "Hadamard" not in out and "hadamard" not in out
+
+
 def test_runs_of_different_configs_are_refused(tmp_path, capsys) -> None:
     runs = [_run(tmp_path / "a", 0, 1.0, 12.0, 10.0),
             _run(tmp_path / "b", 1, 1.2, 16.5, 15.0, lr=0.02)]
     assert seeds.main([str(r) for r in runs]) == 2
-    assert "differ in more than the seed" in capsys.readouterr().err
+    assert "differ in more than the seed and the methods" in capsys.readouterr().err
