@@ -1,7 +1,8 @@
 """What compressed-tensors alone computes is what the report states (issue: deployable exports).
 
-On the embedded SmolLM2, a down_proj run (all 30 sites, as the default job) and a whole-model
-run (every linear, R1) are fitted with target compressed-tensors, exported as fused, W8A8 and
+On the embedded SmolLM2, a down_proj run (all 30 sites, as the default job) and whole-model
+runs (every linear; with R1, and with an online H at every linear's input instead, as
+configs/whole_model_vllm.yaml) are fitted with target compressed-tensors, exported as fused, W8A8 and
 W4A4 from the fit, and reloaded with transformers + compressed-tensors only (its forward, its
 transforms with the stored H; no smoothrot code in the forward pass). Each reload's perplexity
 on the run's own evaluation windows is within 0.5 % of the number the report gives (float32).
@@ -39,15 +40,16 @@ def _budget(tmp_path, **overrides):
     })
 
 
-@pytest.mark.parametrize(("layers", "r1"), [("down_proj", False), ("all", True)],
-                         ids=["down_proj", "whole-model-r1"])
+@pytest.mark.parametrize(("layers", "r1"), [("down_proj", False), ("all", True), ("all", False)],
+                         ids=["down_proj", "whole-model-r1", "whole-model-online"])
 def test_compressed_tensors_alone_reproduces_the_report(smollm2, tmp_path, monkeypatch,
                                                         layers, r1):
     model, tok = smollm2
     monkeypatch.setattr(job, "load_model", lambda *a, **k: (copy.deepcopy(model), tok))
+    whole = layers == "all"
     cfg = _budget(tmp_path, layers=[layers], residual_rotation=r1,
-                  methods=["trained"] if not r1 else ["smoothrot_max"])
-    if r1:
+                  methods=["smoothrot_max"] if whole else ["trained"])
+    if whole:
         cfg.export.method = "smoothrot_max"
     result = job.run_fit(cfg)
     paths = export_fit(result, model, tok)
