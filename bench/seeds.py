@@ -2,11 +2,11 @@
 
     python bench/seeds.py RUN_DIR [RUN_DIR ...]
 
-Each RUN_DIR is the output folder of one ``train/fit_scales.py --seed N`` run (its report.json);
-the runs must share everything but the seed and the list of methods (methods are fitted
-independently of each other); the table has the methods every run reports. Prints a markdown table: per scheme and method, the
-held-out MSE and its % vs the row's reference, and the perplexity with its % vs the same seed's
-float perplexity (each seed splits the text anew, so the evaluation text differs), as mean ±
+Each RUN_DIR is the output folder of one ``train/fit_scales.py --seed N`` run (its report.json); the
+runs must share everything but the seed and the list of methods (methods are fitted independently of
+each other); the table has the methods every run reports. Prints a markdown table: per scheme and
+method, the held-out MSE and its % vs the row's reference, and the perplexity with its % vs the same
+seed's float perplexity (each seed splits the text anew, so the evaluation text differs), as mean ±
 sample standard deviation over the runs. A difference smaller than the spread is noise.
 """
 

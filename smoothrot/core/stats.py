@@ -37,7 +37,9 @@ def _as_rows(x: torch.Tensor, channels: int) -> torch.Tensor:
             f"(shape {tuple(x.shape)})"
         )
     rows = x.detach().reshape(-1, channels).to(torch.float32)
-    bad = ~torch.isfinite(rows)
+    if torch.isfinite(rows.sum()):  # finite values: no tensor-sized mask (most of an update)
+        return rows
+    bad = ~torch.isfinite(rows)  # a non-finite sum: inf/NaN present, or finite values overflowed
     n_bad = int(bad.sum().item())
     if n_bad:
         first_channel = int(bad.any(dim=0).nonzero()[0].item())

@@ -1,11 +1,11 @@
 """What compressed-tensors alone computes is what the report states (issue: deployable exports).
 
-On the embedded SmolLM2, a down_proj run (all 30 sites, as the default job) and whole-model
-runs (every linear; with R1, and with an online H at every linear's input instead, as
-configs/whole_model_vllm.yaml) are fitted with target compressed-tensors, exported as fused, W8A8 and
-W4A4 from the fit, and reloaded with transformers + compressed-tensors only (its forward, its
-transforms with the stored H; no smoothrot code in the forward pass). Each reload's perplexity
-on the run's own evaluation windows is within 0.5 % of the number the report gives (float32).
+On the embedded SmolLM2, a down_proj run (all 30 sites, as the default job) and whole-model runs
+(every linear; with R1, and with an online H at every linear's input instead, as
+configs/whole_model_vllm.yaml) are fitted with target compressed-tensors, exported as fused, W8A8
+and W4A4 from the fit, and reloaded with transformers + compressed-tensors only (its forward, its
+transforms with the stored H; no smoothrot code in the forward pass). Each reload's perplexity on
+the run's own evaluation windows is within 0.5 % of the number the report gives (float32).
 """
 
 from __future__ import annotations

@@ -84,6 +84,18 @@ def test_absmax_errors() -> None:
         obs.merge(AbsMaxObserver(3))
 
 
+def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+    """The finiteness check reads the sum first; an overflowing sum of finite values is not a
+    non-finite input."""
+    x = torch.full((4, 3), 3e38)
+    assert not torch.isfinite(x.sum())
+    obs, quant = AbsMaxObserver(3), AbsQuantileObserver(3, [0.5], 4)
+    obs.update(x)
+    quant.update(x)
+    assert torch.equal(obs.value(), torch.full((3,), 3e38))
+    assert torch.equal(quant.value(0.5), torch.full((3,), 3e38))
+
+
 def test_weight_absmax() -> None:
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(12, 20, generator=gen, dtype=torch.float16)
