@@ -170,9 +170,11 @@ def measure_ppl(args) -> tuple[dict, dict[str, torch.Tensor]]:
 
     cfg = load_config(args.config)
     model, tokenizer = load_model(cfg.model.name)
+    residual_kind = None
     if cfg.residual_rotation:  # as the run did (R1 before any site is resolved)
-        rotate_residual(model, seed=cfg.seed)
-    sites = resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation)
+        residual_kind = rotate_residual(model, seed=cfg.seed,
+                                        kind=cfg.rotation.residual_kind).kind
+    sites = resolve_sites(model, cfg.layers, residual_kind=residual_kind)
     data_cfg = dataclasses.replace(cfg.data, evaluation_samples=args.evaluation_samples)
     _, windows = split_windows(tokenizer, data_cfg, cfg.seed)
     data = _calibrate(model, sites, windows, cfg, Timer())

@@ -211,11 +211,13 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
         )
     check_context_length(model, cfg.data.seq_len)
     fingerprint = model_fingerprint(model)  # of the model as loaded, before any R1
+    residual_kind = None  # the kind of R1 applied (hadamard falls back to random if it must)
     if cfg.residual_rotation:
         with timer.stage("residual rotation"):
-            rotate_residual(model, seed=cfg.seed)
+            residual_kind = rotate_residual(model, seed=cfg.seed,
+                                            kind=cfg.rotation.residual_kind).kind
     sites = with_dense_rotations(with_rotation_blocks(
-        resolve_sites(model, cfg.layers, residual_rotated=cfg.residual_rotation),
+        resolve_sites(model, cfg.layers, residual_kind=residual_kind),
         cfg.rotation.block_size), target.dense_rotation)
     _check_sites(sites, cfg)
     with timer.stage("load data"):

@@ -200,8 +200,11 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
     md.append(f"\n**Target: {target_line(result)}.** Every number below is computed with this "
               "target's quantizer arithmetic (docs/deployment.md).")
     if result.config.residual_rotation:
-        md.append("The residual stream is rotated (R1, docs/whole_model.md) under every method, "
-                  "RTN included; the float perplexity is of the rotated float model (R1 is exact).")
+        kind = result.config.rotation.residual_kind
+        md.append(f"The residual stream is rotated (R1 of kind {kind}, docs/whole_model.md) under "
+                  "every method, RTN included; the float perplexity is of the rotated float model "
+                  "(R1 is exact)." + (" The residual readers keep their own online Hadamard "
+                                      "(placement both)." if kind == "random" else ""))
     if result.float_perplexity is not None:
         md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
     if len(result.schemes) > 1:

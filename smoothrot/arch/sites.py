@@ -1,7 +1,8 @@
 """Binding the architecture tables to one model: which modules each site is, and its transform.
 
 :func:`resolve_sites` turns ``--layers`` patterns into :class:`ResolvedSite` records; whether the
-residual stream was rotated (R1) is an explicit argument, never state read off the model.
+residual stream was rotated (R1), and by which kind of Q, is an explicit argument, never state
+read off the model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from smoothrot.arch.tables import (
     SmoothingSite,
 )
 from smoothrot.core.transform import ScaleTie, SiteTransform
-from smoothrot.schema.rotation import Rotation, RotationKind
+from smoothrot.schema.rotation import RESIDUAL_KINDS, Rotation, RotationKind
 
 ALL = "all"
 
@@ -74,7 +75,8 @@ class ResolvedSite:
 
     @property
     def rotation(self) -> Rotation:
-        """The site's own rotation (its table entry, bound to the model; none under R1)."""
+        """The site's own rotation (its table entry, bound to the model; residual readers:
+        none under a Hadamard R1)."""
         return self.transform.rotation
 
 
@@ -97,11 +99,12 @@ def _reads_residual(arch: ArchitectureMap, site: SmoothingSite) -> bool:
     return any(set(site.linears) <= set(feed.linears) for feed in arch.residual.readers)
 
 
-def _site_transform(site: SmoothingSite, dims: ModelDims, rotated_input: bool) -> SiteTransform:
+def _site_transform(site: SmoothingSite, dims: ModelDims, hadamard_input: bool) -> SiteTransform:
     rotation = site.rotation.bound(dims.head_dim)
-    if rotated_input and rotation.kind is RotationKind.FULL:
+    if hadamard_input and rotation.kind is RotationKind.FULL:
         # R1 already rotated this input by Q = diag(σ)·H; a second H would undo it (H·H = I for
-        # a symmetric H, so x·Q·H = x·diag(σ)), bringing the outliers back.
+        # a symmetric H, so x·Q·H = x·diag(σ)), bringing the outliers back. A random orthogonal
+        # Q is not undone by H: those sites keep theirs (placement "both").
         rotation = Rotation.none()
     tie = None
     if site.tie == "kv_heads" and dims.heads != dims.kv_heads:
@@ -121,14 +124,15 @@ def _source_size(rs_name: str, module: nn.Module, kind: str, rows: tuple[int, in
 
 
 def _bind(model: nn.Module, arch: ArchitectureMap, dims: ModelDims, index: int,
-          layer: nn.Module, site: SmoothingSite, residual_rotated: bool) -> ResolvedSite:
+          layer: nn.Module, site: SmoothingSite, residual_kind: str | None) -> ResolvedSite:
     name = f"{arch.layers}.{index}.{site.path}"
     linears = tuple(layer.get_submodule(p) for p in site.linears)
     if len({lin.in_features for lin in linears}) != 1:
         raise ValueError(f"{name}: the linears {site.linears} do not share one input size")
     rows = ROW_SLICES[site.smooth_from_rows](dims) if site.smooth_from_rows else None
     source = layer.get_submodule(site.smooth_from)
-    transform = _site_transform(site, dims, residual_rotated and _reads_residual(arch, site))
+    transform = _site_transform(site, dims,
+                                residual_kind == "hadamard" and _reads_residual(arch, site))
     n_scales = transform.n_scales(linears[0].in_features)
     size = _source_size(name, source, site.smooth_from_kind, rows)
     if size != n_scales:
@@ -148,15 +152,20 @@ def _matches(pattern: str, site: SmoothingSite, qualified: str, members: list[st
 
 
 def resolve_sites(model: nn.Module, patterns: list[str], *,
-                  residual_rotated: bool = False) -> list[ResolvedSite]:
+                  residual_kind: str | None = None) -> list[ResolvedSite]:
     """Bind the requested sites to modules, in layer order (table order inside a layer).
 
     A pattern is ``all``, a site name (``down_proj``, ``qkv``: every layer), a qualified site name
     (``model.layers.11.mlp.down_proj``, ``model.layers.0.self_attn.qkv``), the qualified name of
     any linear of a group (``model.layers.0.self_attn.k_proj``) or a regex prefixed with ``re:``.
-    With ``residual_rotated`` (the model carries R1, surgery/residual.py), sites reading the
-    residual stream (q/k/v, gate/up) get no rotation of their own: their input is already rotated.
+    ``residual_kind`` is the kind of the R1 the model carries (surgery/residual.py; pass
+    ``ResidualRotation.kind``, what was applied, not what was asked for), None without R1. With
+    ``"hadamard"`` sites reading the residual stream (q/k/v, gate/up) get no rotation of their
+    own (H·H = I would undo R1); with ``"random"`` they keep it.
     """
+    if residual_kind not in (None, *RESIDUAL_KINDS):
+        raise ValueError(f"residual_kind={residual_kind!r} must be None (no R1) or one of "
+                         f"{list(RESIDUAL_KINDS)}")
     arch = architecture_of(model)
     dims = ModelDims.from_config(model.config)
     layers = model.get_submodule(arch.layers)
@@ -170,7 +179,7 @@ def resolve_sites(model: nn.Module, patterns: list[str], *,
             if not hits:
                 continue
             used.update(hits)
-            resolved.append(_bind(model, arch, dims, index, layer, site, residual_rotated))
+            resolved.append(_bind(model, arch, dims, index, layer, site, residual_kind))
     unused = [p for p in patterns if p not in used]
     if unused:
         names = [ALL, *dict.fromkeys(s.name for s in arch.sites)]

@@ -103,6 +103,7 @@ def export_fit(result: FitResult, model: nn.Module, tokenizer: Any = None,
             scheme=sr.scheme if fmt != "fused" else None, target=cfg.target,
             tokenizer=tokenizer, overwrite=cfg.export.overwrite,
             residual_seed=cfg.seed if cfg.residual_rotation else None,
+            residual_kind=cfg.rotation.residual_kind,
             provenance=_provenance(result, sr, cfg.export.method), calibration=calibration,
             inputs=_inputs(cfg)))
     return paths

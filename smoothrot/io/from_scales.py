@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoothrot.io.scales_file import FIT_SETTINGS, ScalesFile, read_scales_file
+from smoothrot.io.scales_file import (
+    FIT_SETTING_DEFAULTS,
+    FIT_SETTING_PATHS,
+    FIT_SETTINGS,
+    ScalesFile,
+    read_scales_file,
+)
 from smoothrot.io.writer import check_target, export_model
 from smoothrot.models import model_fingerprint
 from smoothrot.schema.export import ExportError
@@ -67,14 +73,22 @@ def _fit_settings(report: Mapping[str, Any] | None, file: ScalesFile) -> dict[st
             raise ExportError(f"report.json's {key} is not that of {file.path} (a report of "
                               "another run?); pass the run's own report.json (--report)")
     config = _mapping(report.get("config", {}), "config")
-    said = {key: config[key] for key in FIT_SETTINGS if key in config}
-    for key, value in said.items():
+    said = {}
+    for key in FIT_SETTINGS:
+        path = FIT_SETTING_PATHS.get(key, (key,))
+        where, dotted = config, ".".join(path)  # e.g. rotation.residual_kind
+        for parent in path[:-1]:
+            where = _mapping(where.get(parent, {}), f"config.{parent}")
+        if path[-1] not in where:
+            continue
+        value = said[key] = where[path[-1]]
         if not FIT_SETTINGS[key][0](value):
-            raise ExportError(f"report.json: config.{key}={value!r} must be "
+            raise ExportError(f"report.json: config.{dotted}={value!r} must be "
                               f"{FIT_SETTINGS[key][1]}; pass the run's own report.json (--report)")
         if file.fit is not None and value != file.fit[key]:
-            raise ExportError(f"report.json says {key}={value!r} but {file.path} was fitted with "
-                              f"{key}={file.fit[key]!r}; pass the run's own report.json (--report)")
+            raise ExportError(f"report.json says {dotted}={value!r} but {file.path} was fitted "
+                              f"with {dotted}={file.fit[key]!r}; pass the run's own report.json "
+                              "(--report)")
     return dict(file.fit or said)
 
 
@@ -152,11 +166,13 @@ def export_from_scales_file(
         log.warning("%s records no fit settings: assuming the fit used no residual rotation",
                     scales_path)
     residual_seed = settings.get("seed", 0) if settings.get("residual_rotation") else None
+    residual_kind = settings.get("residual_kind", FIT_SETTING_DEFAULTS["residual_kind"])
     provenance = _provenance(report, scheme, method, scales_path)
     provenance["source_model"] = file.model
     return export_model(
         model, plans, out, fmt=fmt, dtype=dtype,
         scheme=scheme if fmt != "fused" else None, tokenizer=tokenizer, overwrite=overwrite,
-        residual_seed=residual_seed, provenance=provenance, calibration=calibration,
+        residual_seed=residual_seed, residual_kind=residual_kind, provenance=provenance,
+        calibration=calibration,
         target=target or settings.get("target", "vllm"), inputs=inputs,
     )

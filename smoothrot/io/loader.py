@@ -161,8 +161,9 @@ def load_pretrained(
                     "quantizer has none, so they are not applied (use activation_quantizer="
                     "'smoothrot' for the fitted model)", path)
 
+    r1 = decl.residual_rotation
     resolved = {rs.name: rs for rs in resolve_sites(
-        model, list(decl.sites), residual_rotated=decl.residual_rotation is not None)}
+        model, list(decl.sites), residual_kind=None if r1 is None else r1.kind)}
     names = {id(m): name for name, m in model.named_modules()}
     handles, skipped = [], 0
     for name, site in decl.sites.items():

@@ -37,7 +37,8 @@ def model_card(decl: ExportDeclaration, meta: Mapping[str, Any]) -> str:
         f"- Method: {meta.get('method', 'given plans')}"
         + (f", scheme {meta['scheme']}" if meta.get("scheme") else "") + ".",
         f"- Sites: {len(decl.sites)}; residual rotation R1: "
-        + ("yes (folded into the weights)" if decl.residual_rotation else "no") + ".",
+        + (f"yes, a {decl.residual_rotation.kind} Q (folded into the weights)"
+           if decl.residual_rotation else "no") + ".",
         "- Online rotations: " + (", ".join(online) if online else "none") + ".",
     ]
     if "perplexity" in headline:

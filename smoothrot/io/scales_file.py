@@ -7,7 +7,7 @@ its float64 scales tensor (null: no scales). Readers go through the index only; 
 (``<scheme>/<method>/<site>``) are for people and tools browsing the file and are never parsed.
 Plans are rebuilt from the records as they were written, so the export needs no rule about which
 methods have scales or rotate; a tensor the index does not name is refused (an edit, not a plan).
-The fit settings an export re-applies (R1 and its seed, the target) are in the metadata too
+The fit settings an export re-applies (R1, its seed and kind, the target) are in the metadata too
 (``fit``), so an export does not depend on a report.json that may belong to another run.
 
 Offline-quantized weights (GPTQ's ``SitePlan.weight_q``) are not part of a scales file.
@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from smoothrot.io.atomic import atomic_write
-from smoothrot.schema.rotation import Rotation
+from smoothrot.schema.rotation import RESIDUAL_KINDS, Rotation
 from smoothrot.schema.strict import (
     BOOLEAN,
     CLIP,
@@ -46,9 +46,15 @@ if TYPE_CHECKING:
 
 FILE_FORMAT = "smoothrot-scales"
 FILE_VERSION = "1"
-# The fit settings an export follows, by their config key: R1 (with its seed) and the target.
+# The fit settings an export follows, by their config key: R1 (with its seed and kind) and the
+# target. Keys not at the config's top level are found by FIT_SETTING_PATHS.
 FIT_SETTINGS: dict[str, Check] = {"residual_rotation": BOOLEAN, "seed": INTEGER,
+                                  "residual_kind": one_of(RESIDUAL_KINDS),
                                   "target": one_of(tuple(TARGETS))}
+FIT_SETTING_PATHS: dict[str, tuple[str, ...]] = {"residual_kind": ("rotation", "residual_kind")}
+# What a setting was before it was recorded (files written before the kind was kept: R1 was
+# always of kind hadamard).
+FIT_SETTING_DEFAULTS: dict[str, Any] = {"residual_kind": "hadamard"}
 
 
 class ScalesFileError(ValueError):
@@ -122,7 +128,13 @@ class ScalesFile:
 
 def fit_settings(config: FitConfig) -> dict[str, Any]:
     """The settings of ``config`` that an export of its scales must re-apply."""
-    return {key: getattr(config, key) for key in FIT_SETTINGS}
+    out = {}
+    for key in FIT_SETTINGS:
+        value: Any = config
+        for name in FIT_SETTING_PATHS.get(key, (key,)):
+            value = getattr(value, name)
+        out[key] = value
+    return out
 
 
 def write_scales_file(
@@ -167,7 +179,10 @@ def _check_entries(entries: Sequence[ScalesEntry], sites: Sequence[str]) -> None
 
 
 def _checked_fit(fit: Any) -> dict[str, Any]:
-    """``fit`` as a mapping of exactly the FIT_SETTINGS keys, each valid (one-line error)."""
+    """``fit`` as a mapping of exactly the FIT_SETTINGS keys, each valid (one-line error); a key
+    of FIT_SETTING_DEFAULTS it lacks takes its default."""
+    if isinstance(fit, dict):
+        fit = {**{k: v for k, v in FIT_SETTING_DEFAULTS.items() if k not in fit}, **fit}
     if not isinstance(fit, dict) or set(fit) != set(FIT_SETTINGS):
         raise ValueError(f"fit settings must be a mapping of {list(FIT_SETTINGS)}, got {fit!r}")
     for key, (fits, expected) in FIT_SETTINGS.items():

@@ -146,7 +146,8 @@ def verify_export(
             reference = as_loaded(rotated, target)
         # compressed-tensors' runtime rotates with the stored matrix (a dense product)
         sites = with_dense_rotations(
-            [rs for rs in resolve_sites(reference, list(plans), residual_rotated=r1 is not None)
+            [rs for rs in resolve_sites(reference, list(plans),
+                                        residual_kind=None if r1 is None else r1.kind)
              if rs.name in plans], runtime != "smoothrot")
         with transformed(sites, plans, scheme):
             logit_rel, diff = _compare_logits(reference, reloaded, windows, batch_size)

@@ -76,12 +76,12 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 
 def _resolve_planned(
-    model: nn.Module, plans: Mapping[str, SitePlan], residual_rotated: bool
+    model: nn.Module, plans: Mapping[str, SitePlan], residual_kind: str | None
 ) -> list[ResolvedSite]:
     """The sites named by ``plans`` (qualified site names), checked against the model."""
     if not plans:
         raise ExportError("nothing to export: no site plans given")
-    sites = [rs for rs in resolve_sites(model, list(plans), residual_rotated=residual_rotated)
+    sites = [rs for rs in resolve_sites(model, list(plans), residual_kind=residual_kind)
              if rs.name in plans]
     missing = sorted(set(plans) - {rs.name for rs in sites})
     if missing:
@@ -221,9 +221,10 @@ def _input_absmax(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
 
 
 def _prepared_copy(
-    model: nn.Module, target: torch.dtype, residual_seed: int | None
+    model: nn.Module, target: torch.dtype, residual_seed: int | None, residual_kind: str
 ) -> tuple[nn.Module, ResidualDeclaration | None]:
-    """A savable copy in ``target`` dtype, with the R1 residual rotation re-applied if asked."""
+    """A savable copy in ``target`` dtype, with the R1 residual rotation re-applied if asked
+    (of ``residual_kind``; the declaration records the kind applied)."""
     work = copy.deepcopy(model)
     _drop_gguf_marker(work)
     residual = None
@@ -231,7 +232,7 @@ def _prepared_copy(
         from smoothrot.surgery.residual import rotate_residual
 
         work.to(torch.float64 if target == torch.float64 else torch.float32)
-        rot = rotate_residual(work, seed=residual_seed)
+        rot = rotate_residual(work, seed=residual_seed, kind=residual_kind)
         if rot.handles:
             raise ExportError("this architecture's residual rotation needs online hooks after "
                               "output norms, which the export cannot declare yet")
@@ -324,6 +325,7 @@ def export_model(
     tokenizer: Any = None,
     overwrite: bool = False,
     residual_seed: int | None = None,
+    residual_kind: str = "hadamard",
     provenance: Mapping[str, Any] | None = None,
     calibration: torch.Tensor | None = None,
     target: str = "vllm",
@@ -337,7 +339,8 @@ def export_model(
     applies them). Plans with ``weight_q`` (GPTQ) store those
     codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
     NVFP4's static input global scales (max |x·R| per linear; required for ``nvfp4``).
-    ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under.
+    ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under, of
+    ``residual_kind`` (the fit's ``rotation.residual_kind``).
     ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``,
     with the SHA-256 of every stored tensor and config entry (what ``verify`` checks).
     ``overwrite`` replaces an earlier export only, never the model's own folder or ``inputs``
@@ -363,9 +366,9 @@ def export_model(
     # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
     # GPTQ weights replace the fused float weights only when compressed (their scales come from
     # the float weights).
-    work, residual = _prepared_copy(model, torch_dtype, residual_seed)
-    rotated = residual is not None
-    sites = _resolve_planned(work, plans, rotated)
+    work, residual = _prepared_copy(model, torch_dtype, residual_seed, residual_kind)
+    kind = None if residual is None else residual.kind
+    sites = _resolve_planned(work, plans, kind)
     names = _module_names(work)
     weights_q = {names[id(lin)]: w for lin, w in linear_weights_q(sites, plans).items()}
     handles = apply_plans(sites, {k: replace(p, weight_q=None) for k, p in plans.items()})
@@ -373,8 +376,8 @@ def export_model(
         if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
             # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
             # parameter and its value (rare path, so the common one fuses once).
-            fresh, _ = _prepared_copy(model, torch_dtype, residual_seed)
-            check_representable(fresh, _resolve_planned(fresh, plans, rotated), plans, torch_dtype)
+            fresh, _ = _prepared_copy(model, torch_dtype, residual_seed, residual_kind)
+            check_representable(fresh, _resolve_planned(fresh, plans, kind), plans, torch_dtype)
             raise ExportError(f"fused weights are not finite in {dtype}; export float32")
         declared = _site_declarations(work, sites, plans)
         linears = [name for site in declared.values() for name in site.linears]

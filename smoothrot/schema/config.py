@@ -24,6 +24,7 @@ from smoothrot.schema.quant import (
     PRESET_SCHEMES,
     get_scheme,
 )
+from smoothrot.schema.rotation import RESIDUAL_KINDS
 from smoothrot.schema.target import TARGETS
 
 # The method every % is reported against (registry.BASELINE); it always runs and reports.
@@ -188,9 +189,15 @@ class RotationConfig:
     """Fit options for the sites' online rotations. ``block_size`` (a power of two) splits every
     full online Hadamard over n channels into block-diagonal Hadamards of the largest power of two
     that divides n, at most ``block_size`` (512: 1536 = 3·512, 576 = 9·64), which vLLM runs with
-    its fast kernel instead of a dense matrix product (docs/deployment.md)."""
+    its fast kernel instead of a dense matrix product (docs/deployment.md).
+
+    ``residual_kind`` is the kind of R1 (with ``residual_rotation: true``, surgery/residual.py):
+    ``hadamard`` Q = diag(±1)·H, after which the residual readers (q/k/v, gate/up) get no online
+    H (H·H = I would undo R1); ``random`` a seeded random orthogonal Q, which no H cancels, so
+    the readers keep their own online H after their scales (placement "both")."""
 
     block_size: int | None = None
+    residual_kind: str = "hadamard"
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -198,6 +205,9 @@ class RotationConfig:
                               or b & (b - 1)):
             raise ConfigError(f"rotation.block_size={b!r} must be null or a power of two >= 2, "
                               "e.g. 512")
+        if self.residual_kind not in RESIDUAL_KINDS:
+            raise ConfigError(f"rotation.residual_kind={self.residual_kind!r} is not one of "
+                              f"{list(RESIDUAL_KINDS)}; use hadamard (R1 = diag(±1)·H) or random")
 
 
 @dataclass
@@ -262,6 +272,10 @@ class FitConfig:
             raise ConfigError(
                 f"residual_rotation={self.residual_rotation!r} must be true or false"
             )
+        if self.rotation.residual_kind != "hadamard" and not self.residual_rotation:
+            raise ConfigError(
+                f"rotation.residual_kind={self.rotation.residual_kind!r} needs residual_rotation:"
+                " true (it is the kind of R1); set residual_rotation: true or drop the key")
         processes = self.distributed.devices * self.distributed.num_nodes
         for key in ("calibration_samples", "selection_samples", "heldout_samples"):
             if getattr(self.data, key) < processes:  # every rank needs a window of each split

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from smoothrot.arch.tables import SMOOTH_FROM_KINDS
 from smoothrot.schema.export import EXPORT_DTYPES, FORMATS
 from smoothrot.schema.quant import ACT_GRIDS, QUANT_FORMATS, QuantScheme
-from smoothrot.schema.rotation import Rotation, RotationKind
+from smoothrot.schema.rotation import RESIDUAL_KINDS, Rotation, RotationKind
 from smoothrot.schema.strict import (
     BOOLEAN,
     CLIP,
@@ -162,7 +162,7 @@ class ResidualDeclaration:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ResidualDeclaration:
-        return cls(**checked(cls, data, where, {"seed": INTEGER, "kind": STRING,
+        return cls(**checked(cls, data, where, {"seed": INTEGER, "kind": one_of(RESIDUAL_KINDS),
                                                  "untied_lm_head": BOOLEAN}))
 
 

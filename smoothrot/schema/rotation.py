@@ -30,6 +30,10 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+# Kinds of the residual-stream rotation R1 (surgery/residual.py), not of a site's R:
+# ``hadamard`` Q = diag(±1)·H, ``random`` a random orthogonal Q.
+RESIDUAL_KINDS = ("hadamard", "random")
+
 
 class RotationKind(str, Enum):
     """What the orthonormal R is (see the module table)."""

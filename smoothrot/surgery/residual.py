@@ -15,11 +15,13 @@ Gemma-2's sandwich norms normalize a block's *output* with a per-channel γ befo
 add; γ does not commute with Q, so those norms keep γ and an online y ↦ y·Q follows them (a fast
 Hadamard when Q is one). All folding runs in float64 and is cast back once.
 
-Q is a randomized Hadamard matrix diag(±1)·H (QuaRot's choice: spreads outliers, fast online),
-or a random orthogonal matrix where no Hadamard of the hidden size exists. Sites reading the
-residual (q/k/v, gate/up) then get no online Hadamard of their own
-(``resolve_sites(..., residual_rotated=True)``): H is symmetric, H·H = I, so x·Q·H = x·diag(±1)
-would undo R1 (measured on SmolLM2 W4A4: perplexity 1.8e5 instead of 176).
+Q is a randomized Hadamard matrix diag(±1)·H (``kind="hadamard"``, QuaRot's choice: spreads
+outliers, fast online), or a random orthogonal matrix (``kind="random"``, and where no Hadamard
+of the hidden size exists). After a Hadamard Q, sites reading the residual (q/k/v, gate/up) get no
+online Hadamard of their own (``resolve_sites(..., residual_kind="hadamard")``): H is symmetric,
+H·H = I, so x·Q·H = x·diag(±1) would undo R1 (measured on SmolLM2 W4A4: perplexity 1.8e5 instead
+of 176). A random Q is not undone by H, so after it they keep theirs (placement "both"); pass
+``ResidualRotation.kind``, the kind applied.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from torch import nn
 from smoothrot.arch.sites import architecture_of
 from smoothrot.arch.tables import ArchitectureMap, ResidualMap
 from smoothrot.core.hadamard import hadamard_matrix, hadamard_transform, is_supported
+from smoothrot.schema.rotation import RESIDUAL_KINDS
 
 log = logging.getLogger(__name__)
 
-ROTATION_KINDS = ("hadamard", "random")
+ROTATION_KINDS = RESIDUAL_KINDS
 # Marks a rotated model so R1 is never applied twice (read by rotate_residual only).
 _ROTATED_MARK = "_smoothrot_r1"
 

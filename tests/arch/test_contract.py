@@ -25,6 +25,8 @@ from smoothrot.surgery.residual import rotate_residual
 from tests.arch.tiny import TINY, exact_norms, norm_modules, tiny_model
 
 ARCHS = sorted(TINY)
+# No R1; R1 = diag(±1)·H (readers get no H); R1 random orthogonal, readers keep their H ("both").
+R1_KINDS, R1_IDS = [None, "hadamard", "random"], ["smooth", "r1+smooth", "r1random+smooth"]
 
 
 def _ids(vocab: int = 96) -> torch.Tensor:
@@ -86,15 +88,14 @@ class TestArchitectureContract:
         for gamma in _effective_gammas(tiny_model(arch)):
             assert (gamma < 0).sum() >= gamma.numel() // 3 and (gamma == 0).any()
 
-    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    @pytest.mark.parametrize("r1", R1_KINDS, ids=R1_IDS)
     def test_float64_transform_is_exact(self, arch, r1):
         model = tiny_model(arch, torch.float64)
         ids = _ids()
         with exact_norms(model):
             ref = _logits(model, ids)
-        if r1:
-            rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"], residual_rotated=r1)
+        kind = rotate_residual(model, seed=3, kind=r1).kind if r1 else None
+        sites = resolve_sites(model, ["all"], residual_kind=kind)
         with exact_norms(model), transformed(sites, _random_plans(sites)):
             out = _logits(model, ids)
             for gamma in _effective_gammas(model):
@@ -102,28 +103,26 @@ class TestArchitectureContract:
         assert torch.isfinite(out).all()
         assert _rel(out, ref) <= 1e-9
 
-    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    @pytest.mark.parametrize("r1", R1_KINDS, ids=R1_IDS)
     def test_float32_with_native_norms(self, arch, r1):
         """HF's own float32 forward (norms, softmax) agrees to float32 precision."""
         model = tiny_model(arch, torch.float32)
         ids = _ids()
         ref = _logits(model, ids)
-        if r1:
-            rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"], residual_rotated=r1)
+        kind = rotate_residual(model, seed=3, kind=r1).kind if r1 else None
+        sites = resolve_sites(model, ["all"], residual_kind=kind)
         with transformed(sites, _random_plans(sites, torch.float32)):
             out = _logits(model, ids)
         assert _rel(out, ref) <= 1e-4
 
-    @pytest.mark.parametrize("r1", [False, True], ids=["smooth", "r1+smooth"])
+    @pytest.mark.parametrize("r1", R1_KINDS, ids=R1_IDS)
     def test_fake_quantized_forward(self, arch, r1):
         """W4A4 is finite and changes the logits; W8A8 stays close to float."""
         model = tiny_model(arch)
         ids = _ids()
         ref = _logits(model, ids)
-        if r1:
-            rotate_residual(model, seed=3)
-        sites = resolve_sites(model, ["all"], residual_rotated=r1)
+        kind = rotate_residual(model, seed=3, kind=r1).kind if r1 else None
+        sites = resolve_sites(model, ["all"], residual_kind=kind)
         plans = _random_plans(sites, torch.float32, spread=0.3)
         with transformed(sites, plans, get_scheme("w4a4")):
             w4 = _logits(model, ids)
@@ -209,9 +208,15 @@ class TestArchitectureContract:
         before = {rs.site.name: rs.rotation for rs in resolve_sites(model, ["all"])}
         rotate_residual(model)
         after = {rs.site.name: rs.rotation
-                 for rs in resolve_sites(model, ["all"], residual_rotated=True)}
+                 for rs in resolve_sites(model, ["all"], residual_kind="hadamard")}
         assert before == {"qkv": Rotation.full(), "o_proj": Rotation.full(),
                           "gate_up": Rotation.full(), "down_proj": Rotation.full()}
         assert after == {**before, "qkv": Rotation.none(), "gate_up": Rotation.none()}
+        # A random orthogonal R1 is not undone by H: every site keeps its own (placement both).
+        both = {rs.site.name: rs.rotation
+                for rs in resolve_sites(model, ["all"], residual_kind="random")}
+        assert both == before
+        with pytest.raises(ValueError, match="residual_kind"):
+            resolve_sites(model, ["all"], residual_kind=True)
         # R1 is an explicit argument: the rotated model carries no state resolve_sites reads.
         assert {rs.site.name: rs.rotation for rs in resolve_sites(model, ["all"])} == before

@@ -47,7 +47,7 @@ def test_r1_and_every_site_are_exact_with_signed_gamma(smollm2, ids):
     result = rotate_residual(rotated)
     assert result.untied_lm_head and not rotated.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    sites = resolve_sites(rotated, ["all"], residual_rotated=True)
+    sites = resolve_sites(rotated, ["all"], residual_kind=result.kind)
     assert len(sites) == 120 and sites[1].n_scales == 192  # o_proj: 3 kv heads of 64
     assert sites[0].rotation.is_identity and sites[1].rotation == Rotation.full()  # qkv: R1
     # Float32 rounding grows with κ = max s / min s (docs/equivalence.md); fitted scales on this

@@ -463,7 +463,7 @@ def test_the_scales_file_carries_the_fit_settings(tmp_path):
     save_scales(result, tmp_path / "scales.safetensors")
     scales = tmp_path / "scales.safetensors"
     assert read_scales_file(scales).fit == {"residual_rotation": True, "seed": 4,
-                                            "target": "vllm"}
+                                            "residual_kind": "hadamard", "target": "vllm"}
     path = export_from_scales_file(scales, "fused", tmp_path / "e", model=model)
     decl = json.loads((path / "config.json").read_text())["smoothrot"]
     assert decl["residual_rotation"]["seed"] == 4
