@@ -21,6 +21,17 @@ from pathlib import Path
 from smoothrot.methods.registry import get_method
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"train.lr": 0.08, ...}``: nested config sections as dotted keys."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _cell(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
@@ -35,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
     free = ("seed", "output_dir", "methods", "perplexity_methods")
-    configs = [{k: v for k, v in r["config"].items() if k not in free} for r in reports]
-    if any(c != configs[0] for c in configs):
+    configs = [_flat({k: v for k, v in r["config"].items() if k not in free}) for r in reports]
+    # A key some run lacks was added to the config schema after that run (its default then).
+    shared = set.intersection(*(set(c) for c in configs))
+    if any({k: c[k] for k in shared} != {k: configs[0][k] for k in shared} for c in configs):
         print("error: the runs differ in more than the seed and the methods; compare runs of "
               "one config", file=sys.stderr)
         return 2

@@ -45,6 +45,14 @@ def test_a_method_not_run_with_every_seed_is_left_out(tmp_path, capsys) -> None:
     assert "| trained" in out and "Hadamard" not in out and "hadamard" not in out
 
 
+def test_a_config_key_added_after_a_run_is_not_compared(tmp_path) -> None:
+    runs = [_run(tmp_path / "a", 0, 1.0, 12.0, 10.0), _run(tmp_path / "b", 1, 1.2, 16.5, 15.0)]
+    report = json.loads((runs[1] / "report.json").read_text())
+    report["config"]["rotation"] = {"residual_kind": "hadamard"}  # a newer schema's key
+    (runs[1] / "report.json").write_text(json.dumps(report))
+    assert seeds.main([str(r) for r in runs]) == 0
+
+
 def test_runs_of_different_configs_are_refused(tmp_path, capsys) -> None:
     runs = [_run(tmp_path / "a", 0, 1.0, 12.0, 10.0),
             _run(tmp_path / "b", 1, 1.2, 16.5, 15.0, lr=0.02)]
