@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot.hub import hub_unusable
+from smoothrot.io import gguf_cache
 from smoothrot.schema.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -301,8 +302,6 @@ def _from_pretrained(
 def _gguf_cache_key(path: Path) -> str | None:
     """The GGUF cache key of a local GGUF, or None when the cache is off or the file unreadable
     (the load then reports the file as it always did)."""
-    from smoothrot.io import gguf_cache
-
     if gguf_cache.cache_root() is None:
         return None
     try:
@@ -317,8 +316,6 @@ def _load_gguf_entry(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
     """The converted GGUF of a cache entry, named like the GGUF load names it; None (after a
     warning, the entry removed) if the entry is damaged."""
-    from smoothrot.io import gguf_cache
-
     try:
         model, tokenizer, info = gguf_cache.load_entry(entry, dtype, trust_remote_code)
         _check_loading_info(name, info)
@@ -365,8 +362,6 @@ def load_model(
     loaded = None
     checked = False  # finite weights
     if key is not None:
-        from smoothrot.io import gguf_cache
-
         entry = gguf_cache.cached_folder(key)
         if entry is not None:
             logger.info("GGUF cache hit: loading %s from %s (dtype=%s, device=%s)",
