@@ -190,6 +190,59 @@ def capture_sequential(
     return records
 
 
+@dataclass
+class LayerStep:
+    """One step of :func:`walk_layers`: a decoder layer, its sites and the cached inputs of the
+    model quantized so far, per split. ``done`` is filled by the caller with the plans of the
+    layer's sites; the walk then runs the layer with them (``transformed``) into the next one."""
+
+    index: int
+    layer: nn.Module
+    sites: list[ResolvedSite]
+    inputs: dict[str, list[_LayerInput]]
+    device: torch.device
+    done: dict[str, SitePlan]
+
+    def run(self, batch: _LayerInput) -> torch.Tensor:
+        """The layer's output on one cached batch, with whatever hooks are active."""
+        return _run_layer(self.layer, batch, self.device)
+
+
+def walk_layers(
+    model: nn.Module,
+    sites: Sequence[ResolvedSite],
+    scheme: QuantScheme,
+    specs: dict[str, CaptureSpec],
+    batch_size: int,
+    desc: str,
+) -> Iterator[LayerStep]:
+    """Walk the decoder layers in order over cached hidden states of every split, each layer fed
+    the output of the ones before it *as quantized*: after the caller has filled
+    ``step.done`` with the layer's plans, the layer runs with them applied (weights and
+    activations quantized as ``scheme`` says) and its output becomes the next layer's input.
+    Layers after the last one holding a site never run. Every rank runs the whole walk."""
+    if not sites:
+        return
+    arch = architecture_of(model)
+    layers = model.get_submodule(arch.layers)
+    _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
+    device = _home(model)
+    by_layer: dict[int, list[ResolvedSite]] = {}
+    for rs in sites:
+        by_layer.setdefault(rs.layer_index, []).append(rs)
+    with torch.no_grad():
+        cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
+                                            arch.layers)
+                 for split, spec in specs.items()}
+    for index in progress(range(max(by_layer) + 1), desc=desc):
+        step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {})
+        yield step
+        with torch.no_grad(), transformed(step.sites, step.done, scheme):
+            for batches in cache.values():
+                for batch in batches:
+                    batch.hidden = step.run(batch).cpu()
+
+
 @torch.no_grad()
 def gptq_sequential(
     model: nn.Module,
@@ -204,43 +257,24 @@ def gptq_sequential(
 
     Per-site GPTQ on the float model's inputs rounds every linear for an input it will never
     see: upstream layers are quantized too, and their error grows with depth. Here the decoder
-    layers run one at a time over cached hidden states; inside a layer each site in turn (table
-    order: q/k/v, o, gate/up, down) is captured with the sites before it already quantized
-    (weights *and* activations, as ``scheme`` says), rounded by ``round_site(site, calibration
-    rows, selection rows)``, and the layer's quantized output becomes the next layer's input.
-    ``specs`` holds the ``calibration`` and ``selection`` splits; every rank runs the whole
-    walk (no sharding), so the result is the same on every process.
+    layers run one at a time over cached hidden states (:func:`walk_layers`); inside a layer
+    each site in turn (table order: q/k/v, o, gate/up, down) is captured with the sites before
+    it already quantized (weights *and* activations, as ``scheme`` says), rounded by
+    ``round_site(site, calibration rows, selection rows)``, and the layer's quantized output
+    becomes the next layer's input. ``specs`` holds the ``calibration`` and ``selection`` splits.
     """
-    if not sites:
-        return {}
-    arch = architecture_of(model)
-    layers = model.get_submodule(arch.layers)
-    _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
-    device = _home(model)
-    by_layer: dict[int, list[ResolvedSite]] = {}
-    for rs in sites:
-        by_layer.setdefault(rs.layer_index, []).append(rs)
-    cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
-                                        arch.layers)
-             for split, spec in specs.items()}
     choices: dict[str, GPTQChoice] = {}
-    for index in progress(range(max(by_layer) + 1), desc="sequential GPTQ"):
-        layer, layer_sites = layers[index], by_layer.get(index, [])
-        done: dict[str, SitePlan] = {}
-        for rs in layer_sites:
+    for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ"):
+        for rs in step.sites:
             rows = {}
-            with transformed(layer_sites, done, scheme):
+            with transformed(step.sites, step.done, scheme):
                 for split, spec in specs.items():
                     with capture_sites([rs], total_tokens=spec.total_tokens,
                                        keep_index=spec.keep_index) as recorded:
-                        for batch in cache[split]:
+                        for batch in step.inputs[split]:
                             with suppress(StopForward):
-                                _run_layer(layer, batch, device)
+                                step.run(batch)
                     rows[split] = recorded[rs.name].tokens()
             choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"])
-            done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
-        with transformed(layer_sites, done, scheme):
-            for batches in cache.values():
-                for batch in batches:
-                    batch.hidden = _run_layer(layer, batch, device).cpu()
+            step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
     return choices

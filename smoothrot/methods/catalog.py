@@ -6,10 +6,13 @@ from smoothrot.methods.gptq import WithGPTQ
 from smoothrot.methods.policy import ALPHA_ONLY, JOINT, JOINT_GLOBAL, QUANTILE, SMOOTHROT_MAX
 from smoothrot.methods.registry import register
 from smoothrot.methods.trained import TRAINED
+from smoothrot.methods.trained_block import TRAINED_BLOCK
 
 for _method in (
     RTN, HADAMARD, SMOOTHROT_MAX, ALPHA_ONLY, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
+    TRAINED_BLOCK,
     WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
     WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
+    WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"),
 ):
     register(_method)

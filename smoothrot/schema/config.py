@@ -148,6 +148,28 @@ class TrainConfig:
 
 
 @dataclass
+class BlockTrainConfig:
+    """The ``trained_block`` method (training/block.py): the scales of each decoder layer's
+    sites refined together against the layer's float output, starting from ``trained``, layer
+    by layer on the quantized model's inputs. ``steps`` Adam steps per layer under a cosine
+    schedule from ``lr``, each on ``batch_tokens`` tokens (whole windows); validation on the
+    selection split before and after."""
+
+    steps: int = 30
+    lr: float = 0.01
+    batch_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"block_training.steps={self.steps} must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"block_training.lr={self.lr} must be a positive number")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"block_training.batch_tokens={self.batch_tokens} must be at "
+                              "least 1 (rounded up to whole windows)")
+
+
+@dataclass
 class CalibrationConfig:
     """How site inputs are captured: the whole model at once, or one decoder layer at a time.
 
@@ -218,6 +240,7 @@ class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    block_training: BlockTrainConfig = field(default_factory=BlockTrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

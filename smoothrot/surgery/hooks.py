@@ -1,10 +1,11 @@
 """The online half of the surgery: pre-hooks that rotate (and fake-quantize) a linear's input,
-and applying site plans to a live model, permanently or for the length of a ``with`` block; and
-norms recomputed in the model's own dtype, for float64 checks of exact math."""
+and applying site plans to a live model, permanently or for the length of a ``with`` block;
+linears computed by a trainer's own (differentiable) forward for a while; and norms recomputed
+in the model's own dtype, for float64 checks of exact math."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -106,6 +107,29 @@ def transformed(
         with torch.no_grad():
             for p, original in saved.values():
                 p.copy_(original)
+
+
+@contextmanager
+def replaced_forwards(
+    sites: Sequence[ResolvedSite],
+    make_forward: Callable[[ResolvedSite, nn.Linear], Callable[[torch.Tensor], torch.Tensor]],
+) -> Iterator[None]:
+    """Run every linear of ``sites`` through ``make_forward(site, linear)`` for a while.
+
+    The differentiable counterpart of :func:`transformed`: a trainer whose transform depends
+    on parameters (trainable scales) computes each linear's fake-quantized output itself, with
+    the model's weights left untouched; the original forwards come back on exit.
+    """
+    replaced: list[nn.Linear] = []
+    try:
+        for rs in sites:
+            for linear in rs.linears:
+                linear.forward = make_forward(rs, linear)  # an instance attribute shadows it
+                replaced.append(linear)
+        yield
+    finally:
+        for linear in replaced:
+            del linear.forward
 
 
 def norm_modules(model: nn.Module) -> list[nn.Module]:

@@ -13,6 +13,7 @@ Kept apart from the entry point (fit.py) so the math of one training step reads 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
@@ -104,13 +105,21 @@ class ScaleFitModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.Adam(self.log_scales.parameters(), lr=self.lr)
-        if self.schedule == "constant":
-            return {"optimizer": optimizer}
-        total = self.total_steps
-        cosine = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+        return adam_with_schedule(self.log_scales.parameters(), self.lr, self.schedule,
+                                  self.total_steps)
+
+
+def adam_with_schedule(params: Iterable[torch.nn.Parameter], lr: float, schedule: str,
+                       total_steps: int) -> dict:
+    """Lightning's optimizer config: Adam at ``lr``, constant or decayed along a cosine to zero
+    at ``total_steps``."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    if schedule == "constant":
+        return {"optimizer": optimizer}
+    total = max(total_steps, 1)
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 class EpochEndCheckpoint(L.Callback):

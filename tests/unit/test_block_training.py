@@ -1,0 +1,119 @@
+"""The block-output objective (training/block.py, methods/trained_block.py): the substituted
+layer computes what the fused, quantized model computes; training lowers the layer's selection
+loss and never returns worse scales than it started from; the method runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smoothrot.arch.sites import resolve_sites
+from smoothrot.calibrate.capture import CaptureSpec
+from smoothrot.calibrate.sequential import walk_layers
+from smoothrot.schema.config import BlockTrainConfig, config_from_dict
+from smoothrot.schema.errors import ConfigError
+from smoothrot.schema.quant import get_scheme
+from smoothrot.surgery.hooks import replaced_forwards, transformed
+from smoothrot.surgery.plan import SitePlan
+from smoothrot.training.block import BlockProblem, BlockScaleFitModule, _step_order, fit_block
+from tests.conftest import tiny_llama
+from tests.unit.test_bad_inputs import small_config, tiny_model  # noqa: F401 (fixture)
+from train.fit_scales import main
+
+SCHEME = get_scheme("w4a4")
+
+
+def _specs(vocab: int) -> dict[str, CaptureSpec]:
+    gen = torch.Generator().manual_seed(0)
+    return {"calibration": CaptureSpec(torch.randint(0, vocab, (6, 16), generator=gen)),
+            "selection": CaptureSpec(torch.randint(0, vocab, (2, 16), generator=gen))}
+
+
+def _plans(sites, seed: int = 1) -> dict[str, SitePlan]:
+    gen = torch.Generator().manual_seed(seed)
+    return {rs.name: SitePlan(torch.rand(rs.transform.n_scales(rs.in_features),
+                                         generator=gen, dtype=torch.float64) + 0.5, rs.rotation)
+            for rs in sites}
+
+
+def _problem(step, plans) -> BlockProblem:
+    return BlockProblem(step, {rs.name: plans[rs.name].scales for rs in step.sites},
+                        {rs.name: rs.transform.with_rotation(plans[rs.name].rotation)
+                         for rs in step.sites},
+                        {rs.name: SCHEME for rs in step.sites}, seed=step.index)
+
+
+def test_substituted_layer_equals_the_fused_quantized_layer():
+    """Every site of a layer at once (q/k/v, o, gate/up, down; sources rescaled by the fusion):
+    the trainer's fake-quantized forwards give the deployed model's layer output."""
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    steps = 0
+    for step in walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t"):
+        module = BlockScaleFitModule(_problem(step, plans), {}, BlockTrainConfig(), 9.0)
+        batch = step.inputs["calibration"][0]
+        layer_plans = {rs.name: plans[rs.name] for rs in step.sites}
+        with torch.no_grad():
+            with transformed(step.sites, layer_plans, SCHEME):
+                fused = step.run(batch)
+            with replaced_forwards(step.sites, module.site_forward):
+                substituted = step.run(batch)
+            plain = step.run(batch)
+        assert (fused - plain).abs().max() > 1e-3  # quantization does change the output
+        torch.testing.assert_close(substituted, fused, rtol=1e-4, atol=1e-4)
+        step.done.update(layer_plans)
+        steps += 1
+    assert steps == 2
+
+
+def test_fit_block_lowers_the_selection_loss_and_keeps_the_start_when_told_nothing():
+    model = tiny_llama(layers=1)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    step = next(walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t"))
+    start, start_loss = fit_block(_problem(step, plans), BlockTrainConfig(steps=0),
+                                  log_bound=9.0)
+    for rs in sites:
+        torch.testing.assert_close(start[rs.name], plans[rs.name].scales, rtol=1e-6, atol=0)
+    best, loss = fit_block(_problem(step, plans), BlockTrainConfig(steps=30, lr=0.05),
+                           log_bound=9.0)
+    assert loss < 0.97 * start_loss, (loss, start_loss)
+    assert any((best[rs.name] - plans[rs.name].scales).abs().max() > 1e-3 for rs in sites)
+    again, loss_again = fit_block(_problem(step, plans), BlockTrainConfig(steps=30, lr=0.05),
+                                  log_bound=9.0)
+    assert loss_again == loss and all(torch.equal(again[k], best[k]) for k in best)  # seeded
+    # The model is left as it was: weights, requires_grad, no replaced forwards.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all("forward" not in vars(linear) for rs in sites for linear in rs.linears)
+
+
+def test_step_order_visits_every_batch_each_pass():
+    order = _step_order(3, 8, seed=0)
+    assert sorted(order[:3]) == sorted(order[3:6]) == [0, 1, 2] and len(order) == 8
+    assert order == _step_order(3, 8, seed=0)
+
+
+def test_block_training_config_is_checked():
+    assert config_from_dict({"block_training": {"steps": 5}}).block_training.steps == 5
+    with pytest.raises(ConfigError, match=r"block_training\.lr=0 must be a positive"):
+        config_from_dict({"block_training": {"lr": 0}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \[.stepz.\] in block_training"):
+        config_from_dict({"block_training": {"stepz": 5}})
+
+
+def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa: F811
+    config = small_config(tmp_path, tiny_model, layers=["all"],
+                          methods=["trained", "trained_block", "trained_block+gptq"],
+                          block_training={"steps": 4, "lr": 0.05, "batch_tokens": 32})
+    assert main(["--config", str(config), "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    summary = report["schemes"]["w4a4"]["summary"]
+    for method in ("trained", "trained_block", "trained_block+gptq"):
+        assert summary[method]["mean_mse"] > 0
+    assert summary["trained_block"]["mean_mse"] != summary["trained"]["mean_mse"]
