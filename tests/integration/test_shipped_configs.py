@@ -21,6 +21,7 @@ TINY = {
     "data": {"seq_len": 32, "calibration_samples": 2, "selection_samples": 1,
              "heldout_samples": 1, "evaluation_samples": 1, "train_tokens": 64},
     "train": {"steps": 2, "batch_tokens": 32, "val_every": 1},
+    "block_training": {"steps": 2, "batch_tokens": 32},
 }
 
 
