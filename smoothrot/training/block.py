@@ -84,8 +84,11 @@ class BlockScaleFitModule(L.LightningModule):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             rows = x.reshape(-1, x.shape[-1])
-            y = quantized_output(rows, weight, self.log_scales[index](), transform, scheme,
-                                 ste=torch.is_grad_enabled())
+            train = torch.is_grad_enabled()
+            # Scored with the float64 scales the export fuses; trained through float32 ones.
+            log_scales = self.log_scales[index]
+            scales = log_scales() if train else log_scales.scales()
+            y = quantized_output(rows, weight, scales, transform, scheme, ste=train)
             y = y if bias is None else y + bias
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
