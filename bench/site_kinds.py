@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|" + "---:|" * len(names))
     for method in methods:
         means = [kind_means(lay, method) for lay in layers]
-        for kind in means[0]:
+        for kind in next((m for m in means if m), {}):  # a method some runs lack: "-" there
             cells = [f"{m[kind][0]:.4g} ({m[kind][1]:.4f})" if kind in m else "-" for m in means]
             print(f"| {method} | {kind} | " + " | ".join(cells) + " |")
     return 0

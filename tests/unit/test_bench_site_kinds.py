@@ -38,3 +38,16 @@ def test_a_scheme_missing_from_a_run_is_refused(tmp_path, capsys) -> None:
     a = _run(tmp_path / "a", (1.0, 3.0), (10.0, 20.0))
     assert site_kinds.main([str(a), "--scheme", "w8a8"]) == 2
     assert "scheme 'w8a8'" in capsys.readouterr().err
+
+
+def test_a_method_the_first_run_lacks_still_gets_its_rows(tmp_path, capsys) -> None:
+    a = _run(tmp_path / "a", (1.0, 3.0), (10.0, 20.0))
+    b = _run(tmp_path / "b", (4.0, 8.0), (10.0, 20.0))
+    report = json.loads((b / "report.json").read_text())
+    for methods in report["schemes"]["w4a4"]["layers"].values():
+        methods["other"] = methods.pop("m")
+    (b / "report.json").write_text(json.dumps(report))
+    assert site_kinds.main([str(a), str(b), "--methods", "m", "other"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| other | qkv | - | 6 (0.6000) |" in lines
+    assert "| m | qkv | 2 (0.2000) | - |" in lines
