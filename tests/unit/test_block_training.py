@@ -125,3 +125,20 @@ def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa:
     for method in ("trained", "trained_block", "trained_block+gptq"):
         assert summary[method]["mean_mse"] > 0
     assert summary["trained_block"]["mean_mse"] != summary["trained"]["mean_mse"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_block_on_cuda_matches_the_cpu():
+    """The GPU path: the layer and its cached inputs on the device, Lightning on one GPU."""
+    results = []
+    for device in ("cpu", "cuda"):
+        model = tiny_llama(layers=1).to(device)
+        sites = resolve_sites(model, ["all"])
+        step = next(walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t"))
+        accelerator = "gpu" if device == "cuda" else "cpu"
+        results.append(fit_block(_problem(step, _plans(sites)), BlockTrainConfig(steps=5),
+                                 log_bound=9.0, accelerator=accelerator))
+    (cpu, cpu_loss), (gpu, gpu_loss) = results
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-3)
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-3, atol=1e-5)
