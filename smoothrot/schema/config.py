@@ -156,7 +156,7 @@ class BlockTrainConfig:
     selection split before and after."""
 
     steps: int = 30
-    lr: float = 0.01
+    lr: float = 0.02
     batch_tokens: int = 512
 
     def __post_init__(self) -> None:

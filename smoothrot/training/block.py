@@ -10,9 +10,10 @@ hidden states of the model quantized so far (calibrate/sequential.walk_layers), 
 fitted to the inputs it will see. The best scales on the selection split's block loss are kept,
 the initial ones included, so training can only lower it.
 
-The substitution is exact for the deployed model: a source's rows divided by s (up_proj and
-v_proj rows, γ) are quantized per row, which scales with the row, so the fused model computes
-what the substituted layer does.
+The substitution computes what the fused, exported layer computes: a source's rows divided by s
+(up_proj and v_proj rows, γ) are quantized per row, which scales with the row. Equal in float64
+(tests/unit/test_block_training.py); in float32 the two orders of the arithmetic can round a few
+4-bit activations to the neighbouring level.
 """
 
 from __future__ import annotations
