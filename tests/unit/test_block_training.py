@@ -8,10 +8,12 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec
 from smoothrot.calibrate.sequential import walk_layers
+from smoothrot.io.verify import verify_export
 from smoothrot.schema.config import BlockTrainConfig, config_from_dict
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import get_scheme
@@ -119,12 +121,19 @@ def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa:
     config = small_config(tmp_path, tiny_model, layers=["all"],
                           methods=["trained", "trained_block", "trained_block+gptq"],
                           block_training={"steps": 4, "lr": 0.05, "batch_tokens": 32})
-    assert main(["--config", str(config), "--quiet"]) == 0
+    assert main(["--config", str(config), "--quiet", "--export", "w4a4",
+                 "--export-method", "trained_block"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     summary = report["schemes"]["w4a4"]["summary"]
     for method in ("trained", "trained_block", "trained_block+gptq"):
         assert summary[method]["mean_mse"] > 0
     assert summary["trained_block"]["mean_mse"] != summary["trained"]["mean_mse"]
+    # The export carries the block-trained scales and reloads to the in-memory plans' model.
+    export = tmp_path / "out" / "export-w4a4"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
+    assert verify_export(export, model, ids)["passed"] is True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
