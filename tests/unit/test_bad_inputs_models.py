@@ -392,9 +392,14 @@ def test_signal_stops_a_real_run_with_the_resume_hint(tmp_path, tiny_model, sign
     train = {"steps": 100_000, "batch_tokens": 32, "val_every": 5}
     cfg = small_config(tmp_path, tiny_model, train=train, methods=["trained"],
                        layers=["model.layers.0.mlp.down_proj"])
+    # A child inherits an ignored SIGINT, and Python then installs no Ctrl-C handler. In full
+    # runs the suite's process had SIGINT ignored by the time this test ran (which earlier test
+    # leaves it so is not found yet), so the run starts with the default disposition, as from a
+    # shell.
     proc = subprocess.Popen([sys.executable, "train/fit_scales.py", "--config", str(cfg), "-q"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not list((tmp_path / "out").rglob(LAST_CKPT)):
@@ -402,13 +407,7 @@ def test_signal_stops_a_real_run_with_the_resume_hint(tmp_path, tiny_model, sign
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.2)
         proc.send_signal(signum)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            # Seen once in a full-suite run (not reproduced alone): the first signal did not
-            # end the run; a second one, as a user would press, must (investigation open).
-            proc.send_signal(signum)
-            _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
