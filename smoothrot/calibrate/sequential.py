@@ -127,6 +127,14 @@ def _catch_layer_inputs(model: nn.Module, layer0: nn.Module, windows: torch.Tens
     return cached
 
 
+def _sites_by_layer(sites: Sequence[ResolvedSite]) -> dict[int, list[ResolvedSite]]:
+    """The sites of each decoder layer that has any, in table order."""
+    by_layer: dict[int, list[ResolvedSite]] = {}
+    for rs in sites:
+        by_layer.setdefault(rs.layer_index, []).append(rs)
+    return by_layer
+
+
 def _run_layer(layer: nn.Module, batch: _LayerInput, device: torch.device) -> torch.Tensor:
     out = layer(batch.hidden.to(device), *_to(batch.args, device), **_to(batch.kwargs, device))
     return out[0] if isinstance(out, tuple) else out
@@ -155,9 +163,7 @@ def capture_sequential(
     _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
     device = torch.device(device) if device is not None else _home(model)
     weights = weights if weights is not None else ResidentWeights(_home(model))
-    by_layer: dict[int, list[ResolvedSite]] = {}
-    for rs in sites:
-        by_layer.setdefault(rs.layer_index, []).append(rs)
+    by_layer = _sites_by_layer(sites)
     last = max(by_layer)
     log.info("sequential calibration: layers 0-%d of %s on %s, weights %s", last,
              type(model).__name__, device, weights)
@@ -227,9 +233,7 @@ def walk_layers(
     layers = model.get_submodule(arch.layers)
     _check_shared_layer_inputs(model, max(spec.windows.shape[1] for spec in specs.values()))
     device = _home(model)
-    by_layer: dict[int, list[ResolvedSite]] = {}
-    for rs in sites:
-        by_layer.setdefault(rs.layer_index, []).append(rs)
+    by_layer = _sites_by_layer(sites)
     with torch.no_grad():
         cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
                                             arch.layers)

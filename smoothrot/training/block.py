@@ -35,6 +35,7 @@ from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.config import BlockTrainConfig
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.surgery.hooks import replaced_forwards
+from smoothrot.training.fit import scale_trainer
 from smoothrot.training.interrupt import interruptible
 from smoothrot.training.module import adam_with_schedule
 
@@ -150,11 +151,7 @@ def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = BlockScaleFitModule(problem, targets, cfg, log_bound)
     frozen = [(p, p.requires_grad) for p in step.layer.parameters()]
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_steps=cfg.steps, check_val_every_n_epoch=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        inference_mode=False)
+    trainer = scale_trainer(cfg.steps, accelerator)  # one epoch: all steps, then validation
     order = _step_order(len(step.inputs["calibration"]), cfg.steps, problem.seed)
     validation = list(range(len(step.inputs["selection"])))
     was_training = step.layer.training

@@ -120,7 +120,9 @@ def fit_scales(
     all_callbacks = list(callbacks or [])
     if files is not None:
         all_callbacks.append(EpochEndCheckpoint(files.last))
-    trainer = _trainer(cfg, accelerator, all_callbacks, folder)
+    # One epoch = val_every steps (the sampler's length).
+    trainer = scale_trainer(cfg.steps, accelerator, progress_bar=cfg.progress_bar,
+                            callbacks=all_callbacks, root=folder)
     if ckpt is None:  # the initial point is a candidate (a checkpoint already holds its loss)
         interruptible(trainer, trainer.validate, model=module, dataloaders=val, verbose=False)
     if cfg.steps > 0:
@@ -160,20 +162,27 @@ def _loaders(
     return train, val
 
 
-def _trainer(
-    cfg: TrainConfig, accelerator: str, callbacks: list[L.Callback], root: Path | None
+def scale_trainer(
+    steps: int,
+    accelerator: str,
+    *,
+    progress_bar: bool = False,
+    callbacks: list[L.Callback] | None = None,
+    root: Path | None = None,
 ) -> L.Trainer:
-    """A deterministic Trainer whose epoch is ``cfg.val_every`` steps (the sampler's length)."""
+    """The deterministic Trainer every scale fit runs in: ``steps`` optimizer steps, validation
+    at each epoch end (one epoch = the training loader's length), no logger, no Lightning
+    checkpoints, data-parallel over the current process group when there is one."""
     return L.Trainer(
         accelerator=accelerator,
         **trainer_kwargs(),
-        max_steps=cfg.steps,
-        check_val_every_n_epoch=1,  # one epoch = val_every steps (the sampler's length)
+        max_steps=steps,
+        check_val_every_n_epoch=1,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,  # EpochEndCheckpoint writes last.ckpt itself
         callbacks=callbacks,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         deterministic=True,
         use_distributed_sampler=False,  # keep our sampler: its order is what makes resume exact
