@@ -164,17 +164,19 @@ def summary_table(result: FitResult) -> str:
     ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
     lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
     lines.append(f"target: {target_line(result)}")
+    # The label column fits the longest label (e.g. "trained (block) + GPTQ") with a gap.
+    w = max([20, *(len(label(m)) + 2 for sr in result.schemes for m in sr.results)])
     for sr in result.schemes:
         header = f"{'mean MSE':>12}{'vs max':>9}{'rel err':>10}{'ppl':>10}  weights"
-        lines.append(f"\n{sr.scheme.upper():<20}{header}")
+        lines.append(f"\n{sr.scheme.upper():<{w}}{header}")
         for method, row in summarize(sr).items():
             p = _ppl_cell(row["perplexity"], 10) if "perplexity" in row else f"{'-':>10}"
-            lines.append(f"{label(method):<20}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
+            lines.append(f"{label(method):<{w}}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
         lines.append(comparison_note(sr.errors))
     if len(result.schemes) > 1:
         schemes = [sr.scheme for sr in result.schemes]
-        lines.append(f"\n{'side by side':<20}" + "".join(
+        lines.append(f"\n{'side by side':<{w}}" + "".join(
             f"{s.upper() + ' MSE':>14}{'ppl':>9}" for s in schemes))
         for method, rows in side_by_side(result).items():
             cells = []
@@ -183,7 +185,7 @@ def summary_table(result: FitResult) -> str:
                 mse = f"{row['mean_mse']:14.4g}" if row else f"{'-':>14}"
                 p = _ppl_cell(row["perplexity"], 9) if row and "perplexity" in row else f"{'-':>9}"
                 cells.append(mse + p)
-            lines.append(f"{label(method):<20}" + "".join(cells))
+            lines.append(f"{label(method):<{w}}" + "".join(cells))
     total = sum(result.timings.values())
     lines.append(f"\ntotal {total:.0f} s")
     return "\n".join(lines)

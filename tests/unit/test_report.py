@@ -130,3 +130,21 @@ def test_gptq_rows_are_compared_with_smoothrot_max_gptq_when_it_ran():
     assert layers["b"]["trained+gptq"]["pct_vs_max"] == 100.0
     note = "each + GPTQ row against SmoothRot-max + GPTQ"
     assert note in to_markdown(_result(sr), []) and note in summary_table(_result(sr))
+
+
+def test_a_long_method_label_keeps_the_columns_aligned():
+    """The label column fits "trained (block) + GPTQ" (22 characters) with a gap of two, in
+    both tables, so every number stays in its column."""
+    sr = _scheme()
+    sr.errors["trained_block+gptq"] = sr.errors["trained"]
+    sr.results["trained_block+gptq"] = sr.results["trained"]
+    table = summary_table(_result(sr, _scheme("w8a8"))).splitlines()
+    width = len("trained (block) + GPTQ") + 2
+    side = table.index(next(t for t in table if t.startswith("side by side")))
+    methods = ("RTN", "SmoothRot-max", "trained")
+    per_scheme = [t for t in table[:side] if t.startswith(methods)]
+    side_by_side = [t for t in table[side:] if t.startswith(methods)]
+    assert len(per_scheme) == 7 and len(side_by_side) == 4, table
+    # The MSE column is 12 wide in the per-scheme tables, 14 in the side-by-side one.
+    assert {len(t[:width + 12].rstrip()) for t in per_scheme} == {width + 12}, table
+    assert {len(t[:width + 14].rstrip()) for t in side_by_side} == {width + 14}, table
