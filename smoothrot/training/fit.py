@@ -154,8 +154,7 @@ def _loaders(
     train_x, val_x = problem.train_x, problem.val_x
     sampler = EpochTokenSampler(train_x.shape[0], cfg.batch_tokens, cfg.val_every, problem.seed,
                                 first_step=first_step, part=rank(), parts=world_size())
-    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=sampler.shard_size,
-                       sampler=sampler)
+    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=None, sampler=sampler)
     lo, hi = shard_bounds(val_x.shape[0])
     val = DataLoader(TensorDataset(val_x[lo:hi], val_x[lo:hi] @ w.T), batch_size=4096,
                      shuffle=False)

@@ -21,8 +21,9 @@ def _derived_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class EpochTokenSampler(Sampler[int]):
-    """Token indices of one epoch of ``steps_per_epoch`` batches, a pure function of its first step.
+class EpochTokenSampler(Sampler[torch.Tensor]):
+    """The token indices of one epoch's ``steps_per_epoch`` batches (one index tensor per step),
+    a pure function of its first step.
 
     The token stream is an endless concatenation of permutations of all ``n`` tokens (pass k
     shuffled with a seed derived from (seed, k)); batch g is stream[g·B : (g+1)·B]. An epoch
@@ -34,6 +35,9 @@ class EpochTokenSampler(Sampler[int]):
     Data-parallel, rank ``part`` of ``parts`` yields its fixed contiguous slice of every batch
     (:attr:`shard_size` indices), so batch g is still a pure function of (seed, g) and the ranks'
     slices concatenated are the 1-process batch.
+
+    Whole batches, not single indices: the DataLoader (``batch_size=None``) then gathers a batch
+    with one indexing op instead of fetching and stacking ``shard_size`` rows one by one.
     """
 
     def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int,
@@ -60,13 +64,13 @@ class EpochTokenSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.shard_size * self.steps_per_epoch
+        return self.steps_per_epoch
 
     def _pass(self, k: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(_derived_seed(self.seed, k))
         return torch.randperm(self.n, generator=gen)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         if self.first_step is not None:
             step = self.first_step()
         else:
@@ -78,4 +82,4 @@ class EpochTokenSampler(Sampler[int]):
             lo, hi = max(start - k * self.n, 0), min(stop - k * self.n, self.n)
             out.append(self._pass(k)[lo:hi])
         batches = torch.cat(out).view(self.steps_per_epoch, self.batch_size)
-        return iter(batches[:, self.lo:self.hi].reshape(-1).tolist())
+        return iter(batches[:, self.lo:self.hi].contiguous())

@@ -96,8 +96,9 @@ def test_sampler_shards_concatenate_to_the_one_process_batches(parts: int) -> No
                                 first_step=lambda: 7, part=r, parts=parts)
               for r in range(parts)]
     assert sum(s.shard_size for s in shards) == batch
-    per_rank = [torch.tensor(list(s)).view(steps, s.shard_size) for s in shards]
-    assert torch.equal(torch.cat(per_rank, dim=1).reshape(-1), torch.tensor(list(whole)))
+    per_rank = [torch.stack(list(s)) for s in shards]  # [steps, shard_size] each
+    assert all(p.shape == (steps, s.shard_size) for p, s in zip(per_rank, shards, strict=True))
+    assert torch.equal(torch.cat(per_rank, dim=1), torch.stack(list(whole)))
     with pytest.raises(ValueError, match="batch_size >= parts"):
         EpochTokenSampler(n=50, batch_size=2, steps_per_epoch=1, seed=0, part=0, parts=3)
 

@@ -53,13 +53,22 @@ class InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
+def _indices(sampler: EpochTokenSampler) -> list[int]:
+    """One epoch's token indices in order (the sampler yields one index tensor per step)."""
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and all(b.dtype == torch.int64 for b in batches)
+    return torch.cat(batches).tolist()
+
+
 def test_sampler_is_a_pure_function_of_the_first_step() -> None:
     a = EpochTokenSampler(n=10, batch_size=4, steps_per_epoch=3, seed=5)
+    assert len(a) == 3  # one epoch = steps_per_epoch batches
     epochs = []
     for e in range(4):
         a.set_epoch(e)
-        epochs.append(list(a))
+        epochs.append(_indices(a))
     assert all(len(ep) == 12 for ep in epochs)
+    assert [len(b) for b in a] == [4, 4, 4]
     stream = [i for ep in epochs for i in ep]
     for k in range(4):  # every pass over the 10 tokens is a permutation
         assert sorted(stream[10 * k : 10 * (k + 1)]) == list(range(10))
@@ -68,8 +77,8 @@ def test_sampler_is_a_pure_function_of_the_first_step() -> None:
     b = EpochTokenSampler(n=10, batch_size=4, steps_per_epoch=3, seed=5, first_step=lambda: step[0])
     for s in (6, 3, 0, 9):  # any order of calls: the result depends only on the first step
         step[0] = s
-        assert list(b) == stream[4 * s : 4 * s + 12]
-    assert list(EpochTokenSampler(10, 4, 3, seed=6)) != epochs[0]
+        assert _indices(b) == stream[4 * s : 4 * s + 12]
+    assert _indices(EpochTokenSampler(10, 4, 3, seed=6)) != epochs[0]
 
 
 @pytest.mark.parametrize("stop", [3, 7, 10])
