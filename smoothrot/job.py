@@ -155,7 +155,8 @@ def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[st
 
 def _perplexity(ctx: SchemeContext, method: str) -> float:
     """Perplexity of the model with every site transformed and quantized as ``method`` says."""
-    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme):
+    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme,
+                                              integer_gemm=True):
         ppl = perplexity(ctx.model, ctx.windows["evaluation"],
                          desc=f"{ctx.scheme.name} {method} ppl")
     log.info("%s %s perplexity %.3f", ctx.scheme.name, method, ppl)

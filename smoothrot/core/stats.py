@@ -192,11 +192,21 @@ class AbsQuantileObserver:
         n = rows.shape[0]
         if n == 0:
             return
-        cols = rows.abs().t()
-        if n > self.k:
+        values = rows.abs()
+        depth = min(n, self.k)
+        if self._top.shape[1] == self.k:
+            # A value at or below a channel's k-th largest so far cannot change its top k
+            # (an equal one only swaps for an equal one): only the few above it are kept,
+            # so the top-k below runs over a shallow depth (~2× cheaper once the buffer fills).
+            floor = self._top.amin(dim=1).to(values.device)
+            above = values > floor
+            depth = min(depth, int(above.sum(dim=0).max()))
+            values = torch.where(above, values, 0.0)  # 0 <= floor: never above a kept value
+        if depth < n:
             # Shrink on the input's device before moving to the CPU buffer.
-            cols = torch.topk(cols, self.k, dim=1, largest=True, sorted=False).values
-        self._absorb(cols.cpu())
+            values = torch.topk(values, depth, dim=0, largest=True, sorted=False).values
+        if depth:
+            self._absorb(values.t().cpu())
         self._count += n
 
     def merge(self, other: AbsQuantileObserver) -> None:
