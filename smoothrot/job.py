@@ -155,8 +155,7 @@ def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[st
 
 def _perplexity(ctx: SchemeContext, method: str) -> float:
     """Perplexity of the model with every site transformed and quantized as ``method`` says."""
-    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme,
-                                              integer_gemm=True):
+    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme):
         ppl = perplexity(ctx.model, ctx.windows["evaluation"],
                          desc=f"{ctx.scheme.name} {method} ppl")
     log.info("%s %s perplexity %.3f", ctx.scheme.name, method, ppl)

@@ -35,8 +35,6 @@ __all__ = [
     "RoundSTE",
     "activation_quantizer",
     "check_group_size",
-    "integer_gemm_applies",
-    "integer_matmul",
     "integer_product",
     "quantize_activation_spec",
     "quantize_weight_spec",
@@ -263,36 +261,25 @@ def integer_product(
     x: torch.Tensor, w: torch.Tensor, x_quantizer: Quantizer, w_quantizer: Quantizer
 ) -> torch.Tensor | None:
     """Q(x)·Q(w)ᵀ for ``x`` [..., T, n] and ``w`` [..., m, n] from an int8 GEMM with int32
-    accumulation, or None where that does not apply (:func:`integer_gemm_applies`).
+    accumulation, or None where that does not apply (a side not :attr:`per_row_int8`, or not
+    on the CPU, where it is ~5× faster than float32; half-precision inputs: float path).
 
     Exact where the float32 product of the dequantized tensors rounds (sums of up to n products
     of codes): results agree with ``Q(x) @ Q(w).T`` to float32 rounding, not bit for bit.
     """
-    if not (integer_gemm_applies(x, x_quantizer, w_quantizer) and w.dtype == x.dtype
-            and x.dim() == w.dim()):
+    if not (x_quantizer.per_row_int8 and w_quantizer.per_row_int8 and x.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32 and x.dim() == w.dim()
+            and x.shape[-1] <= _INT32_SAFE_N):
         return None
-    return integer_matmul(*x_quantizer.codes(x), *w_quantizer.codes(w))
-
-
-def integer_gemm_applies(x: torch.Tensor, x_quantizer: Quantizer, w_quantizer: Quantizer) -> bool:
-    """Whether Q(x)·Q(w)ᵀ can run as an int8 GEMM: both sides :attr:`~Quantizer.per_row_int8`,
-    float32 ``x`` on the CPU (where ``torch._int_mm`` is ~5× faster than float32; half
-    precision and GPUs keep the float product) and sums that cannot overflow int32."""
-    return (x_quantizer.per_row_int8 and w_quantizer.per_row_int8 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.shape[-1] <= _INT32_SAFE_N)
-
-
-def integer_matmul(codes_x: torch.Tensor, scale_x: torch.Tensor, codes_w: torch.Tensor,
-                   scale_w: torch.Tensor) -> torch.Tensor:
-    """(codes_x·scale_x)·(codes_w·scale_w)ᵀ from int8 codes [..., T, n] / [..., m, n] and their
-    per-row scales [..., T, 1] / [..., m, 1]; batched leading dims run one GEMM each."""
-    if codes_x.dim() == 2:
-        acc = torch._int_mm(codes_x, codes_w.T)
+    cx, sx = x_quantizer.codes(x)
+    cw, sw = w_quantizer.codes(w)
+    if cx.dim() == 2:
+        acc = torch._int_mm(cx, cw.T)
     else:  # batched candidates [*batch, T, n] x [*batch, m, n]: one GEMM each
-        acc = torch.stack([torch._int_mm(a, b.T) for a, b in
-                           zip(codes_x.flatten(0, -3), codes_w.flatten(0, -3), strict=True)])
-        acc = acc.reshape(*codes_x.shape[:-1], codes_w.shape[-2])
-    return acc.float().mul_(scale_x).mul_(scale_w.transpose(-1, -2))
+        acc = torch.stack([torch._int_mm(a, b.T)
+                           for a, b in zip(cx.flatten(0, -3), cw.flatten(0, -3), strict=True)])
+        acc = acc.reshape(*cx.shape[:-1], cw.shape[-2])
+    return acc.float().mul_(sx).mul_(sw.transpose(-1, -2))
 
 
 def weight_quantizer(scheme: QuantScheme) -> Quantizer:

@@ -12,14 +12,7 @@ import torch
 from torch import nn
 
 from smoothrot.arch.sites import ResolvedSite, architecture_of
-from smoothrot.core.quantizers import (
-    activation_quantizer,
-    integer_gemm_applies,
-    integer_matmul,
-    quantize_activation_spec,
-    quantize_weight_spec,
-    weight_quantizer,
-)
+from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import IDENTITY, SiteTransform
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.surgery.fuse import fuse_site, linear_weights_q
@@ -41,41 +34,6 @@ class OnlineInputTransform:
         return (x, *args[1:])
 
 
-class IntegerForward:
-    """A fused linear's forward under a per-row int scheme: Q_a(x·R)·Q_w(W)ᵀ (+ bias) as one
-    int8 GEMM with int32 sums, as an int W4A4/W8A8 backend computes it.
-
-    Equal to the float product of the fake-quantized tensors (:class:`OnlineInputTransform` and
-    a quantized weight) up to float32 rounding, and on the CPU ~5× cheaper; the weight's codes
-    are taken once, from the fused float weight.
-    """
-
-    def __init__(self, linear: nn.Linear, transform: SiteTransform, scheme: QuantScheme) -> None:
-        self.linear = linear
-        self.transform = transform
-        self.act = activation_quantizer(scheme)
-        with torch.no_grad():
-            self.codes, self.scale = weight_quantizer(scheme).codes(linear.weight)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transform.rotate_input(x)
-        y = integer_matmul(*self.act.codes(x.reshape(-1, x.shape[-1])), self.codes, self.scale)
-        if self.linear.bias is not None:
-            y = y + self.linear.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    def remove(self) -> None:
-        """Give the linear its own forward back (the handle :func:`apply_plans` returns)."""
-        self.linear.__dict__.pop("forward", None)
-
-
-def _integer_gemm(linear: nn.Linear, scheme: QuantScheme, plan: SitePlan) -> bool:
-    """Whether ``linear`` of a planned site can run as :class:`IntegerForward` (RTN weights of
-    a per-row int scheme, float32 on the CPU)."""
-    return plan.weight_q is None and integer_gemm_applies(
-        linear.weight, activation_quantizer(scheme), weight_quantizer(scheme))
-
-
 def online_transform(rs: ResolvedSite, plan: SitePlan) -> SiteTransform:
     """What a site's pre-hook must still rotate at run time (identity for offline rotations)."""
     return rs.transform.with_rotation(plan.rotation) if plan.rotation.is_online() else IDENTITY
@@ -85,31 +43,18 @@ def apply_plans(
     sites: Sequence[ResolvedSite],
     plans: Mapping[str, SitePlan],
     scheme: QuantScheme | None = None,
-    integer_gemm: bool = False,
-) -> list[torch.utils.hooks.RemovableHandle | IntegerForward]:
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Transform every site with a plan; with ``scheme``, fake-quantize weights and inputs too.
 
     All sites are fused before any weight is quantized: a linear can be both a group member
     (columns transformed) and a source (rows divided, e.g. up_proj, v_proj), and it must be
-    quantized once, in its final form. Returns the handles (online rotation / activation
-    quantization), one per linear of every planned site. With ``integer_gemm`` the linears
-    that can run as an int8 GEMM (:class:`IntegerForward`) do so instead of through a pre-hook
-    (equal up to float32 rounding; the weights are still quantized in place).
+    quantized once, in its final form. Returns the hook handles (online rotation / activation
+    quantization), one per linear of every planned site.
     """
     active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
     weights_q = linear_weights_q(sites, plans)  # checked before anything is changed
     for rs, plan in active:
         fuse_site(rs, plan.scales, plan.rotation)
-    handles: list[torch.utils.hooks.RemovableHandle | IntegerForward] = []
-    if integer_gemm and scheme is not None:
-        for rs, plan in active:
-            site_scheme = with_act_clip(scheme, plan.act_clip)
-            for linear in rs.linears:
-                if _integer_gemm(linear, site_scheme, plan):  # codes of the fused float weight
-                    forward = IntegerForward(linear, online_transform(rs, plan), site_scheme)
-                    linear.forward = forward  # an instance attribute shadows the class's
-                    handles.append(forward)
-    integer = {id(h.linear) for h in handles}
     for rs, plan in active:
         if plan.weight_q is not None:
             with torch.no_grad():
@@ -119,13 +64,13 @@ def apply_plans(
             with torch.no_grad():
                 for linear in rs.linears:
                     linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
+    handles = []
     for rs, plan in active:
         if plan.rotation.is_online() or scheme is not None:
             hook = OnlineInputTransform(
                 online_transform(rs, plan),
                 None if scheme is None else with_act_clip(scheme, plan.act_clip))
-            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears
-                        if id(linear) not in integer]
+            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
     return handles
 
 
@@ -145,7 +90,6 @@ def transformed(
     sites: Sequence[ResolvedSite],
     plans: Mapping[str, SitePlan],
     scheme: QuantScheme | None = None,
-    integer_gemm: bool = False,
 ) -> Iterator[None]:
     """Temporarily apply :func:`apply_plans`; weights and hooks are restored on exit."""
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -155,7 +99,7 @@ def transformed(
                 saved.setdefault(id(p), (p, p.detach().clone()))
     handles: list = []
     try:
-        handles = apply_plans(sites, plans, scheme, integer_gemm)
+        handles = apply_plans(sites, plans, scheme)
         yield
     finally:
         for h in handles:
