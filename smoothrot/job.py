@@ -170,7 +170,7 @@ def _run_scheme(ctx: SchemeContext, methods: list[Method], reported: set[str]) -
         if method.name in reported:
             result.results[method.name] = ctx.results[method.name]
     result.errors = _heldout_errors(ctx, list(result.results))
-    wanted = ctx.cfg.perplexity_methods
+    wanted = ctx.cfg.perplexity_filter(ctx.scheme.name)
     if ctx.cfg.perplexity:
         result.perplexity = {m: _perplexity(ctx, m) for m in result.results
                              if wanted is None or m in wanted}
@@ -196,7 +196,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     every rank returns the same result.
     """
     methods = run_order(cfg.methods)  # unknown method names fail before any loading
-    for name in cfg.perplexity_methods or ():
+    for name in sorted(cfg.perplexity_method_names()):
         get_method(name)
     target = TARGETS[cfg.target]
     reported = {*baselines(cfg.methods), *cfg.methods}

@@ -54,7 +54,7 @@ class DataConfig:
     source: str = "pydoc"
     seq_len: int = 256
     calibration_samples: int = 64
-    selection_samples: int = 8
+    selection_samples: int = 4
     heldout_samples: int = 16
     evaluation_samples: int = 16
     train_tokens: int = 4096
@@ -250,9 +250,10 @@ class FitConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     perplexity: bool = True
     # Which reported methods get a perplexity (a forward pass over the evaluation split each);
-    # null: every reported method. A filter: listed methods the run does not report are skipped
-    # (so --methods can narrow a config), unknown names fail. Held-out errors are always measured.
-    perplexity_methods: list[str] | None = None
+    # null: every reported method; a mapping: per scheme (a scheme it does not name: every
+    # method). A filter: listed methods the run does not report are skipped (so --methods can
+    # narrow a config), unknown names fail. Held-out errors are always measured.
+    perplexity_methods: list[str] | dict[str, list[str]] | None = None
     seed: int = 0
     output_dir: str = "outputs/fit_scales"
     # Rotate the residual stream by Q (QuaRot/SpinQuant R1, residual.py) before calibration.
@@ -312,6 +313,7 @@ class FitConfig:
             get_scheme(name)
         if not self.methods:
             raise ConfigError("methods must not be empty, e.g. [trained]")
+        self._check_perplexity_methods()
         if self.target not in TARGETS:
             raise ConfigError(f"target={self.target!r} is not one of {list(TARGETS)}")
         clips = self.search.act_clips != [1.0]
@@ -325,6 +327,34 @@ class FitConfig:
                 "export.formats with search.act_clips: no backend applies per-site activation "
                 "clips, so the export would not compute the reported numbers; drop the clips "
                 "(act_clips: [1.0]) to export")
+
+
+    def _check_perplexity_methods(self) -> None:
+        """A list of method names, or a mapping of preset scheme names to such lists."""
+        value = self.perplexity_methods
+        lists = [] if value is None else value.values() if isinstance(value, dict) else [value]
+        if not all(isinstance(v, list) and all(isinstance(m, str) for m in v) for v in lists):
+            raise ConfigError(
+                f"perplexity_methods={value!r} must be null, a list of method names or a "
+                "mapping of scheme names to such lists, e.g. {w4a4: [smoothrot_max, trained], "
+                "w8a8: [trained]}")
+        for name in value if isinstance(value, dict) else ():
+            try:
+                get_scheme(name)
+            except ConfigError as exc:
+                raise ConfigError(f"perplexity_methods: {exc}") from None
+
+    def perplexity_method_names(self) -> set[str]:
+        """Every method name ``perplexity_methods`` lists, under any scheme."""
+        value = self.perplexity_methods or []
+        return {m for names in (value.values() if isinstance(value, dict) else [value])
+                for m in names}
+
+    def perplexity_filter(self, scheme: str) -> list[str] | None:
+        """The methods whose perplexity ``scheme`` reports (None: every reported method)."""
+        if isinstance(self.perplexity_methods, dict):
+            return self.perplexity_methods.get(scheme)
+        return self.perplexity_methods
 
 
 _SCALARS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,),

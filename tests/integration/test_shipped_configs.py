@@ -64,6 +64,11 @@ def test_shipped_config_runs(path, tmp_path, serve_model):
         assert requested <= set(scheme["summary"])
         for row in scheme["summary"].values():
             assert row["mean_mse"] == row["mean_mse"] and row["mean_mse"] >= 0  # no NaN
+    wanted = cfg.get("perplexity_methods")  # a list, or a mapping per scheme (default.yaml)
+    for name, scheme in report["schemes"].items():
+        allowed = wanted.get(name) if isinstance(wanted, dict) else wanted
+        if cfg.get("perplexity", True) and allowed is not None:
+            assert set(scheme["perplexity"]) == set(allowed) & set(scheme["summary"])
 
 
 def test_export_section_reproduces_the_export(tmp_path, serve_model):

@@ -35,3 +35,30 @@ def test_unknown_names_fail_before_the_model_loads(capsys, tmp_path, tiny_model)
     assert main(["--config", str(narrowed), "--quiet"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["schemes"]["w4a4"]["perplexity"]) == {"smoothrot_max"}
+
+
+def test_a_mapping_chooses_per_scheme(tmp_path, tiny_model) -> None:  # noqa: F811
+    """``{scheme: [methods]}``: each scheme its own list; a scheme it does not name gets every
+    reported method; a key that is no scheme fails in one line before anything loads."""
+    config = small_config(tmp_path, tiny_model, schemes=["w4a4", "w8a8", "w4a4-mse"],
+                          methods=["hadamard", "smoothrot_max"], perplexity=True,
+                          perplexity_methods={"w4a4": ["hadamard"], "w8a8": ["smoothrot_max"]})
+    assert main(["--config", str(config), "--quiet"]) == 0
+    ppl = {name: scheme["perplexity"] for name, scheme in
+           json.loads((tmp_path / "out" / "report.json").read_text())["schemes"].items()}
+    assert set(ppl["w4a4"]) == {"hadamard"} and set(ppl["w8a8"]) == {"smoothrot_max"}
+    assert set(ppl["w4a4-mse"]) == {"hadamard", "smoothrot_max"}
+    assert all(v > 1 for p in ppl.values() for v in p.values())
+
+
+def test_a_mapping_with_a_bad_key_or_value_fails_in_one_line(capsys, tmp_path,
+                                                            tiny_model) -> None:  # noqa: F811
+    for bad, message in (({"w4a5": ["trained"]}, "perplexity_methods: unknown scheme 'w4a5'"),
+                         ({"w4a4": "trained"}, "must be null, a list of method names or a "),
+                         ({"w4a4": ["trianed"]}, "unknown method 'trianed'")):
+        config = small_config(tmp_path, tiny_model, perplexity=True, perplexity_methods=bad)
+        capsys.readouterr()
+        assert main(["--config", str(config), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out" / "report.json").exists()
