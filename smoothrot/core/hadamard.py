@@ -166,24 +166,25 @@ def hadamard_matrix(
 def _butterfly(y: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform (Sylvester order) along the last dim of y.
 
-    Each stage combines the two halves of the index (top bit) and writes the result interleaved
-    (as the lowest bit) into a ping-pong buffer. After log2(size) stages every bit has been
-    transformed once and is back in place.
+    Stage by stage from the top bit down, each stage combines the pairs (i, i + h) within blocks
+    of 2h into a ping-pong buffer, writing sums and differences as contiguous runs of h values
+    (fewer strided stores than interleaving them). After log2(size) stages every bit has been
+    transformed once.
     """
     size = y.shape[-1]
     if size == 1 or y.numel() == 0:
         return y
-    half = size // 2
     src = y.reshape(-1, size)
     first = torch.empty_like(src, memory_format=torch.contiguous_format)
     buffers = (first, torch.empty_like(first))
-    for stage in range(size.bit_length() - 1):
+    h, stage = size // 2, 0
+    while h:
         dst = buffers[stage % 2]
-        pairs = src.reshape(-1, 2, half)
-        out = dst.view(-1, half, 2)
-        torch.add(pairs[:, 0], pairs[:, 1], out=out[..., 0])
-        torch.sub(pairs[:, 0], pairs[:, 1], out=out[..., 1])
-        src = dst
+        pairs = src.reshape(-1, size // (2 * h), 2, h)
+        out = dst.view(-1, size // (2 * h), 2, h)
+        torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
+        torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
+        src, h, stage = dst, h // 2, stage + 1
     return src.view(y.shape)
 
 

@@ -54,7 +54,7 @@ class DataConfig:
     source: str = "pydoc"
     seq_len: int = 256
     calibration_samples: int = 64
-    selection_samples: int = 4
+    selection_samples: int = 8
     heldout_samples: int = 16
     evaluation_samples: int = 16
     train_tokens: int = 4096

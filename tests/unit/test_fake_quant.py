@@ -377,3 +377,35 @@ def test_presets_and_validation() -> None:
         _scheme(w_mse_clip=True, w_clip=0.9)
     with pytest.raises(ValueError, match=r"format 'fp8' is not supported"):
         Quantizer("fp8")
+
+
+def _composed_ste(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """The straight-through RTN written as its composed ops (params, RoundSTE, clamps), which
+    autograd differentiates node by node: the reference SymmetricIntSTE must reproduce."""
+    xg = q.grouped(x)
+    clip = q._best_clip(xg) if q.mse_clip else q.clip
+    return q.quantize_with(xg, q.params(xg, clip, ste=True), ste=True).reshape(x.shape)
+
+
+@pytest.mark.parametrize("grid", ["max", "compressed-tensors"])
+@pytest.mark.parametrize(("bits", "clip", "group", "mse"), [
+    (4, 1.0, None, False), (8, 1.0, None, False), (4, 0.6, None, False),
+    (4, 1.0, 16, False), (4, 1.0, None, True), (3, 0.8, 8, True)])
+def test_fused_ste_equals_the_composed_ops(grid, bits, clip, group, mse) -> None:
+    """Forward bit for bit; gradient to float32 rounding (clipped entries, the scale's path to
+    each group's max, MSE-chosen clips, an all-zero row and batch dims included)."""
+    q = Quantizer("int", bits, group, True, clip, mse, grid=grid)
+    x = _randn(3, 5, 64, seed=11) * torch.rand(64, generator=torch.Generator().manual_seed(2)) * 4
+    x[0, 1] = 0.0  # an all-zero row: its scale is clamped, the rounding passes the gradient
+    g = _randn(3, 5, 64, seed=12)
+    fused_x, ref_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused, ref = q(fused_x, ste=True), _composed_ste(q, ref_x)
+    assert type(fused.grad_fn.next_functions[0][0]).__name__ == "SymmetricIntSTEBackward"
+    assert torch.equal(fused, ref)
+    fused.backward(g)
+    ref.backward(g)
+    assert (fused_x.grad - ref_x.grad).abs().max() <= 1e-5 * ref_x.grad.abs().max()
+    assert torch.equal(fused_x.grad[0, 1], g[0, 1])
+    # The scale's gradient is not negligible: without it the two would differ.
+    inside = torch.where(ref_x.grad != 0, 1.0, 0.0)
+    assert (ref_x.grad - inside * g).abs().max() > 1e-3
