@@ -208,6 +208,9 @@ class LayerStep:
     inputs: dict[str, list[_LayerInput]]
     device: torch.device
     done: dict[str, SitePlan]
+    # With ``walk_layers(float_stream=True)``: the same batches as the *float* model computes
+    # them (no layer quantized), e.g. to fit a layer against the float model's own output.
+    float_inputs: dict[str, list[_LayerInput]] | None = None
 
     def run(self, batch: _LayerInput) -> torch.Tensor:
         """The layer's output on one cached batch, with whatever hooks are active."""
@@ -221,12 +224,14 @@ def walk_layers(
     specs: dict[str, CaptureSpec],
     batch_size: int,
     desc: str,
+    float_stream: bool = False,
 ) -> Iterator[LayerStep]:
     """Walk the decoder layers in order over cached hidden states of every split, each layer fed
     the output of the ones before it *as quantized*: after the caller has filled
     ``step.done`` with the layer's plans, the layer runs with them applied (weights and
     activations quantized as ``scheme`` says) and its output becomes the next layer's input.
-    Layers after the last one holding a site never run. Every rank runs the whole walk."""
+    Layers after the last one holding a site never run. Every rank runs the whole walk.
+    ``float_stream`` also carries the float model's hidden states (``step.float_inputs``)."""
     if not sites:
         return
     arch = architecture_of(model)
@@ -238,9 +243,16 @@ def walk_layers(
         cache = {split: _catch_layer_inputs(model, layers[0], spec.windows, batch_size, device,
                                             arch.layers)
                  for split, spec in specs.items()}
+    floats = ({split: [replace(batch, hidden=batch.hidden.clone()) for batch in batches]
+               for split, batches in cache.items()} if float_stream else None)
     for index in progress(range(max(by_layer) + 1), desc=desc):
-        step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {})
+        step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {},
+                         floats)
         yield step
+        with torch.no_grad():
+            for batches in (floats or {}).values():
+                for batch in batches:
+                    batch.hidden = step.run(batch).cpu()
         with torch.no_grad(), transformed(step.sites, step.done, scheme):
             for batches in cache.values():
                 for batch in batches:

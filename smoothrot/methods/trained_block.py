@@ -37,7 +37,8 @@ class TrainedBlock(Method):
         with ctx.stage("block training"):
             for step in walk_layers(ctx.model, ctx.sites, ctx.scheme,
                                     {k: specs[k] for k in ("calibration", "selection")},
-                                    windows, f"{ctx.scheme.name} block training"):
+                                    windows, f"{ctx.scheme.name} block training",
+                                    float_stream=cfg.target == "model"):
                 if not step.sites:
                     continue
                 plans = {rs.name: start[rs.name] for rs in step.sites}

@@ -147,17 +147,24 @@ class TrainConfig:
             )
 
 
+# What trained_block fits a layer's output to (BlockTrainConfig.target).
+BLOCK_TARGETS = ("layer", "model")
+
+
 @dataclass
 class BlockTrainConfig:
     """The ``trained_block`` method (training/block.py): the scales of each decoder layer's
     sites refined together against the layer's float output, starting from ``trained``, layer
     by layer on the quantized model's inputs. ``steps`` Adam steps per layer under a cosine
     schedule from ``lr``, each on ``batch_tokens`` tokens (whole windows); validation on the
-    selection split before and after."""
+    selection split before and after. ``target``: what the quantized layer's output is fitted
+    to: ``layer``, the float layer on the same (quantized model's) input; ``model``, the float
+    model's own hidden state there, so a layer also makes up for the error it receives."""
 
     steps: int = 30
     lr: float = 0.02
     batch_tokens: int = 512
+    target: str = "layer"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -167,6 +174,9 @@ class BlockTrainConfig:
         if self.batch_tokens < 1:
             raise ConfigError(f"block_training.batch_tokens={self.batch_tokens} must be at "
                               "least 1 (rounded up to whole windows)")
+        if self.target not in BLOCK_TARGETS:
+            raise ConfigError(f"block_training.target={self.target!r} is not one of "
+                              f"{list(BLOCK_TARGETS)}")
 
 
 @dataclass

@@ -5,10 +5,12 @@ wherever the model amplifies or damps it. Here the sites of one decoder layer ar
 together on the layer's output: each site linear computes Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
 (straight-through rounding) from its trainable log-scales, the layer runs as usual around them
 (attention, SwiGLU, residual sums), and the loss is the mean over tokens of ||f_q(h) − f(h)||²,
-the quantized layer's output against the float layer's on the same input h. The inputs h are the
-hidden states of the model quantized so far (calibrate/sequential.walk_layers), so each layer is
-fitted to the inputs it will see. The best scales on the selection split's block loss are kept,
-the initial ones included, so training can only lower it.
+the quantized layer's output against the float layer's on the same input h (or, with
+``target: model``, against the float model's own hidden state, so the layer also makes up for the
+error it receives). The inputs h are the hidden states of the model quantized so far
+(calibrate/sequential.walk_layers), so each layer is fitted to the inputs it will see. The
+best scales on the selection split's block loss are kept, the initial ones included, so training
+can only lower it.
 
 The substitution computes what the fused, exported layer computes: a source's rows divided by s
 (up_proj and v_proj rows, γ) are quantized per row, which scales with the row. Equal in float64
@@ -136,10 +138,15 @@ def _step_order(batches: int, steps: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def _float_outputs(step: LayerStep) -> dict[str, list[torch.Tensor]]:
-    """The float layer's output on every cached batch (before any site is replaced)."""
+def _float_outputs(step: LayerStep, target: str = "layer") -> dict[str, list[torch.Tensor]]:
+    """What the layer is fitted to, per cached batch (before any site is replaced): the float
+    layer's output on the quantized model's input (``layer``), or on the float model's own
+    input, i.e. the float model's next hidden state (``model``)."""
+    inputs = step.inputs if target == "layer" else step.float_inputs
+    if inputs is None:
+        raise ValueError("target 'model' needs the float stream: walk_layers(float_stream=True)")
     return {split: [step.run(batch).cpu() for batch in batches]
-            for split, batches in step.inputs.items()}
+            for split, batches in inputs.items()}
 
 
 def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,
@@ -147,7 +154,7 @@ def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,
     """Train the scales of one layer's sites; returns (best scales per site, float64 on the CPU,
     and the best selection block loss)."""
     step = problem.step
-    targets = _float_outputs(step)
+    targets = _float_outputs(step, cfg.target)
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = BlockScaleFitModule(problem, targets, cfg, log_bound)
     frozen = [(p, p.requires_grad) for p in step.layer.parameters()]

@@ -103,6 +103,51 @@ def test_fit_block_lowers_the_selection_loss_and_keeps_the_start_when_told_nothi
     assert all("forward" not in vars(linear) for rs in sites for linear in rs.linears)
 
 
+def test_float_stream_carries_the_float_models_hidden_states():
+    """``walk_layers(float_stream=True)``: at every layer ``float_inputs`` are the float model's
+    own inputs to it (whatever the walk quantizes), while ``inputs`` carry the quantized ones."""
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    specs = _specs(model.config.vocab_size)
+    float_walk = [[b.hidden.clone() for b in step.inputs["selection"]]
+                  for step in walk_layers(model, sites, SCHEME, specs, 2, "float")]  # no plans
+    differ = False
+    for step in walk_layers(model, sites, SCHEME, specs, 2, "t", float_stream=True):
+        for hidden, batch in zip(float_walk[step.index], step.float_inputs["selection"],
+                                 strict=True):
+            assert torch.equal(hidden, batch.hidden)
+        differ |= any(not torch.equal(a.hidden, b.hidden) for a, b in
+                      zip(step.inputs["selection"], step.float_inputs["selection"], strict=True))
+        step.done.update({rs.name: plans[rs.name] for rs in step.sites})
+    assert differ  # layer 1's quantized inputs are not the float ones
+
+
+def test_model_target_fits_the_float_models_output():
+    """``target: model`` fits layer 1 to the float model's hidden state: its selection loss
+    counts the error layer 0 passed on, so it starts above the ``layer`` target's, and
+    training lowers it."""
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    losses = {}
+    for target in ("layer", "model"):
+        cfg = BlockTrainConfig(steps=0, target=target)
+        for step in walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t",
+                                float_stream=target == "model"):
+            if step.index == 1:
+                losses[target] = fit_block(_problem(step, plans), cfg, log_bound=9.0)[1]
+                trained = fit_block(_problem(step, plans),
+                                    BlockTrainConfig(steps=20, lr=0.05, target=target),
+                                    log_bound=9.0)[1]
+                assert trained < losses[target]
+            step.done.update({rs.name: plans[rs.name] for rs in step.sites})
+    assert losses["model"] > 1.5 * losses["layer"], losses
+    with pytest.raises(ValueError, match="float_stream=True"):
+        step = next(walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t"))
+        fit_block(_problem(step, plans), BlockTrainConfig(target="model"), log_bound=9.0)
+
+
 def test_step_order_visits_every_batch_each_pass():
     order = _step_order(3, 8, seed=0)
     assert sorted(order[:3]) == sorted(order[3:6]) == [0, 1, 2] and len(order) == 8
@@ -115,6 +160,8 @@ def test_block_training_config_is_checked():
         config_from_dict({"block_training": {"lr": 0}})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \[.stepz.\] in block_training"):
         config_from_dict({"block_training": {"stepz": 5}})
+    with pytest.raises(ConfigError, match=r"block_training\.target='float' is not one of"):
+        config_from_dict({"block_training": {"target": "float"}})
 
 
 def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa: F811
