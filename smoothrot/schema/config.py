@@ -338,7 +338,6 @@ class FitConfig:
                 "clips, so the export would not compute the reported numbers; drop the clips "
                 "(act_clips: [1.0]) to export")
 
-
     def _check_perplexity_methods(self) -> None:
         """A list of method names, or a mapping of preset scheme names to such lists."""
         value = self.perplexity_methods
@@ -362,8 +361,8 @@ class FitConfig:
 
     def perplexity_filter(self, scheme: str) -> list[str] | None:
         """The methods whose perplexity ``scheme`` reports (None: every reported method)."""
-        if isinstance(self.perplexity_methods, dict):
-            return self.perplexity_methods.get(scheme)
+        if isinstance(self.perplexity_methods, dict):  # scheme names are case-insensitive
+            return {k.lower(): v for k, v in self.perplexity_methods.items()}.get(scheme.lower())
         return self.perplexity_methods
 
 
