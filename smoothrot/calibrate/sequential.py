@@ -208,9 +208,9 @@ class LayerStep:
     inputs: dict[str, list[_LayerInput]]
     device: torch.device
     done: dict[str, SitePlan]
-    # With ``walk_layers(float_stream=True)``: the same batches as the *float* model computes
-    # them (no layer quantized), e.g. to fit a layer against the float model's own output.
-    float_inputs: dict[str, list[_LayerInput]] | None = None
+    # With ``walk_layers(float_stream=True)``: this layer's output as the *float* model computes
+    # it (no layer quantized), per split and batch, e.g. to fit a layer against it.
+    float_outputs: dict[str, list[torch.Tensor]] | None = None
 
     def run(self, batch: _LayerInput) -> torch.Tensor:
         """The layer's output on one cached batch, with whatever hooks are active."""
@@ -231,7 +231,7 @@ def walk_layers(
     ``step.done`` with the layer's plans, the layer runs with them applied (weights and
     activations quantized as ``scheme`` says) and its output becomes the next layer's input.
     Layers after the last one holding a site never run. Every rank runs the whole walk.
-    ``float_stream`` also carries the float model's hidden states (``step.float_inputs``)."""
+    ``float_stream`` also carries the float model's hidden states (``step.float_outputs``)."""
     if not sites:
         return
     arch = architecture_of(model)
@@ -244,15 +244,17 @@ def walk_layers(
                                             arch.layers)
                  for split, spec in specs.items()}
     floats = ({split: [replace(batch, hidden=batch.hidden.clone()) for batch in batches]
-               for split, batches in cache.items()} if float_stream else None)
+               for split, batches in cache.items()} if float_stream else {})
     for index in progress(range(max(by_layer) + 1), desc=desc):
-        step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {},
-                         floats)
+        step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {})
+        if float_stream:  # before the caller touches the layer: its float output
+            with torch.no_grad():
+                step.float_outputs = {split: [step.run(batch).cpu() for batch in batches]
+                                      for split, batches in floats.items()}
         yield step
-        with torch.no_grad():
-            for batches in (floats or {}).values():
-                for batch in batches:
-                    batch.hidden = step.run(batch).cpu()
+        for split, outputs in (step.float_outputs or {}).items():
+            for batch, hidden in zip(floats[split], outputs, strict=True):
+                batch.hidden = hidden
         with torch.no_grad(), transformed(step.sites, step.done, scheme):
             for batches in cache.values():
                 for batch in batches:

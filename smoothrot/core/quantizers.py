@@ -220,11 +220,16 @@ class Quantizer:
         """Symmetric int: max|x| maps to this many steps. "max": the original W4A4/W8A8
         arithmetic (pinned by tests/unit/test_fake_quant.py); "compressed-tensors": half a step
         wider, the grid then clamped to [-2^(b-1), 2^(b-1) - 1]."""
-        return 2 ** (self.bits - 1) - 1 if self.grid == "max" else (2**self.bits - 1) / 2
+        return self._qmax if self.grid == "max" else (2**self.bits - 1) / 2
+
+    @property
+    def _qmax(self) -> int:
+        """Symmetric int: the largest code (the smallest is ``-qmax - 1``)."""
+        return 2 ** (self.bits - 1) - 1
 
     def _symmetric_codes(self, x: torch.Tensor, qp: QParams, ste: bool) -> torch.Tensor:
         """The integer levels (as floats) symmetric int RTN maps ``x`` to."""
-        qmax = 2 ** (self.bits - 1) - 1
+        qmax = self._qmax
         scaled = x / qp.scale
         if not (ste or scaled.requires_grad):  # nothing to differentiate: in place, no copies
             return scaled.clamp_(-qmax - 1, qmax).round_().clamp_(-qmax - 1, qmax)
@@ -304,8 +309,7 @@ class Quantizer:
         xg = self.grouped(xf, what)
         if ste and self.fmt == "int" and self.symmetric and torch.is_grad_enabled():
             clip = self._best_clip(xg) if self.mse_clip else self.clip
-            out = SymmetricIntSTE.apply(xg, clip, self._steps, 2 ** (self.bits - 1) - 1,
-                                        self.grid != "max")
+            out = SymmetricIntSTE.apply(xg, clip, self._steps, self._qmax, self.grid != "max")
             return out.reshape(x.shape).to(x.dtype)
         qp = self.fit(xg, self.global_amax(xf, batch_dims), ste=ste)
         return self.quantize_with(xg, qp, ste=ste).reshape(x.shape).to(x.dtype)

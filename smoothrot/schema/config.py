@@ -338,11 +338,16 @@ class FitConfig:
                 "clips, so the export would not compute the reported numbers; drop the clips "
                 "(act_clips: [1.0]) to export")
 
+    def _perplexity_lists(self) -> list[object]:
+        """The method lists ``perplexity_methods`` holds: one, one per scheme, or none."""
+        value = self.perplexity_methods
+        return [] if value is None else list(value.values()) if isinstance(value, dict) else [value]
+
     def _check_perplexity_methods(self) -> None:
         """A list of method names, or a mapping of preset scheme names to such lists."""
         value = self.perplexity_methods
-        lists = [] if value is None else value.values() if isinstance(value, dict) else [value]
-        if not all(isinstance(v, list) and all(isinstance(m, str) for m in v) for v in lists):
+        if not all(isinstance(v, list) and all(isinstance(m, str) for m in v)
+                   for v in self._perplexity_lists()):
             raise ConfigError(
                 f"perplexity_methods={value!r} must be null, a list of method names or a "
                 "mapping of scheme names to such lists, e.g. {w4a4: [smoothrot_max, trained], "
@@ -355,9 +360,7 @@ class FitConfig:
 
     def perplexity_method_names(self) -> set[str]:
         """Every method name ``perplexity_methods`` lists, under any scheme."""
-        value = self.perplexity_methods or []
-        return {m for names in (value.values() if isinstance(value, dict) else [value])
-                for m in names}
+        return {m for names in self._perplexity_lists() for m in names}
 
     def perplexity_filter(self, scheme: str) -> list[str] | None:
         """The methods whose perplexity ``scheme`` reports (None: every reported method)."""

@@ -140,13 +140,14 @@ def _step_order(batches: int, steps: int, seed: int) -> list[int]:
 @torch.no_grad()
 def _float_outputs(step: LayerStep, target: str = "layer") -> dict[str, list[torch.Tensor]]:
     """What the layer is fitted to, per cached batch (before any site is replaced): the float
-    layer's output on the quantized model's input (``layer``), or on the float model's own
-    input, i.e. the float model's next hidden state (``model``)."""
-    inputs = step.inputs if target == "layer" else step.float_inputs
-    if inputs is None:
+    layer's output on the quantized model's input (``layer``), or the float model's own output
+    of the layer, which the walk computed (``model``)."""
+    if target == "layer":
+        return {split: [step.run(batch).cpu() for batch in batches]
+                for split, batches in step.inputs.items()}
+    if step.float_outputs is None:
         raise ValueError("target 'model' needs the float stream: walk_layers(float_stream=True)")
-    return {split: [step.run(batch).cpu() for batch in batches]
-            for split, batches in inputs.items()}
+    return step.float_outputs
 
 
 def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,

@@ -104,8 +104,9 @@ def test_fit_block_lowers_the_selection_loss_and_keeps_the_start_when_told_nothi
 
 
 def test_float_stream_carries_the_float_models_hidden_states():
-    """``walk_layers(float_stream=True)``: at every layer ``float_inputs`` are the float model's
-    own inputs to it (whatever the walk quantizes), while ``inputs`` carry the quantized ones."""
+    """``walk_layers(float_stream=True)``: at every layer ``float_outputs`` are the float model's
+    own outputs of it (the next layer's inputs in a walk that quantizes nothing), whatever the
+    walk quantizes, while ``inputs`` carry the quantized ones."""
     model = tiny_llama(layers=2)
     sites = resolve_sites(model, ["all"])
     plans = _plans(sites)
@@ -114,11 +115,12 @@ def test_float_stream_carries_the_float_models_hidden_states():
                   for step in walk_layers(model, sites, SCHEME, specs, 2, "float")]  # no plans
     differ = False
     for step in walk_layers(model, sites, SCHEME, specs, 2, "t", float_stream=True):
-        for hidden, batch in zip(float_walk[step.index], step.float_inputs["selection"],
-                                 strict=True):
-            assert torch.equal(hidden, batch.hidden)
-        differ |= any(not torch.equal(a.hidden, b.hidden) for a, b in
-                      zip(step.inputs["selection"], step.float_inputs["selection"], strict=True))
+        if step.index + 1 < len(float_walk):
+            for hidden, output in zip(float_walk[step.index + 1],
+                                      step.float_outputs["selection"], strict=True):
+                assert torch.equal(hidden, output)
+        differ |= any(not torch.equal(a.hidden, b) for a, b in
+                      zip(step.inputs["selection"], float_walk[step.index], strict=True))
         step.done.update({rs.name: plans[rs.name] for rs in step.sites})
     assert differ  # layer 1's quantized inputs are not the float ones
 
