@@ -36,6 +36,8 @@ class SiteRecord:
 
     def tokens(self) -> torch.Tensor:
         """The kept input rows, [tokens, in_features] float32 on CPU."""
+        if len(self.rows) == 1:  # one batch held them all: no second copy
+            return self.rows[0]
         return torch.cat(self.rows) if self.rows else torch.empty(0)
 
 
@@ -97,7 +99,8 @@ def capture_sites(
                 else:
                     lo, hi = torch.searchsorted(keep_index, torch.tensor([start, offset[0]]))
                     if hi > lo:
-                        rec.rows.append(x[keep_index[lo:hi] - start].clone())
+                        # Indexing copies already: a clone would copy (and page in) them twice.
+                        rec.rows.append(x[keep_index[lo:hi] - start])
             seen.add(name)
             if stop_forward and len(seen) == len(records):
                 seen.clear()

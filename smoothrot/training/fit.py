@@ -47,13 +47,15 @@ from smoothrot.training.sampler import EpochTokenSampler
 
 log = logging.getLogger(__name__)
 
+_VAL_BATCH = 4096  # selection rows per validation batch
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
 class TrainProblem:
     """One site's training problem: fit scales of ``weight`` on ``train_x``, select on ``val_x``.
 
     ``rotate`` is the site's input transform (rotation and scale tying); ``seed`` fixes the
-    token order.
+    token order. ``train_y`` / ``val_y`` are functions of the tensors above, so not in the key.
     """
 
     weight: torch.Tensor
@@ -63,6 +65,10 @@ class TrainProblem:
     val_x: torch.Tensor
     rotate: SiteTransform = FULL
     seed: int = 0
+    # x·Wᵀ of train_x / val_x when the caller has them (computed once for every scheme);
+    # None: computed here.
+    train_y: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def key(self, cfg: TrainConfig) -> str:
         """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
@@ -147,6 +153,8 @@ def _loaders(
     averages the gradients and the validation MeanMetric syncs, so all ranks decide alike.
     """
     w = problem.weight.detach().float()
+    train_y = problem.train_x @ w.T if problem.train_y is None else problem.train_y
+    val_y = problem.val_x @ w.T if problem.val_y is None else problem.val_y
     if world_size() > 1 and cfg.batch_tokens % world_size():
         log.warning("train.batch_tokens=%d is not a multiple of %d processes: unequal batch "
                     "shares weigh tokens unequally, so steps differ from a 1-process run",
@@ -154,10 +162,11 @@ def _loaders(
     train_x, val_x = problem.train_x, problem.val_x
     sampler = EpochTokenSampler(train_x.shape[0], cfg.batch_tokens, cfg.val_every, problem.seed,
                                 first_step=first_step, part=rank(), parts=world_size())
-    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=None, sampler=sampler)
+    train = DataLoader(TensorDataset(train_x, train_y), batch_size=None, sampler=sampler)
     lo, hi = shard_bounds(val_x.shape[0])
-    val = DataLoader(TensorDataset(val_x[lo:hi], val_x[lo:hi] @ w.T), batch_size=4096,
-                     shuffle=False)
+    # Slices of 4096 rows: each batch is two views, not 4096 rows fetched and stacked one by one.
+    chunks = [slice(i, min(i + _VAL_BATCH, hi)) for i in range(lo, hi, _VAL_BATCH)]
+    val = DataLoader(TensorDataset(val_x, val_y), batch_size=None, sampler=chunks)
     return train, val
 
 
