@@ -3,7 +3,8 @@ clips and rounds the fused weight W·diag(s)·R offline by GPTQ (core/gptq.py), 
 plain RTN) chosen per site on the selection split.
 
 With ``gptq.sequential`` (default) each site is rounded on the inputs of the model quantized so
-far (calibrate/sequential.py); otherwise on the float model's captured calibration rows.
+far (calibrate/sequential.py); otherwise on the float model's captured calibration rows. A
+layerwise base (``trained_block``) is fitted and rounded layer by layer in one walk.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import replace
 import torch
 
 from smoothrot.arch.sites import ResolvedSite
-from smoothrot.calibrate.capture import batch_size, fit_specs
-from smoothrot.calibrate.sequential import gptq_sequential
+from smoothrot.calibrate.capture import batch_size
+from smoothrot.calibrate.sequential import gptq_sequential, round_layer
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
     DEFAULT_DAMP_GRID,
@@ -27,9 +28,10 @@ from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import Method, MethodResult
+from smoothrot.methods.registry import LayerwiseMethod, Method, MethodResult
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
+from smoothrot.surgery.plan import SitePlan
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +108,29 @@ def gptq_fused_weight_selected(
 
 
 class WithGPTQ(Method):
-    """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights."""
+    """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights.
+
+    Of a :class:`LayerwiseMethod` (sequential GPTQ), the base is fitted again inside GPTQ's walk:
+    each layer is fitted on the rounded layers before it, then rounded, so its scales are
+    trained for the inputs the deployed model gives it (the base alone sees upstream layers
+    with RTN weights). Its own result is then not needed."""
 
     rounding = "gptq"
 
     def __init__(self, base: Method, label: str | None = None) -> None:
+        self.base_method = base
         self.base = base.name
         self.name = base.name + GPTQ_SUFFIX
         self.label = label or f"{base.label} + GPTQ"
-        self.requires = (base.name,)
+        self.requires = base.requires if isinstance(base, LayerwiseMethod) else (base.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        base = ctx.results[self.base].plans
+        in_walk = isinstance(self.base_method, LayerwiseMethod) and ctx.cfg.gptq.sequential
+        if in_walk:
+            base: dict[str, SitePlan] = {}
+        else:  # a layerwise base under gptq.sequential: false is fitted here when not requested
+            result = ctx.results.get(self.base) or self.base_method.fit(ctx)
+            base = result.plans
 
         def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor) -> GPTQChoice:
             plan = base[rs.name]
@@ -125,13 +138,16 @@ class WithGPTQ(Method):
                 ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
                 with_act_clip(ctx.scheme, plan.act_clip))
 
-        with ctx.stage("gptq"):
-            if ctx.cfg.gptq.sequential:
-                specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
-                picks = gptq_sequential(
-                    ctx.model, ctx.sites, base, ctx.scheme,
-                    {k: specs[k] for k in ("calibration", "selection")},
-                    batch_size(ctx.cfg.data.seq_len), round_site)
+        picks: dict[str, GPTQChoice] = {}
+        with ctx.stage(f"{self.base} + gptq" if in_walk else "gptq"):
+            if in_walk:
+                specs = ctx.walk_specs()
+                for step, plans in self.base_method.layers(ctx):
+                    base.update(plans)
+                    picks.update(round_layer(step, plans, ctx.scheme, specs, round_site))
+            elif ctx.cfg.gptq.sequential:
+                picks = gptq_sequential(ctx.model, ctx.sites, base, ctx.scheme, ctx.walk_specs(),
+                                        batch_size(ctx.cfg.data.seq_len), round_site)
             else:
                 picks = {rs.name: round_site(rs, ctx.data[rs.name].train_x,
                                              ctx.data[rs.name].selection_x)
