@@ -283,32 +283,16 @@ def gptq_sequential(
     """
     choices: dict[str, GPTQChoice] = {}
     for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ"):
-        choices.update(round_layer(step, plans, scheme, specs, round_site))
-    return choices
-
-
-@torch.no_grad()
-def round_layer(
-    step: LayerStep,
-    plans: Mapping[str, SitePlan],
-    scheme: QuantScheme,
-    specs: dict[str, CaptureSpec],
-    round_site: Callable[[ResolvedSite, torch.Tensor, torch.Tensor], GPTQChoice],
-) -> dict[str, GPTQChoice]:
-    """GPTQ of one layer's sites in table order, each captured on ``step``'s cached inputs with
-    the sites before it already rounded; fills ``step.done``, so the walk carries the rounded
-    layer's output on (``specs``: the walk's ``calibration`` and ``selection`` splits)."""
-    choices: dict[str, GPTQChoice] = {}
-    for rs in step.sites:
-        rows = {}
-        with transformed(step.sites, step.done, scheme):
-            for split, spec in specs.items():
-                with capture_sites([rs], total_tokens=spec.total_tokens,
-                                   keep_index=spec.keep_index) as recorded:
-                    for batch in step.inputs[split]:
-                        with suppress(StopForward):
-                            step.run(batch)
-                rows[split] = recorded[rs.name].tokens()
-        choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"])
-        step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
+        for rs in step.sites:
+            rows = {}
+            with transformed(step.sites, step.done, scheme):
+                for split, spec in specs.items():
+                    with capture_sites([rs], total_tokens=spec.total_tokens,
+                                       keep_index=spec.keep_index) as recorded:
+                        for batch in step.inputs[split]:
+                            with suppress(StopForward):
+                                step.run(batch)
+                    rows[split] = recorded[rs.name].tokens()
+            choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"])
+            step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
     return choices

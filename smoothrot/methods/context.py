@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from smoothrot.arch.sites import ResolvedSite
-from smoothrot.calibrate.capture import CaptureSpec, fit_specs
 from smoothrot.core.transform import SiteTransform
 from smoothrot.methods.search import select_act_clip
 from smoothrot.progress import progress
@@ -82,12 +81,6 @@ class SchemeContext:
         if key not in store:
             store[key] = compute()
         return store[key]
-
-    def walk_specs(self) -> dict[str, CaptureSpec]:
-        """The splits a layer walk runs over (sequential GPTQ, block training): calibration
-        (with the training rows kept, as in calibration) and selection."""
-        specs = fit_specs(self.windows, self.cfg.data.train_tokens, self.cfg.seed)
-        return {split: specs[split] for split in ("calibration", "selection")}
 
     @staticmethod
     def transform(rs: ResolvedSite, plan: SitePlan) -> SiteTransform:

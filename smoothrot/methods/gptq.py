@@ -3,8 +3,7 @@ clips and rounds the fused weight W·diag(s)·R offline by GPTQ (core/gptq.py), 
 plain RTN) chosen per site on the selection split.
 
 With ``gptq.sequential`` (default) each site is rounded on the inputs of the model quantized so
-far (calibrate/sequential.py); otherwise on the float model's captured calibration rows. A
-layerwise base (``trained_block``) is fitted and rounded layer by layer in one walk.
+far (calibrate/sequential.py); otherwise on the float model's captured calibration rows.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from dataclasses import replace
 import torch
 
 from smoothrot.arch.sites import ResolvedSite
-from smoothrot.calibrate.capture import batch_size
-from smoothrot.calibrate.sequential import gptq_sequential, round_layer
+from smoothrot.calibrate.capture import batch_size, fit_specs
+from smoothrot.calibrate.sequential import gptq_sequential
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
     DEFAULT_DAMP_GRID,
@@ -28,10 +27,9 @@ from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import LayerwiseMethod, Method, MethodResult
+from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
-from smoothrot.surgery.plan import SitePlan
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +106,18 @@ def gptq_fused_weight_selected(
 
 
 class WithGPTQ(Method):
-    """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights.
-
-    Of a :class:`LayerwiseMethod` (sequential GPTQ), the base is fitted again inside GPTQ's walk:
-    each layer is fitted on the rounded layers before it, then rounded, so its scales are
-    trained for the inputs the deployed model gives it (the base alone sees upstream layers
-    with RTN weights). Its own result is then not needed."""
+    """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights."""
 
     rounding = "gptq"
 
     def __init__(self, base: Method, label: str | None = None) -> None:
-        self.base_method = base
         self.base = base.name
         self.name = base.name + GPTQ_SUFFIX
         self.label = label or f"{base.label} + GPTQ"
-        self.requires = base.requires if isinstance(base, LayerwiseMethod) else (base.name,)
+        self.requires = (base.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        in_walk = isinstance(self.base_method, LayerwiseMethod) and ctx.cfg.gptq.sequential
-        if in_walk:
-            base: dict[str, SitePlan] = {}
-        else:  # a layerwise base under gptq.sequential: false is fitted here when not requested
-            result = ctx.results.get(self.base) or self.base_method.fit(ctx)
-            base = result.plans
+        base = ctx.results[self.base].plans
 
         def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor) -> GPTQChoice:
             plan = base[rs.name]
@@ -138,16 +125,13 @@ class WithGPTQ(Method):
                 ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
                 with_act_clip(ctx.scheme, plan.act_clip))
 
-        picks: dict[str, GPTQChoice] = {}
-        with ctx.stage(f"{self.base} + gptq" if in_walk else "gptq"):
-            if in_walk:
-                specs = ctx.walk_specs()
-                for step, plans in self.base_method.layers(ctx):
-                    base.update(plans)
-                    picks.update(round_layer(step, plans, ctx.scheme, specs, round_site))
-            elif ctx.cfg.gptq.sequential:
-                picks = gptq_sequential(ctx.model, ctx.sites, base, ctx.scheme, ctx.walk_specs(),
-                                        batch_size(ctx.cfg.data.seq_len), round_site)
+        with ctx.stage("gptq"):
+            if ctx.cfg.gptq.sequential:
+                specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
+                picks = gptq_sequential(
+                    ctx.model, ctx.sites, base, ctx.scheme,
+                    {k: specs[k] for k in ("calibration", "selection")},
+                    batch_size(ctx.cfg.data.seq_len), round_site)
             else:
                 picks = {rs.name: round_site(rs, ctx.data[rs.name].train_x,
                                              ctx.data[rs.name].selection_x)

@@ -10,7 +10,7 @@ for; report labels and export rules come from here too. Adding a method is one m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,6 @@ from smoothrot.schema.errors import ConfigError
 from smoothrot.surgery.plan import SitePlan
 
 if TYPE_CHECKING:
-    from smoothrot.calibrate.sequential import LayerStep
     from smoothrot.methods.context import SchemeContext
 
 # A GPTQ row is reported relative to this one (the same weight rounding), so it runs whenever a
@@ -51,21 +50,6 @@ class Method(ABC):
     @abstractmethod
     def fit(self, ctx: SchemeContext) -> MethodResult:
         """Plans for every site of ``ctx``; results of ``requires`` are in ``ctx.results``."""
-
-
-class LayerwiseMethod(Method):
-    """A method fitted in one walk over the decoder layers (calibrate/sequential.walk_layers),
-    each layer on the outputs of the ones before it as the caller quantized them.
-
-    :meth:`layers` yields each layer's step with its sites' plans; the walk moves on once the
-    caller has put plans in ``step.done`` (these, or them with rounded weights: ``+gptq`` of such
-    a method rounds each layer in the same walk, so the next layer is fitted on what is
-    deployed upstream).
-    """
-
-    @abstractmethod
-    def layers(self, ctx: SchemeContext) -> Iterator[tuple[LayerStep, dict[str, SitePlan]]]:
-        """Each layer's walk step and its sites' plans, in layer order."""
 
 
 _REGISTRY: dict[str, Method] = {}

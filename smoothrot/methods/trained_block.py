@@ -1,60 +1,58 @@
 """Trained against the block output: the ``trained`` scales refined, one decoder layer at a
 time on the quantized model's inputs, to minimise the layer's output error rather than each
 site's own (training/block.py). Reported beside ``trained``, whose per-site loss stays the
-default. A layerwise method: ``trained_block+gptq`` trains and rounds each layer in one walk, so
-every layer is fitted on the GPTQ-rounded layers before it (methods/gptq.py)."""
+default."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
-from smoothrot.calibrate.sequential import LayerStep, walk_layers
+from smoothrot.calibrate.capture import fit_specs
+from smoothrot.calibrate.sequential import walk_layers
 from smoothrot.distributed import world_size
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.registry import LayerwiseMethod, MethodResult
+from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import with_act_clip
-from smoothrot.surgery.plan import SitePlan
 from smoothrot.training.block import BlockProblem, fit_block
 
 
-class TrainedBlock(LayerwiseMethod):
+class TrainedBlock(Method):
     name = "trained_block"
     label = "trained (block output)"
     requires = (TRAINED.name,)
 
-    def layers(self, ctx: SchemeContext) -> Iterator[tuple[LayerStep, dict[str, SitePlan]]]:
+    def fit(self, ctx: SchemeContext) -> MethodResult:
         if world_size() > 1:
             raise ConfigError(f"{self.name} runs in one process (every rank would repeat the "
                               "same walk); set distributed.devices: 1 and num_nodes: 1")
         start = ctx.results[TRAINED.name].plans
         cfg = ctx.cfg.block_training
+        specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
         windows = max(1, math.ceil(cfg.batch_tokens / ctx.cfg.data.seq_len))
         accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
-        for step in walk_layers(ctx.model, ctx.sites, ctx.scheme, ctx.walk_specs(), windows,
-                                f"{ctx.scheme.name} block training",
-                                float_stream=cfg.target == "model"):
-            if not step.sites:
-                continue
-            plans = {rs.name: start[rs.name] for rs in step.sites}
-            problem = BlockProblem(
-                step, {name: plan.scales for name, plan in plans.items()},
-                {rs.name: ctx.transform(rs, plans[rs.name]) for rs in step.sites},
-                {name: with_act_clip(ctx.scheme, plan.act_clip) for name, plan in plans.items()},
-                seed=ctx.cfg.seed + step.index)
-            best, _ = fit_block(problem, cfg, log_bound=ctx.cfg.train.log_bound,
-                                accelerator=accelerator)
-            yield step, {name: replace(plan, scales=best[name]) for name, plan in plans.items()}
-
-    def fit(self, ctx: SchemeContext) -> MethodResult:
         scales = {}
         with ctx.stage("block training"):
-            for step, plans in self.layers(ctx):
-                step.done.update(plans)
-                scales.update({name: plan.scales for name, plan in plans.items()})
+            for step in walk_layers(ctx.model, ctx.sites, ctx.scheme,
+                                    {k: specs[k] for k in ("calibration", "selection")},
+                                    windows, f"{ctx.scheme.name} block training",
+                                    float_stream=cfg.target == "model"):
+                if not step.sites:
+                    continue
+                plans = {rs.name: start[rs.name] for rs in step.sites}
+                problem = BlockProblem(
+                    step, {name: plan.scales for name, plan in plans.items()},
+                    {rs.name: ctx.transform(rs, plans[rs.name]) for rs in step.sites},
+                    {name: with_act_clip(ctx.scheme, plan.act_clip)
+                     for name, plan in plans.items()},
+                    seed=ctx.cfg.seed + step.index)
+                best, _ = fit_block(problem, cfg, log_bound=ctx.cfg.train.log_bound,
+                                    accelerator=accelerator)
+                scales.update(best)
+                step.done.update({name: replace(plan, scales=best[name])
+                                  for name, plan in plans.items()})
         return MethodResult(ctx.plans(scales, desc=self.name))
 
 

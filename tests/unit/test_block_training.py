@@ -5,7 +5,6 @@ loss and never returns worse scales than it started from; the method runs end to
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,11 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec
-from smoothrot.calibrate.sequential import round_layer, walk_layers
+from smoothrot.calibrate.sequential import walk_layers
 from smoothrot.io.verify import verify_export
-from smoothrot.job import run_fit
-from smoothrot.methods import gptq, trained_block
-from smoothrot.schema.config import BlockTrainConfig, config_from_dict, load_config
+from smoothrot.schema.config import BlockTrainConfig, config_from_dict
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import get_scheme
 from smoothrot.surgery.hooks import exact_norms, replaced_forwards, transformed
@@ -186,47 +183,6 @@ def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
     assert verify_export(export, model, ids)["passed"] is True
-
-
-def test_trained_block_gptq_fits_each_layer_on_the_rounded_layers_before_it(
-        tmp_path, tiny_model, monkeypatch):  # noqa: F811
-    """``trained_block+gptq`` trains and rounds layer by layer in one walk: layer 0 is trained on
-    what ``trained_block`` sees and gets the same scales; layer 1 is trained on layer 0's output
-    with layer 0 GPTQ-rounded (not with RTN weights, as ``trained_block`` sees it), and those
-    scales are the ones the method returns."""
-    calls, rounded = [], []
-
-    def fit_spy(problem, cfg, **kwargs):
-        hidden = problem.step.inputs["calibration"][0].hidden.clone()
-        best, loss = fit_block(problem, cfg, **kwargs)
-        calls.append((problem.step, hidden, best))
-        return best, loss
-
-    def round_spy(step, plans, scheme, specs, round_site):
-        choices = round_layer(step, plans, scheme, specs, round_site)
-        rounded.append((step, dict(step.done), scheme))
-        return choices
-
-    monkeypatch.setattr(trained_block, "fit_block", fit_spy)
-    monkeypatch.setattr(gptq, "round_layer", round_spy)
-    cfg = load_config(small_config(
-        tmp_path, tiny_model, layers=["all"], methods=["trained_block", "trained_block+gptq"],
-        block_training={"steps": 3, "lr": 0.05, "batch_tokens": 64, "target": "model"}))
-    results = run_fit(cfg).schemes[0].results
-    plans = {r: results[r].plans for r in ("trained_block", "trained_block+gptq")}
-    assert len(calls) == 4 and len(rounded) == 2  # trained_block's walk, then the joint one
-    (_, h0, block0), (_, h1_rtn, _), (_, h0_walk, walk0), (_, h1, walk1) = calls
-    assert torch.equal(h0, h0_walk)
-    assert all(torch.equal(block0[name], walk0[name]) for name in block0)
-    step0, done0, scheme = rounded[0]
-    assert all(plan.weight_q is not None for plan in done0.values())
-    with torch.no_grad(), transformed(step0.sites, done0, scheme):
-        out0 = step0.run(replace(step0.inputs["calibration"][0], hidden=h0)).cpu()
-    assert torch.equal(h1, out0)  # layer 1 trained on the GPTQ-rounded layer 0
-    assert (h1 - h1_rtn).abs().max() > 1e-6  # which is not what trained_block trained on
-    for name, scales in walk1.items():
-        assert torch.equal(plans["trained_block+gptq"][name].scales, scales)
-        assert not torch.equal(plans["trained_block"][name].scales, scales)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
