@@ -110,32 +110,29 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
         stats = {q: rec.quantiles.value(q) for q in cfg.search.quantiles}
         stats[1.0] = rec.absmax.value()
         tie = rs.transform.tied_max  # tied (GQA o_proj) scales: max over the tied channels
-        w = rs.weight.detach().cpu().float()
-        train_x, selection_x = rec.tokens(), sel_rec[rs.name].tokens()
         heldout_x = ho_rec[rs.name].tokens()
         data[rs.name] = SiteData(
             act_stats={q: tie(v) for q, v in stats.items()},
             weight_stat=tie(weight_absmax(rs.weight.detach().cpu())),
-            train_x=train_x,
-            selection_x=selection_x,
+            train_x=rec.tokens(),
+            selection_x=sel_rec[rs.name].tokens(),
             heldout_x=heldout_x,
-            heldout_y=_outputs(rs.name, heldout_x, w, "held-out"),
-            train_y=_outputs(rs.name, train_x, w, "training"),
-            selection_y=_outputs(rs.name, selection_x, w, "selection"),
+            heldout_y=_heldout_output(rs, heldout_x),
         )
     return data
 
 
-def _outputs(site: str, x: torch.Tensor, w: torch.Tensor, split: str) -> torch.Tensor:
-    """X·Wᵀ of one split's tokens: the reference every scheme and method is scored against.
+def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> torch.Tensor:
+    """X·Wᵀ of the held-out tokens, the reference of every method's held-out error.
 
-    A finite weight (3e38) can give outputs whose squares overflow float32: every error would be
-    inf and every comparison NaN, so this stops the run before any method does.
+    A finite weight (3e38) can give outputs whose squares overflow float32: every held-out error
+    would be inf and every comparison NaN, so this stops the run before any method does.
     """
+    w = rs.weight.detach().cpu().float()
     y = x @ w.T
     if not torch.isfinite((y * y).sum()):  # what the errors accumulate (evaluate.layer_error)
         raise FloatingPointError(
-            f"{site}: the layer's outputs on the {split} tokens (max |y| = "
+            f"{rs.name}: the layer's outputs on the held-out tokens (max |y| = "
             f"{float(y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow float32 "
             "in its squared error; check the model weights")
     return y

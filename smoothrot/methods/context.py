@@ -33,11 +33,9 @@ class SiteData:
     train_x: torch.Tensor
     selection_x: torch.Tensor
     heldout_x: torch.Tensor
-    # X·Wᵀ of each token set: computed once in calibration (which also checks they are finite),
-    # the reference of every method's search, training and held-out error under every scheme.
+    # X·Wᵀ of heldout_x: computed once in calibration (it also checks the outputs are finite),
+    # the reference of every method's held-out error under every scheme.
     heldout_y: torch.Tensor
-    train_y: torch.Tensor
-    selection_y: torch.Tensor
 
 
 @dataclass

@@ -80,7 +80,7 @@ def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
                 rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
                                      ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
                                      search.alphas, search.quantiles, ctx.schemes, rs.name,
-                                     rs.transform, y_sel=ctx.data[rs.name].selection_y)
+                                     rs.transform)
                 for rs in progress(ctx.sites, desc="grid search")
             }
         return {scheme.name: {site: t[i] for site, t in tables.items()}

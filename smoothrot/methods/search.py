@@ -89,7 +89,6 @@ def grid_losses(
     schemes: Sequence[QuantScheme],
     site: str,
     transform: SiteTransform = FULL,
-    y_sel: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection loss for every scheme and (α, q): [len(schemes), len(alphas), len(quantiles)]
     (float64).
@@ -97,11 +96,11 @@ def grid_losses(
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
     per device type by ``_CHUNK_ELEMENTS``; every scheme scores the same transformed candidates
     (the rotation is the larger part of a candidate's cost). ``transform``: the site's input
-    transform (tied GQA scales, per-head H); ``y_sel``: x_sel·Wᵀ when the caller has it.
+    transform (tied GQA scales, per-head H).
     """
     w = weight.float()
     x = x_sel.float()
-    y = x @ w.T if y_sel is None else y_sel.float()
+    y = x @ w.T
     scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])

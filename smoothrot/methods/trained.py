@@ -57,8 +57,7 @@ class Trained(Method):
                 problem = TrainProblem(
                     ctx.weights[rs.name], plan.scales, with_act_clip(ctx.scheme, plan.act_clip),
                     data.train_x, data.selection_x, ctx.transform(rs, plan),
-                    seed=ctx.cfg.seed + rs.layer_index, train_y=data.train_y,
-                    val_y=data.selection_y)
+                    seed=ctx.cfg.seed + rs.layer_index)
                 scales[rs.name], losses[rs.name] = fit_scales(
                     problem, ctx.cfg.train, accelerator=accelerator,
                     checkpoint_dir=checkpoints / rs.name, resume=ctx.resume)

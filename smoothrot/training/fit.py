@@ -55,7 +55,7 @@ class TrainProblem:
     """One site's training problem: fit scales of ``weight`` on ``train_x``, select on ``val_x``.
 
     ``rotate`` is the site's input transform (rotation and scale tying); ``seed`` fixes the
-    token order. ``train_y`` / ``val_y`` are functions of the tensors above, so not in the key.
+    token order.
     """
 
     weight: torch.Tensor
@@ -65,10 +65,6 @@ class TrainProblem:
     val_x: torch.Tensor
     rotate: SiteTransform = FULL
     seed: int = 0
-    # x·Wᵀ of train_x / val_x when the caller has them (computed once for every scheme);
-    # None: computed here.
-    train_y: torch.Tensor | None = None
-    val_y: torch.Tensor | None = None
 
     def key(self, cfg: TrainConfig) -> str:
         """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
@@ -153,8 +149,6 @@ def _loaders(
     averages the gradients and the validation MeanMetric syncs, so all ranks decide alike.
     """
     w = problem.weight.detach().float()
-    train_y = problem.train_x @ w.T if problem.train_y is None else problem.train_y
-    val_y = problem.val_x @ w.T if problem.val_y is None else problem.val_y
     if world_size() > 1 and cfg.batch_tokens % world_size():
         log.warning("train.batch_tokens=%d is not a multiple of %d processes: unequal batch "
                     "shares weigh tokens unequally, so steps differ from a 1-process run",
@@ -162,11 +156,12 @@ def _loaders(
     train_x, val_x = problem.train_x, problem.val_x
     sampler = EpochTokenSampler(train_x.shape[0], cfg.batch_tokens, cfg.val_every, problem.seed,
                                 first_step=first_step, part=rank(), parts=world_size())
-    train = DataLoader(TensorDataset(train_x, train_y), batch_size=None, sampler=sampler)
+    train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=None, sampler=sampler)
     lo, hi = shard_bounds(val_x.shape[0])
     # Slices of 4096 rows: each batch is two views, not 4096 rows fetched and stacked one by one.
-    chunks = [slice(i, min(i + _VAL_BATCH, hi)) for i in range(lo, hi, _VAL_BATCH)]
-    val = DataLoader(TensorDataset(val_x, val_y), batch_size=None, sampler=chunks)
+    val_x = val_x[lo:hi]
+    chunks = [slice(i, i + _VAL_BATCH) for i in range(0, val_x.shape[0], _VAL_BATCH)]
+    val = DataLoader(TensorDataset(val_x, val_x @ w.T), batch_size=None, sampler=chunks)
     return train, val
 
 

@@ -1,7 +1,5 @@
 """Grid search, policy selection, trained scales and held-out error on synthetic outlier data."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -141,8 +139,6 @@ def test_grid_is_the_same_whatever_the_chunk_size(monkeypatch):
     whole = grid_losses(*args)
     monkeypatch.setattr(search, "_CHUNK_ELEMENTS", {"cpu": 1})  # one candidate per chunk
     torch.testing.assert_close(grid_losses(*args), whole, rtol=1e-6, atol=0)
-    # x·Wᵀ handed in (the job computes it once per site): the same table.
-    assert torch.equal(grid_losses(*args, y_sel=x @ w.T), grid_losses(*args))
 
 
 def test_one_grid_for_several_schemes_equals_one_grid_per_scheme():
@@ -180,14 +176,6 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     s1, best1 = fit_scales(problem, cfg)
     s2, best2 = fit_scales(problem, cfg, checkpoint_dir=tmp_path / "ck")
     assert torch.equal(s1, s2) and best1 == best2
-    # Targets handed in (as the job shares them between schemes): the same run.
-    given = replace(problem, train_y=train_x @ w.T, val_y=val_x @ w.T)
-    assert given.key(cfg) == problem.key(cfg)
-    s3, best3 = fit_scales(given, cfg)
-    assert torch.equal(s1, s3) and best1 == best3
-    # ... and they are what is fitted: other targets, other scales.
-    s4, _ = fit_scales(replace(problem, train_y=2 * train_x @ w.T, val_y=2 * val_x @ w.T), cfg)
-    assert not torch.equal(s1, s4)
     assert (tmp_path / "ck" / "last.ckpt").is_file()
     assert torch.isfinite(s1).all() and (s1 > 0).all()
     assert best1 < init_val  # training found something better than the policy
