@@ -36,6 +36,7 @@ from smoothrot.surgery.hooks import transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 from smoothrot.timer import Timer
+from smoothrot.training.head_rotation import learn_head_rotations
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class FitResult:
     float_perplexity: float | None
     schemes: list[SchemeResult]
     timings: dict[str, float]
+    # Learned per-head rotations folded into the model before any method (by o_proj site name).
+    head_rotations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor],
@@ -222,12 +225,20 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
     _check_sites(sites, cfg)
     with timer.stage("load data"):
         splits, windows = split_windows(tokenizer, cfg.data, cfg.seed)
+    schemes = tuple(target.scheme(get_scheme(name)) for name in cfg.schemes)
+    head_rotations: dict[str, torch.Tensor] = {}
+    if cfg.head_rotation.learn:
+        with timer.stage("head rotations"):
+            head_rotations = learn_head_rotations(
+                model, sites, windows, cfg.head_rotation,
+                target.scheme(get_scheme(cfg.head_rotation.scheme or cfg.schemes[0])),
+                train_tokens=cfg.data.train_tokens, seed=cfg.seed,
+                log_bound=cfg.train.log_bound)
     data = _calibrate(model, sites, windows, cfg, timer)
     float_ppl = None
     if cfg.perplexity:
         with timer.stage("float perplexity"):
             float_ppl = perplexity(model, windows["evaluation"], desc="float ppl")
-    schemes = tuple(target.scheme(get_scheme(name)) for name in cfg.schemes)
     across: dict[str, object] = {}  # work every scheme shares (SchemeContext.shared)
     results = [
         _run_scheme(SchemeContext(scheme, model, sites, data, windows, cfg, timer, resume,
@@ -244,4 +255,5 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
         float_perplexity=float_ppl,
         schemes=results,
         timings=timer.seconds,
+        head_rotations=head_rotations,
     )

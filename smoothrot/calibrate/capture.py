@@ -73,9 +73,10 @@ def capture_sites(
     for rs in sites:
         n = rs.in_features
         rec = SiteRecord()
-        if quantiles:
+        if quantiles is not None:  # () records the max only
             rec.absmax = AbsMaxObserver(n)
-            rec.quantiles = AbsQuantileObserver(n, quantiles, total_tokens)
+            if quantiles:
+                rec.quantiles = AbsQuantileObserver(n, quantiles, total_tokens)
         records[rs.name] = rec
         offset = [0]
 
@@ -87,7 +88,8 @@ def capture_sites(
             if rec.absmax is not None:
                 try:
                     rec.absmax.update(x)
-                    rec.quantiles.update(x)
+                    if rec.quantiles is not None:
+                        rec.quantiles.update(x)
                 except ValueError as exc:  # non-finite inputs: name the site and the way out
                     raise ValueError(
                         f"{name}: {exc}; the model computes inf/NaN before this layer: check "

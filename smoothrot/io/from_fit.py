@@ -105,5 +105,5 @@ def export_fit(result: FitResult, model: nn.Module, tokenizer: Any = None,
             residual_seed=cfg.seed if cfg.residual_rotation else None,
             residual_kind=cfg.rotation.residual_kind,
             provenance=_provenance(result, sr, cfg.export.method), calibration=calibration,
-            inputs=_inputs(cfg)))
+            inputs=_inputs(cfg), head_rotations=result.head_rotations))
     return paths

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from smoothrot.arch.sites import resolve_sites, with_dense_rotations
@@ -32,6 +33,7 @@ from smoothrot.io.runtime import load_without_smoothrot
 from smoothrot.models import resolve_dtype
 from smoothrot.schema.export import ExportError
 from smoothrot.schema.target import TARGETS
+from smoothrot.surgery.head_rotation import HEAD_ROTATIONS_FILE, apply_head_rotations
 from smoothrot.surgery.hooks import exact_norms, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
@@ -138,11 +140,15 @@ def verify_export(
         if activation_quantizer == "compressed-tensors":  # it has no clips
             plans = {k: replace(p, act_clip=None) for k, p in plans.items()}
         r1 = decl.residual_rotation
-        if r1 is not None:  # the plans were fitted on the rotated model (R1 is exact in float)
-            # rotated in float32 (float64) and rounded to the export dtype once, as written
-            rotated = copy.deepcopy(model).to(
-                torch.float64 if target == torch.float64 else torch.float32)
-            rotate_residual(rotated, seed=r1.seed, kind=r1.kind)
+        if r1 is not None or decl.head_rotations:
+            # The plans were fitted on the rotated model (R1, then the learned R2: exact in
+            # float), rotated in float32 (float64) and rounded to the export dtype once, as written.
+            rotated = copy.deepcopy(model)
+            if r1 is not None:
+                rotated.to(torch.float64 if target == torch.float64 else torch.float32)
+                rotate_residual(rotated, seed=r1.seed, kind=r1.kind)
+            if decl.head_rotations:
+                apply_head_rotations(rotated, load_file(str(path / HEAD_ROTATIONS_FILE)))
             reference = as_loaded(rotated, target)
         # compressed-tensors' runtime rotates with the stored matrix (a dense product)
         sites = with_dense_rotations(

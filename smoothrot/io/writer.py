@@ -63,6 +63,7 @@ from smoothrot.schema.quant import QuantScheme, get_scheme
 from smoothrot.schema.strict import CLIP
 from smoothrot.schema.target import TARGETS, Target
 from smoothrot.surgery.fuse import linear_weights_q
+from smoothrot.surgery.head_rotation import HEAD_ROTATIONS_FILE, apply_head_rotations
 from smoothrot.surgery.hooks import apply_plans, site_parameters
 from smoothrot.surgery.plan import SitePlan
 
@@ -221,10 +222,12 @@ def _input_absmax(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
 
 
 def _prepared_copy(
-    model: nn.Module, target: torch.dtype, residual_seed: int | None, residual_kind: str
+    model: nn.Module, target: torch.dtype, residual_seed: int | None, residual_kind: str,
+    head_rotations: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, ResidualDeclaration | None]:
     """A savable copy in ``target`` dtype, with the R1 residual rotation re-applied if asked
-    (of ``residual_kind``; the declaration records the kind applied)."""
+    (of ``residual_kind``; the declaration records the kind applied), then the learned head
+    rotations, in the order the fit applied them."""
     work = copy.deepcopy(model)
     _drop_gguf_marker(work)
     residual = None
@@ -237,6 +240,8 @@ def _prepared_copy(
             raise ExportError("this architecture's residual rotation needs online hooks after "
                               "output norms, which the export cannot declare yet")
         residual = ResidualDeclaration(residual_seed, rot.kind, rot.untied_lm_head)
+    if head_rotations:
+        apply_head_rotations(work, head_rotations)
     return work.to(target), residual
 
 
@@ -330,6 +335,7 @@ def export_model(
     calibration: torch.Tensor | None = None,
     target: str = "vllm",
     inputs: Mapping[str, str | Path] | None = None,
+    head_rotations: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` transformed by ``plans`` (qualified site name → SitePlan) to ``path``.
 
@@ -340,7 +346,8 @@ def export_model(
     codes (quantized formats only). ``calibration`` token windows ``[samples, seq_len]`` give
     NVFP4's static input global scales (max |x·R| per linear; required for ``nvfp4``).
     ``residual_seed`` re-applies the R1 residual rotation the scales were fitted under, of
-    ``residual_kind`` (the fit's ``rotation.residual_kind``).
+    ``residual_kind`` (the fit's ``rotation.residual_kind``). ``head_rotations`` (o_proj site
+    → [kv_heads, d, d]) re-applies the learned per-head rotations the fit folded in after R1.
     ``provenance`` (method, α/q, data hash, headline errors, ...) goes into ``smoothrot.json``,
     with the SHA-256 of every stored tensor and config entry (what ``verify`` checks).
     ``overwrite`` replaces an earlier export only, never the model's own folder or ``inputs``
@@ -366,7 +373,8 @@ def export_model(
     # (float64 arithmetic, one rounding), so the reload matches the in-memory model bit for bit.
     # GPTQ weights replace the fused float weights only when compressed (their scales come from
     # the float weights).
-    work, residual = _prepared_copy(model, torch_dtype, residual_seed, residual_kind)
+    work, residual = _prepared_copy(model, torch_dtype, residual_seed, residual_kind,
+                                     head_rotations)
     kind = None if residual is None else residual.kind
     sites = _resolve_planned(work, plans, kind)
     names = _module_names(work)
@@ -376,7 +384,8 @@ def export_model(
         if not all(torch.isfinite(p).all() for rs in sites for p in site_parameters(rs)):
             # Overflowed in the cast: redo the fusion in float64 on a fresh copy to name the
             # parameter and its value (rare path, so the common one fuses once).
-            fresh, _ = _prepared_copy(model, torch_dtype, residual_seed, residual_kind)
+            fresh, _ = _prepared_copy(model, torch_dtype, residual_seed, residual_kind,
+                                     head_rotations)
             check_representable(fresh, _resolve_planned(fresh, plans, kind), plans, torch_dtype)
             raise ExportError(f"fused weights are not finite in {dtype}; export float32")
         declared = _site_declarations(work, sites, plans)
@@ -406,6 +415,7 @@ def export_model(
             qscheme, "gptq" if weights_q else "rtn"),
         transform_config_groups=tuple(sorted(ct.full.config_groups)) if ct.full else (),
         transform_config_note=ct.note, residual_rotation=residual, target=target,
+        head_rotations=tuple(sorted(head_rotations or {})),
     )
     scales = {name: p.scales.detach().double().cpu().contiguous()
               for name, p in plans.items() if p.scales is not None}
@@ -424,6 +434,10 @@ def export_model(
             (tmp / EXPORT_SCALES_FILE).parent.mkdir()
             save_file(scales, str(tmp / EXPORT_SCALES_FILE),
                       metadata={"format": "site -> s (float64)"})
+        if head_rotations:
+            save_file({k: v.double().contiguous() for k, v in head_rotations.items()},
+                      str(tmp / HEAD_ROTATIONS_FILE),
+                      metadata={"format": "o_proj site -> R2 [kv_heads, d, d] (float64)"})
         (tmp / "README.md").write_text(model_card(declaration, meta))
         write_json(tmp / METADATA_FILE, {**meta, DIGESTS_KEY: content_digests(tmp)})
     log.info("exported %s (%s, %s, %d sites) to %s", fmt, dtype,

@@ -180,6 +180,42 @@ class BlockTrainConfig:
 
 
 @dataclass
+class HeadRotationConfig:
+    """Learned per-head rotations R2 (training/head_rotation.py): with ``learn``, before any
+    method runs, each attention layer's o_proj input gets an orthogonal rotation per kv head,
+    trained (Cayley parameterization, from the identity) together with that site's scales on its
+    straight-through fake-quant output loss, then folded into v_proj's rows and o_proj's columns
+    (exact: attention mixes tokens, never a head's channels; free at run time). Every method then
+    fits its scales on the rotated model. ``steps`` Adam steps of ``batch_tokens`` tokens under a
+    cosine schedule, ``lr`` for the rotations and ``scale_lr`` for the scales, which start at
+    SmoothRot-max with ``alpha``; ``scheme`` (null: the first of ``schemes``) is the quantization
+    it is learned under."""
+
+    learn: bool = False
+    steps: int = 200
+    lr: float = 0.01
+    scale_lr: float = 0.02
+    batch_tokens: int = 256
+    alpha: float = 0.6
+    scheme: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.learn, bool):
+            raise ConfigError(f"head_rotation.learn={self.learn!r} must be true or false")
+        if self.steps < 0 or self.batch_tokens < 1:
+            raise ConfigError(f"head_rotation.steps={self.steps} must be >= 0 and "
+                              f"head_rotation.batch_tokens={self.batch_tokens} at least 1")
+        for key in ("lr", "scale_lr"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"head_rotation.{key}={value} must be a positive number")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"head_rotation.alpha={self.alpha} must be in [0, 1]")
+        if self.scheme is not None:
+            get_scheme(self.scheme)
+
+
+@dataclass
 class CalibrationConfig:
     """How site inputs are captured: the whole model at once, or one decoder layer at a time.
 
@@ -251,6 +287,7 @@ class FitConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     block_training: BlockTrainConfig = field(default_factory=BlockTrainConfig)
+    head_rotation: HeadRotationConfig = field(default_factory=HeadRotationConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -183,6 +183,9 @@ class ExportDeclaration:
     residual_rotation: ResidualDeclaration | None
     target: str = "vllm"
     version: int = DECLARATION_VERSION
+    # o_proj sites whose v_proj rows and o_proj columns carry a learned per-head rotation R2
+    # (folded: nothing runs at load time; the matrices are in HEAD_ROTATIONS_FILE).
+    head_rotations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sides = [q is not None for q in (self.activation_quantization, self.weight_quantization)]
@@ -226,6 +229,7 @@ class ExportDeclaration:
             "transform_config_note": self.transform_config_note,
             "residual_rotation": maybe(self.residual_rotation),
             "target": self.target,
+            "head_rotations": list(self.head_rotations),
         }
 
     @classmethod
@@ -235,8 +239,11 @@ class ExportDeclaration:
         if isinstance(data, dict) and "version" in data and data["version"] != DECLARATION_VERSION:
             raise ValueError(f"declaration version {data['version']!r} is not supported (this "
                              f"smoothrot reads version {DECLARATION_VERSION})")
+        if isinstance(data, dict):  # exports written before learned head rotations existed
+            data = {"head_rotations": [], **data}
         d = checked(cls, data, where, {
-            "format": one_of(FORMATS), "dtype": one_of(EXPORT_DTYPES), "loader": STRING,
+            "head_rotations": NAMES, "format": one_of(FORMATS), "dtype": one_of(EXPORT_DTYPES),
+            "loader": STRING,
             "sites": (lambda v: isinstance(v, dict) and len(v) > 0, "a non-empty mapping"),
             "transform_config_groups": NAMES, "transform_config_note": optional(STRING),
             "target": one_of(tuple(TARGETS)), "version": INTEGER,
@@ -261,4 +268,5 @@ class ExportDeclaration:
             transform_config_note=d["transform_config_note"],
             residual_rotation=nested(ResidualDeclaration.from_dict, "residual_rotation"),
             target=d["target"], version=d["version"],
+            head_rotations=tuple(d["head_rotations"]),
         )

@@ -17,11 +17,14 @@ from torch import nn
 
 from smoothrot.arch.sites import architecture_of, resolve_sites
 from smoothrot.arch.tables import ModelDims
+from smoothrot.schema.config import HeadRotationConfig
 from smoothrot.schema.quant import get_scheme
 from smoothrot.schema.rotation import Rotation
+from smoothrot.surgery.head_rotation import apply_head_rotations, head_layout
 from smoothrot.surgery.hooks import apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
+from smoothrot.training.head_rotation import learn_head_rotations
 from tests.arch.tiny import TINY, exact_norms, norm_modules, tiny_model
 
 ARCHS = sorted(TINY)
@@ -178,6 +181,46 @@ class TestArchitectureContract:
         with transformed(offline, offline_plans, scheme):
             out = _logits(model, ids)
         assert _rel(out, online) <= 1e-6
+
+    @pytest.mark.parametrize("r1", R1_KINDS, ids=R1_IDS)
+    def test_learned_head_rotations_with_scales_are_exact(self, arch, r1):
+        """R2 learned on the model (a few training steps) and folded into v_proj/o_proj, then
+        random scales and the sites' rotations on every site: the float64 logits are unchanged."""
+        model = tiny_model(arch, torch.float64)
+        ids = _ids()
+        with exact_norms(model):
+            ref = _logits(model, ids)
+        kind = rotate_residual(model, seed=3, kind=r1).kind if r1 else None
+        sites = resolve_sites(model, ["all"], residual_kind=kind)
+        gen = torch.Generator().manual_seed(5)
+        windows = {"calibration": torch.randint(0, 96, (4, 12), generator=gen),
+                   "selection": torch.randint(0, 96, (2, 12), generator=gen)}
+        learned = learn_head_rotations(
+            model, sites, windows, HeadRotationConfig(learn=True, steps=3, batch_tokens=16),
+            get_scheme("w4a4"), train_tokens=32, seed=0)
+        assert set(learned) == {rs.name for rs in sites if rs.site.name == "o_proj"}
+        with exact_norms(model), transformed(sites, _random_plans(sites)):
+            out = _logits(model, ids)
+        assert _rel(out, ref) <= 1e-9
+
+    def test_random_head_rotations_are_exact(self, arch):
+        """Any orthogonal R_g per kv head folds exactly (what training may reach)."""
+        model = tiny_model(arch, torch.float64)
+        ids = _ids()
+        with exact_norms(model):
+            ref = _logits(model, ids)
+        layout = head_layout(model)
+        gen = torch.Generator().manual_seed(2)
+        rotations = {rs.name: torch.linalg.qr(torch.randn(
+            layout.kv_heads, layout.head_dim, layout.head_dim, generator=gen,
+            dtype=torch.float64))[0] for rs in resolve_sites(model, ["o_proj"])}
+        apply_head_rotations(model, rotations)
+        with exact_norms(model):
+            out = _logits(model, ids)
+        assert _rel(out, ref) <= 1e-9
+        o_proj = resolve_sites(model, ["o_proj"])[0].linear.weight
+        assert not torch.allclose(o_proj, tiny_model(arch, torch.float64).get_submodule(
+            resolve_sites(model, ["o_proj"])[0].name).weight)  # the weights did change
 
     def test_r1_folds_norms_and_unties_lm_head(self, arch):
         model = tiny_model(arch)

@@ -7,6 +7,7 @@ and MLP 96 = 12·8 (down_proj: ``random-hadamard``, a dense product with the sto
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from smoothrot.arch.sites import resolve_sites, with_rotation_blocks
 from smoothrot.core.hadamard import hadamard_transform
@@ -23,10 +25,13 @@ from smoothrot.io.loader import read_declaration
 from smoothrot.io.runtime import load_without_smoothrot
 from smoothrot.io.verify import verify_export
 from smoothrot.io.writer import ExportError, export_model
+from smoothrot.schema.config import HeadRotationConfig
 from smoothrot.schema.quant import get_scheme
 from smoothrot.schema.rotation import Rotation
 from smoothrot.schema.target import TARGETS
+from smoothrot.surgery.head_rotation import HEAD_ROTATIONS_FILE
 from smoothrot.surgery.plan import SitePlan
+from smoothrot.training.head_rotation import learn_head_rotations
 from tests.conftest import tiny_llama
 from tests.unit.export_helpers import IDS, in_memory, logits, one_line, rel
 
@@ -375,3 +380,32 @@ def test_model_card_warns_about_plain_transformers(setup, tmp_path):
     assert "Online rotations: none" in card and "**vllm**" in card
     assert rel(logits(load_without_smoothrot(path, runtime="transformers")),
                logits(model)) <= 1e-5
+
+
+def test_learned_head_rotations_export_and_reload_through_compressed_tensors(tmp_path):
+    """R2 learned on a copy of the model and folded into it; the plans fitted on that copy;
+    the export replays R2 on the model as loaded, stores it beside the weights, and reloads
+    through transformers + compressed-tensors alone bit for bit (its W4A4 grid), perplexity
+    included."""
+    model = tiny_llama()
+    rotated = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(4)
+    windows = {"calibration": torch.randint(0, 96, (4, 12), generator=gen),
+               "selection": torch.randint(0, 96, (2, 12), generator=gen)}
+    learned = learn_head_rotations(
+        rotated, resolve_sites(rotated, ["all"]), windows,
+        HeadRotationConfig(learn=True, steps=3, batch_tokens=16), get_scheme("w4a4"),
+        train_tokens=32, seed=0)
+    eye = torch.eye(16, dtype=torch.float64)
+    assert learned and all(r.shape == (2, 16, 16) for r in learned.values())
+    assert all(torch.allclose(r @ r.transpose(1, 2), eye.expand_as(r), atol=1e-12)
+               for r in learned.values())
+    plans = _plans(rotated)
+    path = export_model(model, plans, tmp_path / "r2", fmt="w4a4", target="compressed-tensors",
+                        head_rotations=learned)
+    assert read_declaration(path).head_rotations == tuple(sorted(learned))
+    result = verify_export(path, model, IDS, runtime="compressed-tensors")
+    assert result["passed"] and result["max_abs_logit_diff"] == 0.0
+    assert result["ppl_rel_diff"] == 0.0
+    stored = load_file(str(path / HEAD_ROTATIONS_FILE))
+    assert all(torch.equal(stored[k], learned[k]) for k in learned)
