@@ -43,12 +43,14 @@ def head_layout(model: nn.Module) -> ScaleTie:
     return ScaleTie(dims.heads, dims.kv_heads, dims.head_dim)
 
 
-def expand_heads(r: torch.Tensor, layout: ScaleTie) -> torch.Tensor:
-    """blockdiag over query heads h of R_g(h): the [n, n] rotation of o_proj's input."""
+def rotate_heads(x: torch.Tensor, r: torch.Tensor, layout: ScaleTie) -> torch.Tensor:
+    """x·R̂ over the last dim, R̂ = blockdiag over query heads h of R_g(h) (o_proj's input
+    rotation), one head_dim-sized product per head instead of an [n, n] one."""
     if r.shape != (layout.kv_heads, layout.head_dim, layout.head_dim):
         raise ValueError(f"head rotations have shape {tuple(r.shape)}, expected "
                          f"({layout.kv_heads}, {layout.head_dim}, {layout.head_dim})")
-    return torch.block_diag(*r.repeat_interleave(layout.group, dim=0).unbind(0))
+    heads = x.unflatten(-1, (layout.kv_heads, layout.group, layout.head_dim))
+    return torch.einsum("...kgd,kde->...kge", heads, r.to(x.dtype)).flatten(-3)
 
 
 def nearest_orthogonal(r: torch.Tensor) -> torch.Tensor:
@@ -74,8 +76,7 @@ def fold_head_rotation(rs: ResolvedSite, r: torch.Tensor, layout: ScaleTie) -> N
     if source.bias is not None:
         b = source.bias[lo:hi].double().reshape(layout.kv_heads, 1, d)
         source.bias[lo:hi] = (b @ r).reshape(-1).to(source.bias.dtype)
-    full = expand_heads(r, layout)
-    linear.weight.copy_((linear.weight.double() @ full).to(linear.weight.dtype))
+    linear.weight.copy_(rotate_heads(linear.weight.double(), r, layout).to(linear.weight.dtype))
 
 
 def apply_head_rotations(model: nn.Module, rotations: Mapping[str, torch.Tensor]) -> None:

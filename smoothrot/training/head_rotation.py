@@ -36,10 +36,10 @@ from smoothrot.schema.config import HeadRotationConfig
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.surgery.head_rotation import (
     apply_head_rotations,
-    expand_heads,
     head_layout,
     head_sites,
     nearest_orthogonal,
+    rotate_heads,
 )
 from smoothrot.training.fit import scale_trainer
 from smoothrot.training.interrupt import interruptible
@@ -88,9 +88,10 @@ class HeadRotationModule(L.LightningModule):
         return torch.stack([holder.weight for holder in self.rotations])
 
     def _loss(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        full = expand_heads(self.rotation(), self.problem.layout)
+        r, layout = self.rotation(), self.problem.layout
         y = x @ self.weight.T
-        y_q = quantized_output(x @ full, self.weight @ full, self.log_scales(),
+        y_q = quantized_output(rotate_heads(x, r, layout), rotate_heads(self.weight, r, layout),
+                               self.log_scales(),
                                self.problem.transform, self.problem.scheme, ste=train)
         return output_loss(y, y_q)
 

@@ -10,21 +10,20 @@ from smoothrot.core.transform import IDENTITY, ScaleTie
 from smoothrot.schema.config import HeadRotationConfig
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import get_scheme
-from smoothrot.surgery.head_rotation import expand_heads, nearest_orthogonal
+from smoothrot.surgery.head_rotation import nearest_orthogonal, rotate_heads
 from smoothrot.training.head_rotation import HeadRotationProblem, fit_head_rotation
 
 LAYOUT = ScaleTie(heads=4, kv_heads=2, head_dim=8)
 
 
-def test_expand_heads_repeats_each_kv_rotation_for_its_query_heads():
-    r = torch.stack([torch.full((8, 8), 1.0), torch.full((8, 8), 2.0)])
-    full = expand_heads(r, LAYOUT)
-    assert full.shape == (32, 32)
-    blocks = [full[8 * h:8 * h + 8, 8 * h:8 * h + 8].mean().item() for h in range(4)]
-    assert blocks == [1.0, 1.0, 2.0, 2.0]  # heads 0, 1 read kv head 0; heads 2, 3 kv head 1
-    assert full[:8, 8:].abs().sum() == 0  # nothing mixes two heads
+def test_rotate_heads_applies_each_kv_rotation_to_its_query_heads():
+    gen = torch.Generator().manual_seed(1)
+    r = torch.linalg.qr(torch.randn(2, 8, 8, generator=gen, dtype=torch.float64))[0]
+    x = torch.randn(5, 32, generator=gen, dtype=torch.float64)
+    full = torch.block_diag(r[0], r[0], r[1], r[1])  # heads 0, 1 read kv 0; heads 2, 3 kv 1
+    assert torch.allclose(rotate_heads(x, r, LAYOUT), x @ full, atol=1e-14)
     with pytest.raises(ValueError, match=r"expected \(2, 8, 8\)"):
-        expand_heads(torch.zeros(4, 8, 8), LAYOUT)
+        rotate_heads(x, torch.zeros(4, 8, 8), LAYOUT)
 
 
 def test_nearest_orthogonal_is_exactly_orthogonal():
