@@ -15,6 +15,7 @@ grid (measured on the whole model, docs/whole_model.md).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -81,6 +82,7 @@ class HeadRotationModule(L.LightningModule):
             self.rotations.append(holder)
         self.best_rotation = self.rotation().detach().double().clone()
         self.best_val = float("inf")
+        self.start_val = float("nan")  # the identity's selection loss (the first validation)
         self.val_loss = MeanMetric()
 
     def rotation(self) -> torch.Tensor:
@@ -109,6 +111,8 @@ class HeadRotationModule(L.LightningModule):
         value = float(self.val_loss.compute())
         self.val_loss.reset()
         self.log("val_rotation_loss", value, prog_bar=True)
+        if math.isnan(self.start_val):
+            self.start_val = value
         if value < self.best_val:
             self.best_val = value
             self.best_rotation = self.rotation().detach().double().clone()
@@ -135,6 +139,8 @@ def fit_head_rotation(problem: HeadRotationProblem, cfg: HeadRotationConfig, *,
     if cfg.steps > 0:
         interruptible(trainer, trainer.fit, model=module, train_dataloaders=train,
                       val_dataloaders=validation)
+    log.info("head rotation: selection loss %.4g at the identity, %.4g learned (%+.1f %%)",
+             module.start_val, module.best_val, 100 * (module.best_val / module.start_val - 1))
     return module.best_rotation, module.best_val
 
 
@@ -168,9 +174,9 @@ def learn_head_rotations(model: nn.Module, sites: list[ResolvedSite],
         problem = HeadRotationProblem(weight, init, rs.transform, layout, scheme, calib.tokens(),
                                       records["selection"][rs.name].tokens(),
                                       seed=seed + rs.layer_index)
-        best, loss = fit_head_rotation(problem, cfg, log_bound=log_bound)
+        log.info("%s:", rs.name)
+        best, _ = fit_head_rotation(problem, cfg, log_bound=log_bound)
         rotations[rs.name] = nearest_orthogonal(best)  # what is folded, and recorded, exactly
-        log.info("%s: head rotation selection loss %.4g", rs.name, loss)
     apply_head_rotations(model, rotations)
     return rotations
 
