@@ -316,7 +316,7 @@ def save_scales(result: FitResult, path: Path) -> None:
     ]
     write_scales_file(path, entries, model=result.model_name,
                       model_fingerprint=result.model_fingerprint, sites=result.sites,
-                      fit=fit_settings(result.config))
+                      fit=fit_settings(result.config), head_rotations=result.head_rotations)
 
 
 def write_outputs(result: FitResult, out: Path) -> dict[str, str]:

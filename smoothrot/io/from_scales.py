@@ -175,4 +175,5 @@ def export_from_scales_file(
         residual_seed=residual_seed, residual_kind=residual_kind, provenance=provenance,
         calibration=calibration,
         target=target or settings.get("target", "vllm"), inputs=inputs,
+        head_rotations=file.head_rotations,
     )

@@ -8,7 +8,9 @@ its float64 scales tensor (null: no scales). Readers go through the index only; 
 Plans are rebuilt from the records as they were written, so the export needs no rule about which
 methods have scales or rotate; a tensor the index does not name is refused (an edit, not a plan).
 The fit settings an export re-applies (R1, its seed and kind, the target) are in the metadata too
-(``fit``), so an export does not depend on a report.json that may belong to another run.
+(``fit``), so an export does not depend on a report.json that may belong to another run, and so
+are the learned per-head rotations the fit folded into the model before any method
+(``head_rotations``: o_proj site → the name of its float64 [kv_heads, d, d] tensor).
 
 Offline-quantized weights (GPTQ's ``SitePlan.weight_q``) are not part of a scales file.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +105,8 @@ class ScalesFile:
     sites: tuple[str, ...]
     entries: tuple[ScalesEntry, ...]
     fit: Mapping[str, Any] | None = None  # FIT_SETTINGS (None: written before they were kept)
+    # Learned per-head rotations the plans were fitted after (o_proj site → [kv_heads, d, d]).
+    head_rotations: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def schemes(self) -> list[str]:
         """The schemes, in the order they were fitted."""
@@ -145,9 +149,10 @@ def write_scales_file(
     model_fingerprint: str,
     sites: Sequence[str],
     fit: Mapping[str, Any] | None = None,
+    head_rotations: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Atomically write ``entries`` (scales as float64) with their index to ``path``; ``fit``:
-    the run's :func:`fit_settings`."""
+    the run's :func:`fit_settings`; ``head_rotations``: the learned per-head rotations."""
     entries = list(entries)
     _check_entries(entries, sites)
     tensors = {e.tensor_name: e.scales.detach().double().cpu().contiguous()
@@ -163,6 +168,11 @@ def write_scales_file(
             "index": json.dumps(index)}
     if fit is not None:
         meta["fit"] = json.dumps(_checked_fit(dict(fit)))
+    if head_rotations:
+        names = {site: f"head_rotation/{site}" for site in sorted(head_rotations)}
+        tensors.update({name: head_rotations[site].detach().double().cpu().contiguous()
+                        for site, name in names.items()})
+        meta["head_rotations"] = json.dumps(names)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -238,11 +248,16 @@ def read_scales_file(path: str | Path) -> ScalesFile:
         entries = tuple(_entry(r, f"index[{i}]", tensors) for i, r in enumerate(index))
         _check_entries(entries, sites)
         fit = _checked_fit(json.loads(meta["fit"])) if "fit" in meta else None
+        rotation_names = json.loads(meta.get("head_rotations", "{}"))
+        if not (isinstance(rotation_names, dict)
+                and all(isinstance(v, str) and v in tensors for v in rotation_names.values())):
+            raise ValueError("head_rotations must map sites to tensors of the file")
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ScalesFileError(f"{path}: bad scales index: {exc}") from None
-    stray = sorted(set(tensors) - {r["tensor"] for r in index})
+    stray = sorted(set(tensors) - {r["tensor"] for r in index} - set(rotation_names.values()))
     if stray:
         raise ScalesFileError(f"{path}: tensor(s) {stray[:3]} are not in the scales index (the "
                               "file was edited or written by another tool); run "
                               "train/fit_scales.py again")
-    return ScalesFile(path, meta["model"], meta["model_fingerprint"], tuple(sites), entries, fit)
+    return ScalesFile(path, meta["model"], meta["model_fingerprint"], tuple(sites), entries, fit,
+                      {site: tensors[name] for site, name in rotation_names.items()})

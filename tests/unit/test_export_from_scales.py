@@ -28,6 +28,7 @@ from smoothrot.io.writer import ExportError
 from smoothrot.models import model_fingerprint
 from smoothrot.schema.quant import get_scheme
 from smoothrot.schema.rotation import Rotation
+from smoothrot.surgery.head_rotation import apply_head_rotations
 from smoothrot.surgery.plan import SitePlan
 from tests.conftest import tiny_llama
 from tests.unit.export_helpers import (
@@ -346,3 +347,39 @@ def test_fit_scales_refuses_an_existing_export_without_overwrite(tmp_path, monke
     monkeypatch.setattr(smoothrot.job, "run_fit", disk_full)
     assert fit.main(["--export", "fused", "--output-dir", str(tmp_path), "-q"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_head_rotations_travel_through_the_scales_file_to_the_export(tmp_path):
+    """A fit that learned per-head rotations records them with its scales; an export from the
+    scales file replays them on the model as loaded, declares them, and reloads (smoothrot and
+    compressed-tensors alone) as the in-memory rotated model computes."""
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(7)
+    rotations = {rs.name: torch.linalg.qr(torch.randn(2, 16, 16, generator=gen,
+                                                      dtype=torch.float64))[0]
+                 for rs in resolve_sites(model, ["o_proj"])}
+    rotated = tiny_llama()
+    apply_head_rotations(rotated, rotations)
+    plans = random_plans(rotated)
+    entries = [ScalesEntry("w4a4", "trained", site, p.scales, p.rotation)
+               for site, p in plans.items()]
+    path = tmp_path / "run" / "scales.safetensors"
+    path.parent.mkdir()
+    write_scales_file(path, entries, model="tiny", model_fingerprint=model_fingerprint(model),
+                      sites=list(plans), head_rotations=rotations)
+    read = read_scales_file(path)
+    assert set(read.head_rotations) == set(rotations)
+    assert all(torch.equal(read.head_rotations[k], rotations[k]) for k in rotations)
+    export = export_from_scales_file(path, "w4a4", tmp_path / "e", model=model)
+    assert read_declaration(export).head_rotations == tuple(sorted(rotations))
+    assert torch.equal(logits(load_pretrained(export)),
+                       logits(in_memory(rotated, plans, get_scheme("w4a4"))))
+    for runtime in ("smoothrot", "compressed-tensors"):
+        assert verify_export(export, model, IDS, runtime=runtime)["passed"]
+    # the same scales without the rotations describe another model
+    bare = tmp_path / "bare" / "scales.safetensors"
+    bare.parent.mkdir()
+    write_scales_file(bare, entries, model="tiny", model_fingerprint=model_fingerprint(model),
+                      sites=list(plans))
+    other = export_from_scales_file(bare, "w4a4", tmp_path / "o", model=model)
+    assert not torch.equal(logits(load_pretrained(other)), logits(load_pretrained(export)))
