@@ -207,6 +207,10 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
                   "every method, RTN included; the float perplexity is of the rotated float model "
                   "(R1 is exact)." + (" The residual readers keep their own online Hadamard "
                                       "(placement both)." if kind == "random" else ""))
+    if result.head_rotations:
+        md.append(f"Learned per-head rotations R2 are folded into v_proj and o_proj of "
+                  f"{len(result.head_rotations)} layers (head_rotation.learn, docs/whole_model.md) "
+                  "under every method, RTN included; the float model is unchanged (R2 is exact).")
     if result.float_perplexity is not None:
         md.append(f"\nFloat perplexity: **{result.float_perplexity:.3f}**")
     if len(result.schemes) > 1:

@@ -22,6 +22,7 @@ TINY = {
              "heldout_samples": 1, "evaluation_samples": 1, "train_tokens": 64},
     "train": {"steps": 2, "batch_tokens": 32, "val_every": 1},
     "block_training": {"steps": 2, "batch_tokens": 32},
+    "head_rotation": {"steps": 2, "batch_tokens": 32},
 }
 
 
