@@ -63,6 +63,7 @@ class HeadRotationProblem:
     train_x: torch.Tensor
     val_x: torch.Tensor
     seed: int = 0
+    name: str = "head rotation"  # for the log
 
 
 class HeadRotationModule(L.LightningModule):
@@ -124,12 +125,14 @@ class HeadRotationModule(L.LightningModule):
 
 
 def fit_head_rotation(problem: HeadRotationProblem, cfg: HeadRotationConfig, *,
-                      log_bound: float = 9.0) -> tuple[torch.Tensor, float]:
-    """Train one site's rotations; returns (best rotations [kv, d, d] float64, best selection
-    loss). The identity is validated first, so it is returned if training never beats it."""
+                      log_bound: float = 9.0, accelerator: str = "cpu"
+                      ) -> tuple[torch.Tensor, float]:
+    """Train one site's rotations; returns (best rotations [kv, d, d] float64 on the CPU, best
+    selection loss). The identity is validated first, so it is returned if training never beats
+    it."""
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = HeadRotationModule(problem, cfg, log_bound)
-    trainer = scale_trainer(cfg.steps, "cpu")  # one epoch of all steps, then validation
+    trainer = scale_trainer(cfg.steps, accelerator)  # one epoch of all steps, then validation
     # Whole batches as index tensors / one slice: each is gathered in one indexing op.
     train = DataLoader(TensorDataset(problem.train_x), batch_size=None, sampler=EpochTokenSampler(
         problem.train_x.shape[0], cfg.batch_tokens, max(cfg.steps, 1), problem.seed))
@@ -139,9 +142,10 @@ def fit_head_rotation(problem: HeadRotationProblem, cfg: HeadRotationConfig, *,
     if cfg.steps > 0:
         interruptible(trainer, trainer.fit, model=module, train_dataloaders=train,
                       val_dataloaders=validation)
-    log.info("head rotation: selection loss %.4g at the identity, %.4g learned (%+.1f %%)",
-             module.start_val, module.best_val, 100 * (module.best_val / module.start_val - 1))
-    return module.best_rotation, module.best_val
+    log.info("%s: selection loss %.4g at the identity, %.4g learned (%+.1f %%; with the scales "
+             "trained alongside)", problem.name, module.start_val, module.best_val,
+             100 * (module.best_val / module.start_val - 1))
+    return module.best_rotation.cpu(), module.best_val
 
 
 def learn_head_rotations(model: nn.Module, sites: list[ResolvedSite],
@@ -158,24 +162,24 @@ def learn_head_rotations(model: nn.Module, sites: list[ResolvedSite],
     if not targets:
         log.warning("head_rotation.learn: no o_proj site among the fitted sites; nothing learned")
         return {}
-    calib = windows["calibration"]
-    specs = {"calibration": CaptureSpec(calib, token_subset(calib.numel(), train_tokens, seed),
-                                        quantiles=()),
+    windows_c = windows["calibration"]
+    keep = token_subset(windows_c.numel(), train_tokens, seed)
+    specs = {"calibration": CaptureSpec(windows_c, keep, quantiles=()),  # rows and max only
              "selection": CaptureSpec(windows["selection"])}
-    records = capture_splits(model, targets, specs, batch_size(calib.shape[1]))
+    records = capture_splits(model, targets, specs, batch_size(windows_c.shape[1]))
     layout = head_layout(model)
+    accelerator = "gpu" if next(model.parameters()).is_cuda else "cpu"
     rotations = {}
     for rs in progress(targets, desc="head rotations"):
-        calib = records["calibration"][rs.name]
-        weight = rs.weight.detach().float()
+        record = records["calibration"][rs.name]
+        weight = rs.weight.detach().float().cpu()  # the trainer moves it with the module
         tie = rs.transform.tied_max
-        init = smoothing_scales(tie(calib.absmax.value()), tie(weight_absmax(weight)), cfg.alpha,
-                                site=rs.name)
-        problem = HeadRotationProblem(weight, init, rs.transform, layout, scheme, calib.tokens(),
+        init = smoothing_scales(tie(record.absmax.value()), tie(weight_absmax(weight)),
+                                cfg.alpha, site=rs.name)
+        problem = HeadRotationProblem(weight, init, rs.transform, layout, scheme, record.tokens(),
                                       records["selection"][rs.name].tokens(),
-                                      seed=seed + rs.layer_index)
-        log.info("%s:", rs.name)
-        best, _ = fit_head_rotation(problem, cfg, log_bound=log_bound)
+                                      seed=seed + rs.layer_index, name=rs.name)
+        best, _ = fit_head_rotation(problem, cfg, log_bound=log_bound, accelerator=accelerator)
         rotations[rs.name] = nearest_orthogonal(best)  # what is folded, and recorded, exactly
     apply_head_rotations(model, rotations)
     return rotations
