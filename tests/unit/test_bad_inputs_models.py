@@ -195,17 +195,21 @@ def test_quiet_means_one_line(capfd, monkeypatch, tmp_path, tiny_model, case) ->
 
 
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """No offline switch set, and every TCP connection refused at once (as on an offline
-    machine whose DNS answers): the hub clients alone would retry with back-off."""
+    machine whose DNS answers): the hub clients alone would retry with back-off. Yields the
+    list of refused connection attempts."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
+    attempts: list[object] = []
 
     def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
         raise OSError("network is unreachable (test)")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
 
 
 @pytest.mark.parametrize("source", ["model", "data"])
@@ -217,9 +221,10 @@ def test_unreachable_hub_fails_fast(capsys, tmp_path, tiny_model, no_network, so
         argv = ["--config", str(small_config(tmp_path, tiny_model)), "--data",
                 "hf:someone/not-cached:train"]
         words = ["'someone/not-cached'", "unreachable", "'pydoc'"]
-    start = time.perf_counter()
     line = cli_error(capsys, *argv)
-    assert time.perf_counter() - start < 10  # not a minute of retries
+    # One refused connection is the end of it: no retries with back-off (a timed bound here
+    # failed on a loaded machine, where the run itself took a minute).
+    assert 1 <= len(no_network) <= 2
     assert_words(line, *words)
 
 
