@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random-init models for fast architecture tests."""
+"""Shared fixtures: tiny random-init models for fast architecture tests; a refused network."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import torch
@@ -23,3 +25,18 @@ def tiny_llama(intermediate: int = 96, layers: int = 2, dtype: torch.dtype = tor
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture
+def refused_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every TCP connection refused at once (as on an offline machine whose DNS answers);
+    returns the list of attempts, so a test can tell one probe from retries with back-off."""
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -195,21 +194,13 @@ def test_quiet_means_one_line(capfd, monkeypatch, tmp_path, tiny_model, case) ->
 
 
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """No offline switch set, and every TCP connection refused at once (as on an offline
-    machine whose DNS answers): the hub clients alone would retry with back-off. Yields the
-    list of refused connection attempts."""
+def no_network(monkeypatch: pytest.MonkeyPatch, refused_connections: list[object]
+               ) -> list[object]:
+    """No offline switch set and every connection refused: the hub clients alone would retry
+    with back-off. Returns the refused attempts."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    attempts: list[object] = []
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        attempts.append(args)
-        raise OSError("network is unreachable (test)")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
+    return refused_connections
 
 
 @pytest.mark.parametrize("source", ["model", "data"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -79,22 +78,15 @@ def test_local_non_gguf_file(tmp_path: Path) -> None:
     assert "not a .gguf" in _one_line(exc)
 
 
-def test_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_offline(monkeypatch: pytest.MonkeyPatch,
+                        refused_connections: list[object]) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts: list[object] = []
-
-    def connect(*args: object, **kwargs: object) -> None:
-        attempts.append(args)
-        raise OSError("network is unreachable (test)")
-
-    monkeypatch.setattr(socket, "create_connection", connect)
-    monkeypatch.setattr(socket.socket, "connect", connect)
     with pytest.raises(ModelLoadError) as exc:
         load_model("someone-unknown/not-a-cached-model")
     message = _one_line(exc)
     assert "'someone-unknown/not-a-cached-model'" in message
     assert "unreachable" in message and EMBEDDED_MODEL in message
-    assert len(attempts) <= 1  # at most one refused probe: no retries with back-off
+    assert len(refused_connections) <= 1  # at most one refused probe: no retries with back-off
 
 
 def test_bad_dtype() -> None:
