@@ -24,8 +24,8 @@ from smoothrot.arch.sites import ResolvedSite, resolve_sites
 from smoothrot.arch.tables import ModelDims
 from smoothrot.core.transform import ScaleTie
 
-# Where an export keeps the folded rotations (float64, by o_proj site name): to rebuild the
-# reference model it is checked against, and to unfuse it.
+# Where an export keeps the folded rotations (float64, by o_proj site name): verify rebuilds the
+# reference model it is checked against from them.
 HEAD_ROTATIONS_FILE = "head_rotations.safetensors"
 
 # A site whose scales are tied per kv head reads attention's per-head output (tables.py).
