@@ -7,12 +7,13 @@ from smoothrot.methods.policy import ALPHA_ONLY, JOINT, JOINT_GLOBAL, QUANTILE, 
 from smoothrot.methods.registry import register
 from smoothrot.methods.trained import TRAINED
 from smoothrot.methods.trained_block import TRAINED_BLOCK
+from smoothrot.methods.trained_kl import TRAINED_KL
 
 for _method in (
     RTN, HADAMARD, SMOOTHROT_MAX, ALPHA_ONLY, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
-    TRAINED_BLOCK,
+    TRAINED_BLOCK, TRAINED_KL,
     WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
     WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
-    WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"),
+    WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"), WithGPTQ(TRAINED_KL, "trained (KL) + GPTQ"),
 ):
     register(_method)

@@ -180,6 +180,27 @@ class BlockTrainConfig:
 
 
 @dataclass
+class KLTrainConfig:
+    """The ``trained_kl`` method (training/model_kl.py): every site's scales of the whole model
+    refined at once, starting from ``trained_block``, against the KL divergence from the float
+    model's next-token distribution to the quantized model's. ``steps`` Adam steps under a
+    cosine schedule from ``lr``, each on ``batch_tokens`` tokens (whole calibration windows);
+    the selection KL every ``val_every`` steps (and before the first) keeps the best scales."""
+
+    steps: int = 40
+    lr: float = 0.005
+    batch_tokens: int = 256
+    val_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_tokens < 1 or self.val_every < 1:
+            raise ConfigError(f"kl_training.steps={self.steps} must be >= 0, batch_tokens="
+                              f"{self.batch_tokens} and val_every={self.val_every} at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"kl_training.lr={self.lr} must be a positive number")
+
+
+@dataclass
 class HeadRotationConfig:
     """Learned per-head rotations R2 (training/head_rotation.py): with ``learn``, before any
     method runs, each attention layer's o_proj input gets an orthogonal rotation per kv head,
@@ -287,6 +308,7 @@ class FitConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     block_training: BlockTrainConfig = field(default_factory=BlockTrainConfig)
+    kl_training: KLTrainConfig = field(default_factory=KLTrainConfig)
     head_rotation: HeadRotationConfig = field(default_factory=HeadRotationConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)

@@ -44,6 +44,25 @@ from smoothrot.training.module import adam_with_schedule
 log = logging.getLogger(__name__)
 
 
+def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: SiteTransform,
+                       scheme: QuantScheme) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear`` as the fused, quantized export computes it, Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
+    (+ bias), with s from ``log_scales``: straight-through and float32 scales under autograd
+    (training), the float64 scales the export fuses otherwise (scoring)."""
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        train = torch.is_grad_enabled()
+        scales = log_scales() if train else log_scales.scales()
+        y = quantized_output(rows, weight, scales, transform, scheme, ste=train)
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return forward
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
 class BlockProblem:
     """One decoder layer's training problem: its sites' starting scales, transforms and schemes
@@ -82,21 +101,8 @@ class BlockScaleFitModule(L.LightningModule):
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The fake-quantized forward of one linear of site ``rs`` (for replaced_forwards)."""
         index = str([s.name for s in self.problem.step.sites].index(rs.name))
-        transform, scheme = self.problem.transforms[rs.name], self.problem.schemes[rs.name]
-        weight = linear.weight.detach()
-        bias = None if linear.bias is None else linear.bias.detach()
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = x.reshape(-1, x.shape[-1])
-            train = torch.is_grad_enabled()
-            # Scored with the float64 scales the export fuses; trained through float32 ones.
-            log_scales = self.log_scales[index]
-            scales = log_scales() if train else log_scales.scales()
-            y = quantized_output(rows, weight, scales, transform, scheme, ste=train)
-            y = y if bias is None else y + bias
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-
-        return forward
+        return fake_quant_forward(self.log_scales[index], linear, self.problem.transforms[rs.name],
+                                  self.problem.schemes[rs.name])
 
     def _block_loss(self, index: int, split: str) -> torch.Tensor:
         step = self.problem.step
