@@ -164,6 +164,9 @@ def summary_table(result: FitResult) -> str:
     ppl = "" if result.float_perplexity is None else f"   float ppl {result.float_perplexity:.3f}"
     lines.append(f"{result.model_name}: {len(result.sites)} sites{ppl}")
     lines.append(f"target: {target_line(result)}")
+    if result.head_rotations:
+        lines.append(f"learned per-head rotations R2 in {len(result.head_rotations)} layers, "
+                     "under every method")
     # The label column fits the longest label (e.g. "trained (block) + GPTQ") with a gap.
     w = max([20, *(len(label(m)) + 2 for sr in result.schemes for m in sr.results)])
     for sr in result.schemes:

@@ -111,6 +111,14 @@ def test_report_says_when_the_residual_stream_is_rotated():
     assert "residual stream is rotated (R1" in to_markdown(result, [])
 
 
+def test_report_and_summary_say_when_head_rotations_were_learned():
+    result = _result()
+    assert "R2" not in to_markdown(result, []) and "R2" not in summary_table(result)
+    result.head_rotations = {"l0.o_proj": torch.eye(4), "l1.o_proj": torch.eye(4)}
+    assert "rotations R2 are folded into v_proj and o_proj of 2 layers" in to_markdown(result, [])
+    assert "learned per-head rotations R2 in 2 layers" in summary_table(result)
+
+
 def test_gptq_rows_are_compared_with_smoothrot_max_gptq_when_it_ran():
     """A + GPTQ row against SmoothRot-max + GPTQ (same rounding); that row and the RTN rows
     against SmoothRot-max; without it, the note says GPTQ's gain is credited to the scales."""
