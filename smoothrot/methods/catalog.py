@@ -11,9 +11,10 @@ from smoothrot.methods.trained_kl import TRAINED_KL
 
 for _method in (
     RTN, HADAMARD, SMOOTHROT_MAX, ALPHA_ONLY, QUANTILE, JOINT_GLOBAL, JOINT, TRAINED,
-    TRAINED_BLOCK, TRAINED_KL,
+    TRAINED_BLOCK,
     WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
     WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
-    WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"), WithGPTQ(TRAINED_KL, "trained (KL) + GPTQ"),
+    WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"),
+    TRAINED_KL, WithGPTQ(TRAINED_KL, "trained (KL) + GPTQ"),
 ):
     register(_method)

@@ -1,34 +1,45 @@
 """Trained against the model's next-token distribution: the ``trained_block`` scales refined
 for every site of the model at once, on the KL divergence from the float model's distribution
-(training/model_kl.py). Reported beside ``trained`` and ``trained_block``."""
+(training/model_kl.py). The weights in the loss are the ones the deployed model has: the GPTQ
+rounding of ``trained_block + GPTQ``, its error held fixed while the scales move; ``+gptq``
+then rounds the new fused weights afresh. Reported beside ``trained`` and ``trained_block``."""
 
 from __future__ import annotations
 
+from smoothrot.core.transform import transform_weight
 from smoothrot.distributed import world_size
 from smoothrot.methods.context import SchemeContext
+from smoothrot.methods.gptq import GPTQ_SUFFIX
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained_block import TRAINED_BLOCK
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import with_act_clip
 from smoothrot.training.model_kl import KLProblem, fit_model_kl
 
+START = TRAINED_BLOCK.name + GPTQ_SUFFIX
+
 
 class TrainedKL(Method):
     name = "trained_kl"
     label = "trained (model KL)"
-    requires = (TRAINED_BLOCK.name,)
+    requires = (START,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
         if world_size() > 1:
             raise ConfigError(f"{self.name} runs in one process; set distributed.devices: 1 "
                               "and num_nodes: 1")
-        start = ctx.results[TRAINED_BLOCK.name].plans
+        start = ctx.results[START].plans
+        transforms = {rs.name: ctx.transform(rs, start[rs.name]) for rs in ctx.sites}
+        errors = {
+            name: plan.weight_q.float()
+            - transform_weight(ctx.weights[name], plan.scales.float(), transforms[name])
+            for name, plan in start.items()}
         problem = KLProblem(
             ctx.model, ctx.sites, {name: plan.scales for name, plan in start.items()},
-            {rs.name: ctx.transform(rs, start[rs.name]) for rs in ctx.sites},
+            transforms,
             {name: with_act_clip(ctx.scheme, plan.act_clip) for name, plan in start.items()},
             {split: ctx.windows[split] for split in ("calibration", "selection")},
-            seed=ctx.cfg.seed)
+            weight_errors=errors, seed=ctx.cfg.seed)
         accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
         with ctx.stage("KL training"):
             scales, _, _ = fit_model_kl(problem, ctx.cfg.kl_training,

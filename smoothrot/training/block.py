@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.sequential import LayerStep
 from smoothrot.core.scales import LogScales
-from smoothrot.core.transform import SiteTransform
+from smoothrot.core.transform import SiteTransform, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.schema.config import BlockTrainConfig
 from smoothrot.schema.quant import QuantScheme
@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 
 
 def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: SiteTransform,
-                       scheme: QuantScheme) -> Callable[[torch.Tensor], torch.Tensor]:
+                       scheme: QuantScheme, weight_error: torch.Tensor | None = None
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``linear`` as the fused, quantized export computes it, Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
     (+ bias), with s from ``log_scales``: straight-through and float32 scales under autograd
-    (training), the float64 scales the export fuses otherwise (scoring)."""
+    (training), the float64 scales the export fuses otherwise (scoring). With ``weight_error``
+    the weight is not rounded here: W·diag(s)·H + ``weight_error``, an offline rounding's error
+    (GPTQ's at the starting scales) held fixed while s moves."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
 
@@ -56,7 +59,10 @@ def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: Site
         rows = x.reshape(-1, x.shape[-1])
         train = torch.is_grad_enabled()
         scales = log_scales() if train else log_scales.scales()
-        y = quantized_output(rows, weight, scales, transform, scheme, ste=train)
+        weight_q = (None if weight_error is None
+                    else transform_weight(weight, scales, transform) + weight_error)
+        y = quantized_output(rows, weight, scales, transform, scheme, ste=train,
+                             weight_q=weight_q)
         y = y if bias is None else y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

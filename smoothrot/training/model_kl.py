@@ -51,6 +51,9 @@ class KLProblem:
     transforms: dict[str, SiteTransform]
     schemes: dict[str, QuantScheme]
     windows: dict[str, torch.Tensor]
+    # Per site: the offline rounding's error of its fused weight at ``init`` (W_q − W·diag(s₀)·H,
+    # concatenated like ResolvedSite.weight), held fixed in the loss; None rounds by RTN.
+    weight_errors: dict[str, torch.Tensor] | None = None
     seed: int = 0
 
 
@@ -89,9 +92,14 @@ class ModelKLFitModule(L.LightningModule):
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
         """One linear of site ``rs``: plain during the float pass, else fake-quantized."""
         index = str([s.name for s in self.problem.sites].index(rs.name))
+        error = None
+        if self.problem.weight_errors is not None:
+            parts = self.problem.weight_errors[rs.name].split(
+                [lin.out_features for lin in rs.linears])
+            error = parts[rs.linears.index(linear)].to(linear.weight)
         quantized = fake_quant_forward(self.log_scales[index], linear,
                                        self.problem.transforms[rs.name],
-                                       self.problem.schemes[rs.name])
+                                       self.problem.schemes[rs.name], error)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self.float_pass:
@@ -128,6 +136,7 @@ class ModelKLFitModule(L.LightningModule):
         value = float(self.val_loss.compute())
         self.val_loss.reset()
         self.log("val_kl", value, prog_bar=True)
+        log.info("step %d: selection KL %.4g", self.global_step, value)
         if self.start_val != self.start_val:  # NaN: the first validation scores the start
             self.start_val = value
         if value < self.best_val:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
+from smoothrot.core.transform import transform_weight
 from smoothrot.io.verify import verify_export
+from smoothrot.methods.gptq import gptq_fused_weight
 from smoothrot.schema.config import KLTrainConfig, config_from_dict
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import get_scheme
@@ -76,6 +79,36 @@ def test_substituted_model_equals_the_fused_quantized_model(scheme):
     # Exact up to the float32 storage of the trainable log-scales (~1e-7 relative).
     torch.testing.assert_close(substituted, fused, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(float_pass, plain, rtol=0, atol=0)
+
+
+def test_held_rounding_error_reproduces_the_offline_rounded_model():
+    """With a GPTQ rounding's error held fixed (the ``trained_kl`` loss), the substituted model
+    at the starting scales is the model with those GPTQ weights, in float64."""
+    model = tiny_llama(layers=2, dtype=torch.float64)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    gen = torch.Generator().manual_seed(3)
+    weights_q, errors = {}, {}
+    for rs in sites:
+        plan, transform = plans[rs.name], rs.transform.with_rotation(plans[rs.name].rotation)
+        x = torch.randn(64, rs.in_features, generator=gen, dtype=torch.float64)
+        weight = rs.weight.detach()
+        weights_q[rs.name] = gptq_fused_weight(weight, plan.scales, transform, x, SCHEME).double()
+        errors[rs.name] = weights_q[rs.name] - transform_weight(weight, plan.scales, transform)
+    problem = replace(_problem(model, sites, plans), weight_errors=errors)
+    held = ModelKLFitModule(problem, KLTrainConfig(), 9.0, 2)
+    rtn = ModelKLFitModule(_problem(model, sites, plans), KLTrainConfig(), 9.0, 2)
+    ids = problem.windows["selection"]
+    gptq_plans = {name: replace(plan, weight_q=weights_q[name]) for name, plan in plans.items()}
+    with torch.no_grad(), exact_norms(model):
+        with transformed(sites, gptq_plans, SCHEME):
+            fused = model(input_ids=ids).logits
+        with replaced_forwards(sites, held.site_forward):
+            substituted = model(input_ids=ids).logits
+        with replaced_forwards(sites, rtn.site_forward):
+            rounded_here = model(input_ids=ids).logits
+    torch.testing.assert_close(substituted, fused, rtol=1e-6, atol=1e-8)
+    assert (rounded_here - fused).abs().max() > 1e-4  # GPTQ's weights are not RTN's
 
 
 def test_fit_lowers_the_selection_kl_and_keeps_the_start_when_told_nothing():
