@@ -161,3 +161,43 @@ def test_learned_head_rotations_on_real_layers(smollm2, ids):
     apply_head_rotations(rotated, rotations)
     ref = _logits(model, ids)
     assert float((_logits(rotated, ids) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_next_token_kl_training_on_real_layers(smollm2):
+    """``trained_kl``'s objective on SmolLM2's last three down_proj sites (W4A4, from
+    SmoothRot-max): training lowers the selection split's next-token KL to the float model, and
+    the model with the kept scales fused as an export fuses them keeps that gain."""
+    from smoothrot.calibrate.capture import CaptureSpec, capture_splits
+    from smoothrot.core.policies import smoothing_scales
+    from smoothrot.core.stats import weight_absmax
+    from smoothrot.schema.config import KLTrainConfig
+    from smoothrot.training.model_kl import KLProblem, fit_model_kl, next_token_kl
+
+    model, tok = smollm2
+    splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "selection": 0.2}, 0)
+    windows = {name: token_windows(tok, splits[name], n, 64, seed=0, split_name=name)
+               for name, n in (("calibration", 4), ("selection", 2))}
+    sites = resolve_sites(model, [r"re:model\.layers\.(27|28|29)\.mlp\.down_proj"])
+    records = capture_splits(model, sites, {"calibration": CaptureSpec(
+        windows["calibration"], quantiles=())}, 4)["calibration"]
+    scheme = get_scheme("w4a4")
+    init = {rs.name: smoothing_scales(records[rs.name].absmax.value(),
+                                      weight_absmax(rs.weight.detach()), 0.6, site=rs.name)
+            for rs in sites}
+    problem = KLProblem(model, sites, init, {rs.name: rs.transform for rs in sites},
+                        {rs.name: scheme for rs in sites}, windows)
+    scales, start, kept = fit_model_kl(
+        problem, KLTrainConfig(steps=12, lr=0.02, batch_tokens=64, val_every=4), log_bound=9.0)
+    assert kept < 0.95 * start, (kept, start)
+    exported = {}
+    with torch.no_grad():
+        ref = model(input_ids=windows["selection"]).logits
+        for name, chosen in (("start", init), ("kept", scales)):
+            plans = {rs.name: SitePlan(chosen[rs.name], rs.rotation) for rs in sites}
+            with transformed(sites, plans, scheme):
+                exported[name] = float(next_token_kl(
+                    ref, model(input_ids=windows["selection"]).logits))
+    # The fused model divides up_proj's rows by s, the trainer down_proj's input: float32
+    # rounds a few 4-bit activations differently (~2 % of a KL this small).
+    assert math.isclose(exported["kept"], kept, rel_tol=0.03), (exported, kept)
+    assert exported["kept"] < 0.95 * exported["start"], exported
