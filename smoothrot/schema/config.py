@@ -182,8 +182,9 @@ class BlockTrainConfig:
 @dataclass
 class KLTrainConfig:
     """The ``trained_kl`` method (training/model_kl.py): every site's scales of the whole model
-    refined at once, starting from ``trained_block``, against the KL divergence from the float
-    model's next-token distribution to the quantized model's. ``steps`` Adam steps under a
+    refined at once, starting from ``trained_block + GPTQ`` (whose rounding error the loss holds
+    fixed), against the KL divergence from the float model's next-token distribution to the
+    quantized model's. ``steps`` Adam steps under a
     cosine schedule from ``lr``, each on ``batch_tokens`` tokens (whole calibration windows);
     the selection KL every ``val_every`` steps (and before the first) keeps the best scales."""
 

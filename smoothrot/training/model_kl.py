@@ -5,7 +5,8 @@ same wherever later layers amplify or damp it. Here the log-scales of every site
 trained at once on the KL divergence from the float model's next-token distribution to the
 quantized model's, on the same calibration windows, so each site's error is weighted by what it
 does to the logits. Every site linear computes what the fused, quantized export computes
-(block.fake_quant_forward: straight-through rounding of weights and activations); the float
+(block.fake_quant_forward: straight-through rounding of the activations; the weights rounded by
+RTN the same way, or carrying an offline rounding's error, GPTQ's, held fixed); the float
 distribution comes from the same model with the substitution switched off, one no-grad pass per
 step, so no logits are stored. The best scales on the selection split's KL are kept, the
 starting ones included, so training can only lower it.
@@ -160,10 +161,10 @@ def fit_model_kl(problem: KLProblem, cfg: KLTrainConfig, *, log_bound: float,
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = ModelKLFitModule(problem, cfg, log_bound, per_batch)
     trainer = scale_trainer(cfg.steps, accelerator, progress_bar=bars_enabled())
+    epoch = min(cfg.val_every, max(cfg.steps, 1))  # steps between two validations
     sampler = EpochTokenSampler(problem.windows["calibration"].shape[0],
                                 min(per_batch, problem.windows["calibration"].shape[0]),
-                                min(cfg.val_every, max(cfg.steps, 1)), problem.seed,
-                                first_step=lambda: trainer.global_step)
+                                epoch, problem.seed, first_step=lambda: trainer.global_step)
     validation = list(range(len(module.selection_batches)))
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -177,6 +178,9 @@ def fit_model_kl(problem: KLProblem, cfg: KLTrainConfig, *, log_bound: float,
             if cfg.steps > 0:
                 interruptible(trainer, trainer.fit, model=module, train_dataloaders=sampler,
                               val_dataloaders=validation)
+                if cfg.steps % epoch:  # the last steps ended mid-epoch, unscored: score them
+                    interruptible(trainer, trainer.validate, model=module,
+                                  dataloaders=validation, verbose=False)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)

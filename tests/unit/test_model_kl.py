@@ -143,6 +143,18 @@ def test_fit_lowers_the_selection_kl_and_keeps_the_start_when_told_nothing():
     assert all("forward" not in vars(linear) for rs in sites for linear in rs.linears)
 
 
+def test_steps_after_the_last_full_epoch_are_scored(caplog):
+    """6 steps with a validation every 4: the scales after step 6 are scored too (else the
+    last 2 steps would be trained and never looked at)."""
+    model = tiny_llama(layers=1)
+    sites = resolve_sites(model, ["all"])
+    with caplog.at_level("INFO", logger="smoothrot.training.model_kl"):
+        fit_model_kl(_problem(model, sites, _plans(sites)),
+                     KLTrainConfig(steps=6, val_every=4, batch_tokens=16), log_bound=9.0)
+    steps = [r.args[0] for r in caplog.records if r.msg.startswith("step %d")]
+    assert steps == [0, 4, 6]
+
+
 def test_kl_training_config_is_checked():
     assert config_from_dict({"kl_training": {"steps": 5}}).kl_training.steps == 5
     with pytest.raises(ConfigError, match=r"kl_training\.lr=0 must be a positive"):
