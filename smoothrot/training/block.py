@@ -32,41 +32,15 @@ from torchmetrics import MeanMetric
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.sequential import LayerStep
 from smoothrot.core.scales import LogScales
-from smoothrot.core.transform import SiteTransform, transform_weight
-from smoothrot.losses import output_loss, quantized_output
+from smoothrot.core.transform import SiteTransform
+from smoothrot.losses import output_loss
 from smoothrot.schema.config import BlockTrainConfig
 from smoothrot.schema.quant import QuantScheme
-from smoothrot.surgery.hooks import replaced_forwards
 from smoothrot.training.fit import scale_trainer
-from smoothrot.training.interrupt import interruptible
 from smoothrot.training.module import adam_with_schedule
+from smoothrot.training.substitution import fake_quant_forward, fit_substituted
 
 log = logging.getLogger(__name__)
-
-
-def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: SiteTransform,
-                       scheme: QuantScheme, weight_error: torch.Tensor | None = None
-                       ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``linear`` as the fused, quantized export computes it, Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
-    (+ bias), with s from ``log_scales``: straight-through and float32 scales under autograd
-    (training), the float64 scales the export fuses otherwise (scoring). With ``weight_error``
-    the weight is not rounded here: W·diag(s)·H + ``weight_error``, an offline rounding's error
-    (GPTQ's at the starting scales) held fixed while s moves."""
-    weight = linear.weight.detach()
-    bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        train = torch.is_grad_enabled()
-        scales = log_scales() if train else log_scales.scales()
-        weight_q = (None if weight_error is None
-                    else transform_weight(weight, scales, transform) + weight_error)
-        y = quantized_output(rows, weight, scales, transform, scheme, ste=train,
-                             weight_q=weight_q)
-        y = y if bias is None else y + bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    return forward
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
@@ -170,24 +144,9 @@ def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,
     targets = _float_outputs(step, cfg.target)
     L.seed_everything(problem.seed, workers=True, verbose=False)
     module = BlockScaleFitModule(problem, targets, cfg, log_bound)
-    frozen = [(p, p.requires_grad) for p in step.layer.parameters()]
     trainer = scale_trainer(cfg.steps, accelerator)  # one epoch: all steps, then validation
     order = _step_order(len(step.inputs["calibration"]), cfg.steps, problem.seed)
     validation = list(range(len(step.inputs["selection"])))
-    was_training = step.layer.training
-    try:
-        step.layer.eval()
-        for p, _ in frozen:  # gradients reach the scales only, not the layer's weights
-            p.requires_grad_(False)
-        with replaced_forwards(step.sites, module.site_forward):
-            interruptible(trainer, trainer.validate, model=module, dataloaders=validation,
-                          verbose=False)
-            if cfg.steps > 0:
-                interruptible(trainer, trainer.fit, model=module, train_dataloaders=order,
-                              val_dataloaders=validation)
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        step.layer.train(was_training)
+    fit_substituted(trainer, module, step.layer, step.sites, order, validation, steps=cfg.steps)
     log.info("layer %d: block loss %.4g", step.index, module.best_val)
     return {name: s.detach().cpu() for name, s in module.best_scales.items()}, module.best_val

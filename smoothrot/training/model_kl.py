@@ -5,8 +5,8 @@ same wherever later layers amplify or damp it. Here the log-scales of every site
 trained at once on the KL divergence from the float model's next-token distribution to the
 quantized model's, on the same calibration windows, so each site's error is weighted by what it
 does to the logits. Every site linear computes what the fused, quantized export computes
-(block.fake_quant_forward: straight-through rounding of the activations; the weights rounded by
-RTN the same way, or carrying an offline rounding's error, GPTQ's, held fixed); the float
+(substitution.py: straight-through rounding of the activations; the weights rounded by RTN the
+same way, or carrying an offline rounding's error, GPTQ's, held fixed); the float
 distribution comes from the same model with the substitution switched off, one no-grad pass per
 step, so no logits are stored. The best scales on the selection split's KL are kept, the
 starting ones included, so training can only lower it.
@@ -30,12 +30,10 @@ from smoothrot.core.transform import SiteTransform
 from smoothrot.progress import bars_enabled
 from smoothrot.schema.config import KLTrainConfig
 from smoothrot.schema.quant import QuantScheme
-from smoothrot.surgery.hooks import replaced_forwards
-from smoothrot.training.block import fake_quant_forward
 from smoothrot.training.fit import scale_trainer
-from smoothrot.training.interrupt import interruptible
 from smoothrot.training.module import adam_with_schedule
 from smoothrot.training.sampler import EpochTokenSampler
+from smoothrot.training.substitution import fake_quant_forward, fit_substituted
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,6 @@ def fit_model_kl(problem: KLProblem, cfg: KLTrainConfig, *, log_bound: float,
                  accelerator: str = "cpu") -> tuple[dict[str, torch.Tensor], float, float]:
     """Train every site's scales on the next-token KL; returns (best scales per site, float64 on
     the CPU; the selection KL at the start; the best selection KL)."""
-    model = problem.model
     seq_len = problem.windows["calibration"].shape[1]
     per_batch = max(1, -(-cfg.batch_tokens // seq_len))
     L.seed_everything(problem.seed, workers=True, verbose=False)
@@ -166,25 +163,9 @@ def fit_model_kl(problem: KLProblem, cfg: KLTrainConfig, *, log_bound: float,
                                 min(per_batch, problem.windows["calibration"].shape[0]),
                                 epoch, problem.seed, first_step=lambda: trainer.global_step)
     validation = list(range(len(module.selection_batches)))
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in frozen:  # gradients reach the scales only, not the model's weights
-            p.requires_grad_(False)
-        with replaced_forwards(problem.sites, module.site_forward):
-            interruptible(trainer, trainer.validate, model=module, dataloaders=validation,
-                          verbose=False)
-            if cfg.steps > 0:
-                interruptible(trainer, trainer.fit, model=module, train_dataloaders=sampler,
-                              val_dataloaders=validation)
-                if cfg.steps % epoch:  # the last steps ended mid-epoch, unscored: score them
-                    interruptible(trainer, trainer.validate, model=module,
-                                  dataloaders=validation, verbose=False)
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    # Steps after the last full epoch would otherwise be trained and never scored.
+    fit_substituted(trainer, module, problem.model, problem.sites, sampler, validation,
+                    steps=cfg.steps, score_last=cfg.steps % epoch != 0)
     log.info("model KL on the selection split: %.4g at the start, %.4g kept",
              module.start_val, module.best_val)
     scales = {name: s.detach().cpu() for name, s in module.best_scales.items()}

@@ -178,8 +178,12 @@ def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa:
         assert summary[method]["mean_mse"] > 0
     assert summary["trained_block"]["mean_mse"] != summary["trained"]["mean_mse"]
     # The export carries the block-trained scales and reloads to the in-memory plans' model.
-    export = tmp_path / "out" / "export-w4a4"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert_export_reloads(tmp_path / "out" / "export-w4a4", tiny_model)
+
+
+def assert_export_reloads(export, model_dir) -> None:
+    """``export`` reloads to the model its fit computed in memory (smoothrot's verify)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
     assert verify_export(export, model, ids)["passed"] is True

@@ -11,11 +11,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.core.transform import transform_weight
-from smoothrot.io.verify import verify_export
 from smoothrot.methods.gptq import gptq_fused_weight
 from smoothrot.schema.config import KLTrainConfig, config_from_dict
 from smoothrot.schema.errors import ConfigError
@@ -25,6 +23,7 @@ from smoothrot.surgery.plan import SitePlan
 from smoothrot.training.model_kl import KLProblem, ModelKLFitModule, fit_model_kl, next_token_kl
 from tests.conftest import tiny_llama
 from tests.unit.test_bad_inputs import small_config, tiny_model  # noqa: F401 (fixture)
+from tests.unit.test_block_training import assert_export_reloads
 from train.fit_scales import main
 
 SCHEME = get_scheme("w4a4")
@@ -176,11 +175,7 @@ def test_trained_kl_end_to_end_beside_trained_block(tmp_path, tiny_model):  # no
     for method in ("trained_block", "trained_kl", "trained_kl+gptq"):
         assert summary[method]["mean_mse"] > 0
     assert report["timings_s"]["w4a4: KL training"] > 0
-    export = tmp_path / "out" / "export-w4a4"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
-    assert verify_export(export, model, ids)["passed"] is True
+    assert_export_reloads(tmp_path / "out" / "export-w4a4", tiny_model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
