@@ -154,6 +154,17 @@ def test_steps_after_the_last_full_epoch_are_scored(caplog):
     assert steps == [0, 4, 6]
 
 
+@pytest.mark.parametrize("module", ["trained_block", "trained_kl"])
+def test_whole_walk_methods_refuse_several_processes(monkeypatch, module):
+    """Every rank would repeat the same walk / model pass: one clear error instead."""
+    import importlib
+
+    method = importlib.import_module(f"smoothrot.methods.{module}")
+    monkeypatch.setattr(method, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"runs in one process.*distributed\.devices: 1"):
+        getattr(method, module.upper()).fit(None)
+
+
 def test_kl_training_config_is_checked():
     assert config_from_dict({"kl_training": {"steps": 5}}).kl_training.steps == 5
     with pytest.raises(ConfigError, match=r"kl_training\.lr=0 must be a positive"):
