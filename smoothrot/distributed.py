@@ -43,6 +43,14 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def require_one_process(method: str) -> None:
+    """``method`` walks or runs the whole model itself: several ranks would repeat the same
+    work, so it refuses them with the setting to change."""
+    if world_size() > 1:
+        raise ConfigError(f"{method} runs in one process (every rank would repeat the same "
+                          "work); set distributed.devices: 1 and num_nodes: 1")
+
+
 def world_size() -> int:
     """Number of processes in the run (1 in a single process)."""
     return dist.get_world_size() if is_distributed() else 1

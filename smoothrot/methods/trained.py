@@ -16,7 +16,7 @@ from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.search import candidate_loss
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
-from smoothrot.training.fit import TrainProblem, fit_scales
+from smoothrot.training.fit import TrainProblem, accelerator_of, fit_scales
 
 # Global factors c tried for s → c·s: one period of a power-of-two grid (c and 2c quantize alike).
 GLOBAL_FACTORS = tuple(2.0 ** (k / 16) for k in range(16))
@@ -48,7 +48,7 @@ class Trained(Method):
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
         start = ctx.results[JOINT.name].plans
-        accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
+        accelerator = accelerator_of(ctx.model)
         checkpoints = Path(ctx.cfg.output_dir) / "checkpoints" / ctx.scheme.name
         scales, losses = {}, {}
         with ctx.stage("training"):

@@ -10,13 +10,13 @@ from dataclasses import replace
 
 from smoothrot.calibrate.capture import fit_specs
 from smoothrot.calibrate.sequential import walk_layers
-from smoothrot.distributed import world_size
+from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
-from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import with_act_clip
 from smoothrot.training.block import BlockProblem, fit_block
+from smoothrot.training.fit import accelerator_of
 
 
 class TrainedBlock(Method):
@@ -25,14 +25,12 @@ class TrainedBlock(Method):
     requires = (TRAINED.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        if world_size() > 1:
-            raise ConfigError(f"{self.name} runs in one process (every rank would repeat the "
-                              "same walk); set distributed.devices: 1 and num_nodes: 1")
+        require_one_process(self.name)
         start = ctx.results[TRAINED.name].plans
         cfg = ctx.cfg.block_training
         specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
         windows = max(1, math.ceil(cfg.batch_tokens / ctx.cfg.data.seq_len))
-        accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
+        accelerator = accelerator_of(ctx.model)
         scales = {}
         with ctx.stage("block training"):
             for step in walk_layers(ctx.model, ctx.sites, ctx.scheme,

@@ -7,13 +7,13 @@ then rounds the new fused weights afresh. Reported beside ``trained`` and ``trai
 from __future__ import annotations
 
 from smoothrot.core.transform import transform_weight
-from smoothrot.distributed import world_size
+from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.gptq import GPTQ_SUFFIX
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained_block import TRAINED_BLOCK
-from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.quant import with_act_clip
+from smoothrot.training.fit import accelerator_of
 from smoothrot.training.model_kl import KLProblem, fit_model_kl
 
 START = TRAINED_BLOCK.name + GPTQ_SUFFIX
@@ -25,9 +25,7 @@ class TrainedKL(Method):
     requires = (START,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        if world_size() > 1:
-            raise ConfigError(f"{self.name} runs in one process; set distributed.devices: 1 "
-                              "and num_nodes: 1")
+        require_one_process(self.name)
         start = ctx.results[START].plans
         transforms = {rs.name: ctx.transform(rs, start[rs.name]) for rs in ctx.sites}
         errors = {
@@ -40,7 +38,7 @@ class TrainedKL(Method):
             {name: with_act_clip(ctx.scheme, plan.act_clip) for name, plan in start.items()},
             {split: ctx.windows[split] for split in ("calibration", "selection")},
             weight_errors=errors, seed=ctx.cfg.seed)
-        accelerator = "gpu" if next(ctx.model.parameters()).is_cuda else "cpu"
+        accelerator = accelerator_of(ctx.model)
         with ctx.stage("KL training"):
             scales, _, _ = fit_model_kl(problem, ctx.cfg.kl_training,
                                         log_bound=ctx.cfg.train.log_bound,

@@ -184,9 +184,9 @@ class KLTrainConfig:
     """The ``trained_kl`` method (training/model_kl.py): every site's scales of the whole model
     refined at once, starting from ``trained_block + GPTQ`` (whose rounding error the loss holds
     fixed), against the KL divergence from the float model's next-token distribution to the
-    quantized model's. ``steps`` Adam steps under a
-    cosine schedule from ``lr``, each on ``batch_tokens`` tokens (whole calibration windows);
-    the selection KL every ``val_every`` steps (and before the first) keeps the best scales."""
+    quantized model's. ``steps`` Adam steps under a cosine schedule from ``lr``, each on
+    ``batch_tokens`` tokens (whole calibration windows); the selection KL every ``val_every``
+    steps (and before the first) keeps the best scales."""
 
     steps: int = 40
     lr: float = 0.005

@@ -165,6 +165,11 @@ def _loaders(
     return train, val
 
 
+def accelerator_of(model: torch.nn.Module) -> str:
+    """The Lightning accelerator for training beside ``model``: where its weights are."""
+    return "gpu" if next(model.parameters()).is_cuda else "cpu"
+
+
 def scale_trainer(
     steps: int,
     accelerator: str,

@@ -42,7 +42,7 @@ from smoothrot.surgery.head_rotation import (
     nearest_orthogonal,
     rotate_heads,
 )
-from smoothrot.training.fit import scale_trainer
+from smoothrot.training.fit import accelerator_of, scale_trainer
 from smoothrot.training.interrupt import interruptible
 from smoothrot.training.module import adam_with_schedule
 from smoothrot.training.sampler import EpochTokenSampler
@@ -168,7 +168,7 @@ def learn_head_rotations(model: nn.Module, sites: list[ResolvedSite],
              "selection": CaptureSpec(windows["selection"])}
     records = capture_splits(model, targets, specs, batch_size(windows_c.shape[1]))
     layout = head_layout(model)
-    accelerator = "gpu" if next(model.parameters()).is_cuda else "cpu"
+    accelerator = accelerator_of(model)
     rotations = {}
     for rs in progress(targets, desc="head rotations"):
         record = records["calibration"][rs.name]

@@ -15,6 +15,7 @@ starting ones included, so training can only lower it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ class ModelKLFitModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val_kl", value, prog_bar=True)
         log.info("step %d: selection KL %.4g", self.global_step, value)
-        if self.start_val != self.start_val:  # NaN: the first validation scores the start
+        if math.isnan(self.start_val):  # the first validation scores the start
             self.start_val = value
         if value < self.best_val:
             self.best_val = value

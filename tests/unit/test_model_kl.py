@@ -159,8 +159,10 @@ def test_whole_walk_methods_refuse_several_processes(monkeypatch, module):
     """Every rank would repeat the same walk / model pass: one clear error instead."""
     import importlib
 
+    import smoothrot.distributed
+
     method = importlib.import_module(f"smoothrot.methods.{module}")
-    monkeypatch.setattr(method, "world_size", lambda: 2)
+    monkeypatch.setattr(smoothrot.distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match=r"runs in one process.*distributed\.devices: 1"):
         getattr(method, module.upper()).fit(None)
 
