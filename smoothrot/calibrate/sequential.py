@@ -208,8 +208,9 @@ class LayerStep:
     inputs: dict[str, list[_LayerInput]]
     device: torch.device
     done: dict[str, SitePlan]
-    # With ``walk_layers(float_stream=True)``: this layer's output as the *float* model computes
-    # it (no layer quantized), per split and batch, e.g. to fit a layer against it.
+    # With ``walk_layers(float_stream=True)``: this layer's input and output as the *float* model
+    # computes them (no layer quantized), per split and batch, e.g. to fit a layer against it.
+    float_inputs: dict[str, list[_LayerInput]] | None = None
     float_outputs: dict[str, list[torch.Tensor]] | None = None
 
     def run(self, batch: _LayerInput) -> torch.Tensor:
@@ -231,7 +232,8 @@ def walk_layers(
     ``step.done`` with the layer's plans, the layer runs with them applied (weights and
     activations quantized as ``scheme`` says) and its output becomes the next layer's input.
     Layers after the last one holding a site never run. Every rank runs the whole walk.
-    ``float_stream`` also carries the float model's hidden states (``step.float_outputs``)."""
+    ``float_stream`` also carries the float model's hidden states (``step.float_inputs``,
+    ``step.float_outputs``)."""
     if not sites:
         return
     arch = architecture_of(model)
@@ -248,6 +250,7 @@ def walk_layers(
     for index in progress(range(max(by_layer) + 1), desc=desc):
         step = LayerStep(index, layers[index], by_layer.get(index, []), cache, device, {})
         if float_stream:  # before the caller touches the layer: its float output
+            step.float_inputs = floats
             with torch.no_grad():
                 step.float_outputs = {split: [step.run(batch).cpu() for batch in batches]
                                       for split, batches in floats.items()}
@@ -261,6 +264,25 @@ def walk_layers(
                     batch.hidden = step.run(batch).cpu()
 
 
+def _site_rows(step: LayerStep, rs: ResolvedSite, specs: dict[str, CaptureSpec],
+               inputs: dict[str, list[_LayerInput]]) -> dict[str, torch.Tensor]:
+    """``rs``'s input rows per split, the layer run on ``inputs`` with whatever hooks are active."""
+    rows = {}
+    for split, spec in specs.items():
+        with capture_sites([rs], total_tokens=spec.total_tokens,
+                           keep_index=spec.keep_index) as recorded:
+            for batch in inputs[split]:
+                with suppress(StopForward):
+                    step.run(batch)
+        rows[split] = recorded[rs.name].tokens()
+    return rows
+
+
+RoundSite = Callable[
+    [ResolvedSite, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None],
+    GPTQChoice]
+
+
 @torch.no_grad()
 def gptq_sequential(
     model: nn.Module,
@@ -269,7 +291,8 @@ def gptq_sequential(
     scheme: QuantScheme,
     specs: dict[str, CaptureSpec],
     batch_size: int,
-    round_site: Callable[[ResolvedSite, torch.Tensor, torch.Tensor], GPTQChoice],
+    round_site: RoundSite,
+    float_target: bool = False,
 ) -> dict[str, GPTQChoice]:
     """GPTQ site by site on the inputs of the model quantized so far (GPTQ's "sequential" mode).
 
@@ -278,21 +301,21 @@ def gptq_sequential(
     layers run one at a time over cached hidden states (:func:`walk_layers`); inside a layer
     each site in turn (table order: q/k/v, o, gate/up, down) is captured with the sites before
     it already quantized (weights *and* activations, as ``scheme`` says), rounded by
-    ``round_site(site, calibration rows, selection rows)``, and the layer's quantized output
-    becomes the next layer's input. ``specs`` holds the ``calibration`` and ``selection`` splits.
+    ``round_site(site, calibration rows, selection rows, float rows)``, and the layer's
+    quantized output becomes the next layer's input. ``specs`` holds the ``calibration`` and
+    ``selection`` splits. With ``float_target`` the float model's rows at the same tokens
+    (calibration, selection) are captured too and passed on; otherwise None.
     """
     choices: dict[str, GPTQChoice] = {}
-    for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ"):
+    for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ",
+                            float_stream=float_target):
         for rs in step.sites:
-            rows = {}
             with transformed(step.sites, step.done, scheme):
-                for split, spec in specs.items():
-                    with capture_sites([rs], total_tokens=spec.total_tokens,
-                                       keep_index=spec.keep_index) as recorded:
-                        for batch in step.inputs[split]:
-                            with suppress(StopForward):
-                                step.run(batch)
-                    rows[split] = recorded[rs.name].tokens()
-            choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"])
+                rows = _site_rows(step, rs, specs, step.inputs)
+            floats = None
+            if step.float_inputs is not None:
+                f = _site_rows(step, rs, specs, step.float_inputs)
+                floats = (f["calibration"], f["selection"])
+            choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats)
             step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
     return choices

@@ -46,6 +46,7 @@ __all__ = [
     "Hessian",
     "gptq_quantize",
     "input_hessian",
+    "least_squares_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,32 @@ def input_hessian(x: torch.Tensor) -> Hessian:
     """XᵀX over all tokens of ``x`` [..., n] (float64, so many tokens can be summed safely)."""
     x2 = x.detach().reshape(-1, x.shape[-1]).double()
     return Hessian(x2.T @ x2, x2.shape[0])
+
+
+@torch.no_grad()
+def least_squares_target(
+    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, damp: float = DEFAULT_DAMP
+) -> torch.Tensor:
+    """The weight W* [m, n] that best maps the inputs ``x`` [T, n] to the outputs ``y`` [T, m].
+
+    GPTQ fits Ŵ to W on the inputs the layer will get, x̃: it minimizes ||x̃·(W − Ŵ)ᵀ||². When
+    the wanted output is another, y = x·Wᵀ from the float model's inputs x ≠ x̃ (upstream
+    layers and this layer's activations are quantized), then ||x̃·Ŵᵀ − y||² = ||x̃·(W* − Ŵ)ᵀ||²
+    + const for the least-squares W*, so GPTQ of W* on the same Hessian x̃ᵀx̃ minimizes the
+    error against y (GPTAQ's asymmetric calibration, as a change of target). Ridge toward W,
+    damped by λ·mean diag(x̃ᵀx̃) as GPTQ's inverse is, so few tokens cannot overfit W*:
+
+        W*ᵀ = Wᵀ + (x̃ᵀx̃ + λ·mean diag·I)⁻¹ · x̃ᵀ(y − x̃·Wᵀ)
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"least_squares_target needs x [T, n] and y [T, m], got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    x64, w64 = x.double(), weight.double()
+    h = x64.T @ x64
+    h += damp * float(torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype,
+                                                        device=h.device)
+    rhs = x64.T @ (y.double() - x64 @ w64.T)
+    return (w64 + torch.linalg.solve(h, rhs).T).to(weight.dtype)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -188,9 +215,11 @@ def gptq_quantize(
 
 @dataclass(frozen=True)
 class GPTQChoice:
-    """The selected rounding of one fused weight: ``damp`` None means RTN was kept."""
+    """The selected rounding of one fused weight: ``damp`` None means RTN was kept; ``target``
+    "model" means GPTQ rounded the least-squares fit to the float model's output."""
 
     weight_q: torch.Tensor
     damp: float | None
     selection_loss: float
     rtn_selection_loss: float
+    target: str = "layer"

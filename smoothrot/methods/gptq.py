@@ -22,6 +22,7 @@ from smoothrot.core.gptq import (
     GPTQChoice,
     gptq_quantize,
     input_hessian,
+    least_squares_target,
 )
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
@@ -72,6 +73,7 @@ def gptq_fused_weight_selected(
     *,
     damps: tuple[float, ...] = DEFAULT_DAMP_GRID,
     act_aware: bool = DEFAULT_ACT_AWARE,
+    float_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: object,
 ) -> GPTQChoice:
     """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
@@ -80,28 +82,44 @@ def gptq_fused_weight_selected(
     fused weight. The loss is the layer-output loss every other choice uses (losses.py), with
     activations quantized as the scheme says, so the result is never worse than RTN on the
     selection split; held-out tokens are not looked at.
+
+    ``float_inputs`` (calibration, selection) are the float model's inputs at the same tokens as
+    ``x`` and ``x_selection`` (the quantized model's): the wanted output is then the float
+    model's, X·Wᵀ, and GPTQ of :func:`least_squares_target` on the quantized activations
+    Q_a(X̃') joins the candidates, so upstream error and this site's activation rounding are
+    compensated in the weight where the selection split says it pays.
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
     xs = x_selection.detach().float()
-    y = xs @ w.T
-    fused = transform_weight(w, s, transform)
+    y = (xs if float_inputs is None else float_inputs[1].detach().float()) @ w.T
 
     def loss(wq: torch.Tensor) -> float:
         return float(output_loss(y, quantized_output(xs, w, s, transform, scheme, weight_q=wq)))
 
+    fused = transform_weight(w, s, transform)
     rtn = quantize_weight_spec(fused, scheme)
     rtn_loss = loss(rtn)
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
     xt = transform_input(x.detach().float(), s, transform)
-    if act_aware:
-        xt = quantize_activation_spec(xt, scheme)
-    hess = input_hessian(xt)
+    inputs = quantize_activation_spec(xt, scheme) if act_aware else xt
+    hess = input_hessian(inputs)
     for damp in damps:
         wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
         value = loss(wq)
         if value < best.selection_loss:
             best = GPTQChoice(wq, damp, value, rtn_loss)
+    if float_inputs is None:
+        return best
+    xq = quantize_activation_spec(xt, scheme)
+    y_float = float_inputs[0].detach().float() @ w.T
+    hess = input_hessian(xq)
+    for damp in damps:
+        goal = least_squares_target(fused, xq, y_float, damp)
+        wq = gptq_quantize(goal, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
+        value = loss(wq)
+        if value < best.selection_loss:
+            best = GPTQChoice(wq, damp, value, rtn_loss, "model")
     return best
 
 
@@ -119,11 +137,12 @@ class WithGPTQ(Method):
     def fit(self, ctx: SchemeContext) -> MethodResult:
         base = ctx.results[self.base].plans
 
-        def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor) -> GPTQChoice:
+        def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor,
+                       float_inputs: tuple[torch.Tensor, torch.Tensor] | None) -> GPTQChoice:
             plan = base[rs.name]
             return gptq_fused_weight_selected(
                 ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
-                with_act_clip(ctx.scheme, plan.act_clip))
+                with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs)
 
         with ctx.stage("gptq"):
             if ctx.cfg.gptq.sequential:
@@ -131,15 +150,17 @@ class WithGPTQ(Method):
                 picks = gptq_sequential(
                     ctx.model, ctx.sites, base, ctx.scheme,
                     {k: specs[k] for k in ("calibration", "selection")},
-                    batch_size(ctx.cfg.data.seq_len), round_site)
+                    batch_size(ctx.cfg.data.seq_len), round_site,
+                    float_target=ctx.cfg.gptq.target == "model")
             else:
                 picks = {rs.name: round_site(rs, ctx.data[rs.name].train_x,
-                                             ctx.data[rs.name].selection_x)
+                                             ctx.data[rs.name].selection_x, None)
                          for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} {self.name}")}
         damps = [pick.damp for pick in picks.values()]
-        log.info("%s %s: damping per site %s (RTN kept on %d/%d)", ctx.scheme.name, self.name,
-                 {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None),
-                 len(damps))
+        log.info("%s %s: damping per site %s (RTN kept on %d/%d, float-model target on %d)",
+                 ctx.scheme.name, self.name, {d: damps.count(d) for d in dict.fromkeys(damps)},
+                 damps.count(None), len(damps),
+                 sum(pick.target == "model" for pick in picks.values()))
         return MethodResult(
             {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})

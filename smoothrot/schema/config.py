@@ -147,7 +147,8 @@ class TrainConfig:
             )
 
 
-# What trained_block fits a layer's output to (BlockTrainConfig.target).
+# What trained_block fits a layer's output to (BlockTrainConfig.target), and GPTQ
+# (GPTQConfig.target): the float layer on the same input, or the float model's own.
 BLOCK_TARGETS = ("layer", "model")
 
 
@@ -254,10 +255,22 @@ class GPTQConfig:
 
     ``sequential`` computes each site's Hessian (and its damping choice) from the inputs of the
     model with every earlier site already quantized, weights and activations, instead of the
-    float model's inputs.
+    float model's inputs. ``target``: what the rounded site's output should match: ``layer``,
+    the float weight on the same (quantized model's) inputs, as GPTQ does; ``model``, the float
+    model's own output at that site, so the weights also make up for the error their inputs
+    carry (GPTQ of a least-squares target, chosen per site on the selection split against
+    plain GPTQ and RTN; needs ``sequential``).
     """
 
     sequential: bool = True
+    target: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.target not in BLOCK_TARGETS:
+            raise ConfigError(f"gptq.target={self.target!r} is not one of {list(BLOCK_TARGETS)}")
+        if self.target == "model" and not self.sequential:
+            raise ConfigError("gptq.target='model' needs gptq.sequential: true (the float "
+                              "model's inputs differ from the quantized model's only there)")
 
 
 @dataclass

@@ -171,8 +171,10 @@ def test_mixed_attention_types_refused_when_masks_differ():
     _assert_same(whole, seq)
 
 
-def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs():
-    """Site k's GPTQ inputs are exactly those of the whole model with sites < k quantized."""
+@pytest.mark.parametrize("float_target", [False, True])
+def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs(float_target):
+    """Site k's GPTQ inputs are exactly those of the whole model with sites < k quantized; with
+    ``float_target`` the float model's inputs at the same tokens come with them."""
     model = tiny_llama(layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sites = resolve_sites(model, ["all"])
@@ -180,13 +182,16 @@ def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs():
     specs = {k: replace(v, quantiles=None) for k, v in _specs(model.config.vocab_size).items()}
     plans = {rs.name: SitePlan(scales=None, rotation=rs.rotation) for rs in sites}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen_float: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def round_site(rs, x, x_selection):
+    def round_site(rs, x, x_selection, float_inputs):
         seen[rs.name] = (x, x_selection)
+        seen_float[rs.name] = float_inputs
         return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform, x,
-                                          x_selection, scheme)
+                                          x_selection, scheme, float_inputs=float_inputs)
 
-    choices = gptq_sequential(model, sites, plans, scheme, specs, 2, round_site)
+    choices = gptq_sequential(model, sites, plans, scheme, specs, 2, round_site,
+                              float_target=float_target)
     assert list(choices) == [rs.name for rs in sites]
     float_rows = capture_splits(model, sites, specs, batch_size=2)
     for k, rs in enumerate(sites):
@@ -199,4 +204,10 @@ def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs():
                                        rtol=1e-6, atol=1e-6)
         moved = (seen[rs.name][0] - float_rows["calibration"][rs.name].tokens()).abs().max()
         assert (moved == 0) == (k == 0), (rs.name, float(moved))  # only site 0 sees float inputs
+        if not float_target:
+            assert seen_float[rs.name] is None
+            continue
+        for i, split in enumerate(("calibration", "selection")):
+            torch.testing.assert_close(seen_float[rs.name][i],
+                                       float_rows[split][rs.name].tokens(), rtol=1e-6, atol=1e-6)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
