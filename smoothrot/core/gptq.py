@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_DAMP",
     "DEFAULT_DAMP_GRID",
+    "DEFAULT_RIDGE_GRID",
     "GPTQChoice",
     "Hessian",
     "gptq_quantize",
@@ -58,6 +59,8 @@ DEFAULT_DAMP = 0.01
 DEFAULT_ACT_AWARE = False
 # Damping candidates of gptq_fused_weight_selected (λ relative to mean diag H); RTN is λ = ∞.
 DEFAULT_DAMP_GRID = (0.01, 0.1, 1.0)
+# Ridge candidates of the float-model target (least_squares_target), relative to mean diag H.
+DEFAULT_RIDGE_GRID = (0.1, 1.0, 10.0)
 _MAX_DAMP_RETRIES = 6
 
 
@@ -82,7 +85,7 @@ def input_hessian(x: torch.Tensor) -> Hessian:
 
 @torch.no_grad()
 def least_squares_target(
-    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, damp: float = DEFAULT_DAMP
+    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0
 ) -> torch.Tensor:
     """The weight W* [m, n] that best maps the inputs ``x`` [T, n] to the outputs ``y`` [T, m].
 
@@ -90,17 +93,17 @@ def least_squares_target(
     the wanted output is another, y = x·Wᵀ from the float model's inputs x ≠ x̃ (upstream
     layers and this layer's activations are quantized), then ||x̃·Ŵᵀ − y||² = ||x̃·(W* − Ŵ)ᵀ||²
     + const for the least-squares W*, so GPTQ of W* on the same Hessian x̃ᵀx̃ minimizes the
-    error against y (GPTAQ's asymmetric calibration, as a change of target). Ridge toward W,
-    damped by λ·mean diag(x̃ᵀx̃) as GPTQ's inverse is, so few tokens cannot overfit W*:
+    error against y (GPTAQ's asymmetric calibration, as a change of target). A ridge toward W,
+    ρ relative to mean diag(x̃ᵀx̃) as GPTQ's damping is, keeps few tokens from overfitting W*:
 
-        W*ᵀ = Wᵀ + (x̃ᵀx̃ + λ·mean diag·I)⁻¹ · x̃ᵀ(y − x̃·Wᵀ)
+        W*ᵀ = Wᵀ + (x̃ᵀx̃ + ρ·mean diag·I)⁻¹ · x̃ᵀ(y − x̃·Wᵀ)
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"least_squares_target needs x [T, n] and y [T, m], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     x64, w64 = x.double(), weight.double()
     h = x64.T @ x64
-    h += damp * float(torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype,
+    h += ridge * float(torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype,
                                                         device=h.device)
     rhs = x64.T @ (y.double() - x64 @ w64.T)
     return (w64 + torch.linalg.solve(h, rhs).T).to(weight.dtype)
@@ -215,11 +218,12 @@ def gptq_quantize(
 
 @dataclass(frozen=True)
 class GPTQChoice:
-    """The selected rounding of one fused weight: ``damp`` None means RTN was kept; ``target``
-    "model" means GPTQ rounded the least-squares fit to the float model's output."""
+    """The selected rounding of one fused weight: ``damp`` None means RTN was kept; ``ridge``
+    not None means GPTQ rounded the least-squares fit to the float model's output with that
+    ridge (:func:`least_squares_target`), None that it rounded the weight itself."""
 
     weight_q: torch.Tensor
     damp: float | None
     selection_loss: float
     rtn_selection_loss: float
-    target: str = "layer"
+    ridge: float | None = None

@@ -19,6 +19,7 @@ from smoothrot.calibrate.sequential import gptq_sequential
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
     DEFAULT_DAMP_GRID,
+    DEFAULT_RIDGE_GRID,
     GPTQChoice,
     gptq_quantize,
     input_hessian,
@@ -74,6 +75,7 @@ def gptq_fused_weight_selected(
     damps: tuple[float, ...] = DEFAULT_DAMP_GRID,
     act_aware: bool = DEFAULT_ACT_AWARE,
     float_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ridges: tuple[float, ...] = DEFAULT_RIDGE_GRID,
     **kwargs: object,
 ) -> GPTQChoice:
     """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
@@ -86,8 +88,9 @@ def gptq_fused_weight_selected(
     ``float_inputs`` (calibration, selection) are the float model's inputs at the same tokens as
     ``x`` and ``x_selection`` (the quantized model's): the wanted output is then the float
     model's, X·Wᵀ, and GPTQ of :func:`least_squares_target` on the quantized activations
-    Q_a(X̃') joins the candidates, so upstream error and this site's activation rounding are
-    compensated in the weight where the selection split says it pays.
+    Q_a(X̃') joins the candidates (each ridge in ``ridges`` × each damping), so upstream error
+    and this site's activation rounding are compensated in the weight where the selection
+    split says it pays.
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
@@ -114,12 +117,13 @@ def gptq_fused_weight_selected(
     xq = quantize_activation_spec(xt, scheme)
     y_float = float_inputs[0].detach().float() @ w.T
     hess = input_hessian(xq)
-    for damp in damps:
-        goal = least_squares_target(fused, xq, y_float, damp)
-        wq = gptq_quantize(goal, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
-        value = loss(wq)
-        if value < best.selection_loss:
-            best = GPTQChoice(wq, damp, value, rtn_loss, "model")
+    for ridge in ridges:
+        goal = least_squares_target(fused, xq, y_float, ridge)
+        for damp in damps:
+            wq = gptq_quantize(goal, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
+            value = loss(wq)
+            if value < best.selection_loss:
+                best = GPTQChoice(wq, damp, value, rtn_loss, ridge)
     return best
 
 
@@ -157,10 +161,11 @@ class WithGPTQ(Method):
                                              ctx.data[rs.name].selection_x, None)
                          for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} {self.name}")}
         damps = [pick.damp for pick in picks.values()]
-        log.info("%s %s: damping per site %s (RTN kept on %d/%d, float-model target on %d)",
-                 ctx.scheme.name, self.name, {d: damps.count(d) for d in dict.fromkeys(damps)},
-                 damps.count(None), len(damps),
-                 sum(pick.target == "model" for pick in picks.values()))
+        ridges = [pick.ridge for pick in picks.values()]
+        log.info("%s %s: damping per site %s (RTN kept on %d/%d), float-model target's ridge "
+                 "per site %s", ctx.scheme.name, self.name,
+                 {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None),
+                 len(damps), {r: ridges.count(r) for r in dict.fromkeys(ridges)})
         return MethodResult(
             {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})

@@ -287,9 +287,9 @@ def test_least_squares_target_fits_the_wanted_outputs() -> None:
     x = torch.randn(512, 16, generator=gen, dtype=torch.float64)
     w, other = (torch.randn(8, 16, generator=gen, dtype=torch.float64) for _ in range(2))
     torch.testing.assert_close(least_squares_target(w, x, x @ w.T), w, rtol=0, atol=1e-10)
-    torch.testing.assert_close(least_squares_target(w, x, x @ other.T, damp=0.0), other,
+    torch.testing.assert_close(least_squares_target(w, x, x @ other.T, ridge=0.0), other,
                                rtol=0, atol=1e-10)
-    far = least_squares_target(w, x, x @ other.T, damp=1e6)
+    far = least_squares_target(w, x, x @ other.T, ridge=1e6)
     assert float((far - w).abs().max()) < 1e-4 < float((other - w).abs().max())
     with pytest.raises(ValueError, match=r"needs x \[T, n\] and y \[T, m\]"):
         least_squares_target(w, x, (x @ w.T)[:10])
@@ -319,7 +319,7 @@ def test_float_model_target_compensates_upstream_error() -> None:
     plain = gptq_fused_weight_selected(w, None, FULL, q_cal, q_sel, scheme)
     comp = gptq_fused_weight_selected(w, None, FULL, q_cal, q_sel, scheme,
                                       float_inputs=(x_cal, x_sel))
-    assert plain.target == "layer" and comp.target == "model"
+    assert plain.ridge is None and comp.ridge is not None
     assert comp.selection_loss <= comp.rtn_selection_loss
     assert held_out(comp.weight_q) < 0.5 * held_out(plain.weight_q), (
         held_out(comp.weight_q), held_out(plain.weight_q))
