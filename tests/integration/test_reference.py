@@ -7,6 +7,13 @@ differs at float32 rounding, which moved only the trained rows, by −1.5 to +1.
 
 Regenerate (only when a change is *meant* to move the numbers, and say so in the commit):
 ``python -m tests.integration.test_reference``.
+
+The reference was computed on an AMD EPYC; another CPU's BLAS sums in another order, and each
+kind of row amplifies that rounding differently (measured on an Intel Xeon, 2026-12-03, against
+this file): the policy rows moved by ≤ 2.3e-4, the GPTQ rows (greedy rounding decisions flip)
+by ≤ 4.2e-3, the trained rows (the rounding enters every gradient step) by ≤ 1.5 %. Each kind
+is held to a few times its measured spread (:func:`tolerance`); on the reference's own machine
+every row agreed within 1e-4.
 """
 
 from __future__ import annotations
@@ -25,7 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "tests" / "data" / "quick_reference.json"
 # Three down_proj sites (first, middle, last) and the quick budgets; every method, both schemes.
 LAYERS = [r"re:model\.layers\.(0|14|29)\.mlp\.down_proj"]
-REL_TOL = 1e-4
+
+
+def tolerance(method: str) -> float:
+    """Relative tolerance of a row across CPUs (module docstring)."""
+    if method.startswith("trained"):
+        return 4e-2
+    return 1e-2 if method.endswith("+gptq") else 1e-3
 
 
 def reference_config(output_dir: Path):
@@ -57,7 +70,8 @@ def test_quick_config_reproduces_reference(tmp_path):
         assert set(got[scheme]) == set(methods), scheme
         for method, row in methods.items():
             for key, value in row.items():
-                assert math.isclose(got[scheme][method][key], value, rel_tol=REL_TOL), (
+                assert math.isclose(got[scheme][method][key], value,
+                                    rel_tol=tolerance(method)), (
                     scheme, method, key, got[scheme][method][key], value)
 
 
