@@ -41,23 +41,35 @@ def best_global_factor(scales: torch.Tensor, x_sel: torch.Tensor, weight: torch.
     return scales * GLOBAL_FACTORS[best], losses[best]
 
 
+def _known_loss(start: MethodResult, site: str, scheme: QuantScheme, grid_scheme: QuantScheme
+                ) -> float | None:
+    """The search's selection loss of the starting scales where training would measure the same
+    number: the site's activation clip is the scheme's own (the grid scores candidates under
+    ``grid_scheme``) and the scheme is scale-equivariant (training normalizes log s, which
+    moves the loss only under MXFP4)."""
+    if scheme.a_clip != grid_scheme.a_clip or not scheme.scale_equivariant:
+        return None
+    return start.selection_loss.get(site)
+
+
 class Trained(Method):
     name = "trained"
     label = "trained"
     requires = (JOINT.name,)
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
-        start = ctx.results[JOINT.name].plans
+        start = ctx.results[JOINT.name]
         accelerator = accelerator_of(ctx.model)
         checkpoints = Path(ctx.cfg.output_dir) / "checkpoints" / ctx.scheme.name
         scales, losses = {}, {}
         with ctx.stage("training"):
             for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} training"):
-                plan, data = start[rs.name], ctx.data[rs.name]
+                plan, data = start.plans[rs.name], ctx.data[rs.name]
+                scheme = with_act_clip(ctx.scheme, plan.act_clip)
                 problem = TrainProblem(
-                    ctx.weights[rs.name], plan.scales, with_act_clip(ctx.scheme, plan.act_clip),
-                    data.train_x, data.selection_x, ctx.transform(rs, plan),
-                    seed=ctx.cfg.seed + rs.layer_index)
+                    ctx.weights[rs.name], plan.scales, scheme, data.train_x, data.selection_x,
+                    ctx.transform(rs, plan), seed=ctx.cfg.seed + rs.layer_index,
+                    start_loss=_known_loss(start, rs.name, scheme, ctx.scheme))
                 scales[rs.name], losses[rs.name] = fit_scales(
                     problem, ctx.cfg.train, accelerator=accelerator,
                     checkpoint_dir=checkpoints / rs.name, resume=ctx.resume)

@@ -55,7 +55,8 @@ class TrainProblem:
     """One site's training problem: fit scales of ``weight`` on ``train_x``, select on ``val_x``.
 
     ``rotate`` is the site's input transform (rotation and scale tying); ``seed`` fixes the
-    token order.
+    token order. ``start_loss``, the selection loss of ``init_scales`` when it is already known
+    (the search scored them), replaces the validation of the starting point.
     """
 
     weight: torch.Tensor
@@ -65,6 +66,7 @@ class TrainProblem:
     val_x: torch.Tensor
     rotate: SiteTransform = FULL
     seed: int = 0
+    start_loss: float | None = None
 
     def key(self, cfg: TrainConfig) -> str:
         """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
@@ -76,7 +78,8 @@ class TrainProblem:
         schedule = cfg.schedule if cfg.schedule == "constant" else f"{cfg.schedule}@{cfg.steps}"
         return (f"{tensors}|{self.scheme!r}|rotate={transform}|lr={cfg.lr}|"
                 f"batch={cfg.batch_tokens}|val_every={cfg.val_every}|bound={cfg.log_bound}|"
-                f"schedule={schedule}|patience={cfg.patience}/{cfg.min_delta}|seed={self.seed}")
+                f"schedule={schedule}|patience={cfg.patience}/{cfg.min_delta}|seed={self.seed}|"
+                f"start={self.start_loss!r}")
 
 
 def fit_scales(
@@ -116,7 +119,7 @@ def fit_scales(
     module = ScaleFitModule(problem.weight, problem.init_scales, problem.scheme, problem.rotate,
                             cfg.lr, cfg.log_bound, key, schedule=cfg.schedule,
                             total_steps=cfg.steps, patience=cfg.patience,
-                            min_delta=cfg.min_delta)
+                            min_delta=cfg.min_delta, start_loss=problem.start_loss)
     # The sampler reads the step when an epoch starts, after the Trainer below exists.
     train, val = _loaders(problem, cfg, first_step=lambda: trainer.global_step)
     all_callbacks = list(callbacks or [])
@@ -125,7 +128,8 @@ def fit_scales(
     # One epoch = val_every steps (the sampler's length).
     trainer = scale_trainer(cfg.steps, accelerator, progress_bar=cfg.progress_bar,
                             callbacks=all_callbacks, root=folder)
-    if ckpt is None:  # the initial point is a candidate (a checkpoint already holds its loss)
+    # The initial point is a candidate (a checkpoint, or the search, already holds its loss).
+    if ckpt is None and problem.start_loss is None:
         interruptible(trainer, trainer.validate, model=module, dataloaders=val, verbose=False)
     if cfg.steps > 0:
         interruptible(trainer, trainer.fit, model=module, train_dataloaders=train,

@@ -48,6 +48,7 @@ class ScaleFitModule(L.LightningModule):
         total_steps: int = 1,
         patience: int = 0,
         min_delta: float = 0.0,
+        start_loss: float | None = None,
     ) -> None:
         super().__init__()
         # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True)
@@ -63,7 +64,9 @@ class ScaleFitModule(L.LightningModule):
         self.register_buffer("weight", weight.detach().float(), persistent=False)
         self.log_scales = LogScales(init_scales, log_bound)
         self.register_buffer("best_scales", self.log_scales.scales())
-        self.register_buffer("best_val", torch.tensor(float("inf"), dtype=torch.float64))
+        # The starting scales are the best so far at their known loss, or at +inf until scored.
+        best = math.inf if start_loss is None else start_loss
+        self.register_buffer("best_val", torch.tensor(best, dtype=torch.float64))
         # Validations since the best loss last fell by min_delta; in the checkpoint, so a resumed
         # run stops where an uninterrupted one would.
         self.register_buffer("stale", torch.tensor(0, dtype=torch.int64))

@@ -1,5 +1,7 @@
 """Grid search, policy selection, trained scales and held-out error on synthetic outlier data."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,10 +18,11 @@ from smoothrot.methods.policy import (
     pick_max,
     pick_quantile,
 )
+from smoothrot.methods.registry import MethodResult
 from smoothrot.methods.search import candidate_loss, candidate_losses, grid_losses
-from smoothrot.methods.trained import GLOBAL_FACTORS, best_global_factor
+from smoothrot.methods.trained import GLOBAL_FACTORS, _known_loss, best_global_factor
 from smoothrot.schema.config import TrainConfig
-from smoothrot.schema.quant import QuantScheme, get_scheme
+from smoothrot.schema.quant import QuantScheme, get_scheme, with_act_clip
 from smoothrot.schema.rotation import Rotation
 from smoothrot.training.fit import TrainProblem, fit_scales
 
@@ -182,6 +185,40 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     assert abs(candidate_loss(val_x, val_x @ w.T, w, s1, W4A4) - best1) < 1e-3 * best1
     assert (layer_error(test_x, w, s1, FULL, W4A4).mse
             < layer_error(test_x, w, init, FULL, W4A4).mse)
+
+
+@pytest.mark.parametrize("scheme", [W4A4, W8A8])
+def test_known_start_loss_replaces_the_first_validation(scheme):
+    """The search's loss of the starting scales is what the first validation measures (to the
+    rounding that normalizing log s moves: 1e-4 at 8 bits), so passing it gives the run that
+    validates them; a start loss no step can reach keeps the starting scales (normalized as
+    training holds them)."""
+    x, w = outlier_data(tokens=1536)
+    train_x, val_x = x[:768], x[768:1152]
+    init = smoothing_scales(stats_of(train_x, [1.0])[1.0], weight_absmax(w), 0.5)
+    cfg = TrainConfig(steps=20, lr=0.05, batch_tokens=256, val_every=10)
+    problem = TrainProblem(w, init, scheme, train_x, val_x, seed=3)
+    known = candidate_loss(val_x, val_x @ w.T, w, init, scheme)
+    validated = fit_scales(problem, TrainConfig(**{**cfg.__dict__, "steps": 0}))[1]
+    assert validated == pytest.approx(known, rel=1e-3)
+    scales, best = fit_scales(problem, cfg)
+    skipped, skipped_best = fit_scales(replace(problem, start_loss=known), cfg)
+    assert torch.equal(scales, skipped) and best == skipped_best < known
+    unreachable, zero = fit_scales(replace(problem, start_loss=0.0), cfg)
+    assert zero == 0.0
+    torch.testing.assert_close(unreachable / unreachable[0], init.double() / init[0],
+                               rtol=1e-5, atol=0)
+
+
+def test_known_start_loss_only_where_training_would_measure_it():
+    """The search's loss starts training only under the grid's own clip and an equivariant
+    scheme; a site clip (target research) or MXFP4 (whose loss moves with log s's
+    normalization) validates the start instead."""
+    start = MethodResult({}, selection_loss={"s": 0.5})
+    assert _known_loss(start, "s", W4A4, W4A4) == 0.5
+    assert _known_loss(start, "other", W4A4, W4A4) is None
+    assert _known_loss(start, "s", with_act_clip(W4A4, 0.9), W4A4) is None
+    assert _known_loss(start, "s", get_scheme("mxfp4"), get_scheme("mxfp4")) is None
 
 
 def test_act_clip_search_clips_heavy_tails_and_keeps_flat_inputs():
