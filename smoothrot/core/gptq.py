@@ -59,8 +59,10 @@ DEFAULT_DAMP = 0.01
 DEFAULT_ACT_AWARE = False
 # Damping candidates of gptq_fused_weight_selected (λ relative to mean diag H); RTN is λ = ∞.
 DEFAULT_DAMP_GRID = (0.01, 0.1, 1.0)
-# Ridge candidates of the float-model target (least_squares_target), relative to mean diag H.
-DEFAULT_RIDGE_GRID = (0.1, 1.0, 10.0)
+# Ridge of the float-model target (least_squares_target), relative to mean diag H: ρ = 1 was
+# the choice at most sites of SmolLM2 under a 0.1/1/10 × damping grid, which gained nothing in
+# perplexity over one ridge per damping (docs/whole_model.md) at 3× the GPTQ runs.
+DEFAULT_RIDGE_GRID = (1.0,)
 _MAX_DAMP_RETRIES = 6
 
 
