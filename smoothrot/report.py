@@ -59,15 +59,23 @@ def reference(method: str, methods: Collection[str]) -> str:
     return BASELINE
 
 
-def comparison_note(methods: Collection[str]) -> str:
-    """One sentence saying what each row's % is against (for tables with GPTQ rows)."""
+def comparison_note(methods: Collection[str], gptq_target: str = "layer") -> str:
+    """One sentence saying what each row's % is against (for tables with GPTQ rows), and with
+    ``gptq_target`` "model" what a + GPTQ row's held-out MSE does not see."""
     if not any(get_method(m).rounding == "gptq" for m in methods):
         return "% vs max: against SmoothRot-max."
     if GPTQ_BASELINE in methods:
-        return ("% vs max: each + GPTQ row against SmoothRot-max + GPTQ (same weight rounding), "
+        note = ("% vs max: each + GPTQ row against SmoothRot-max + GPTQ (same weight rounding), "
                 "SmoothRot-max + GPTQ and the RTN rows against SmoothRot-max.")
-    return ("% vs max: against SmoothRot-max, also for the + GPTQ rows (smoothrot_max+gptq is "
-            "missing from this result), which credits GPTQ's own gain to them.")
+    else:
+        note = ("% vs max: against SmoothRot-max, also for the + GPTQ rows (smoothrot_max+gptq "
+                "is missing from this result), which credits GPTQ's own gain to them.")
+    if gptq_target == "model":
+        note += (" GPTQ rounded each site toward the float model's output (gptq.target: model), "
+                 "making up for upstream error; a + GPTQ row's held-out MSE is measured on the "
+                 "float model's inputs, where there is none to make up for, so perplexity is "
+                 "its measure.")
+    return note
 
 
 def _pct(value: float, base: float) -> float:
@@ -176,7 +184,7 @@ def summary_table(result: FitResult) -> str:
             p = _ppl_cell(row["perplexity"], 10) if "perplexity" in row else f"{'-':>10}"
             lines.append(f"{label(method):<{w}}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
-        lines.append(comparison_note(sr.errors))
+        lines.append(comparison_note(sr.errors, result.config.gptq.target))
     if len(result.schemes) > 1:
         schemes = [sr.scheme for sr in result.schemes]
         lines.append(f"\n{'side by side':<{w}}" + "".join(
@@ -241,7 +249,7 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
             md.append(f"| {label(method)} | {row['weight_quantizer']} | {row['mean_mse']:.5g} | "
                       f"{row['pct_vs_max']:+.1f}% | {row['mean_layer_pct_vs_max']:+.1f}% | "
                       f"{row['mean_relative']:.4f} | {p} |")
-        md += ["", comparison_note(sr.errors)]
+        md += ["", comparison_note(sr.errors, result.config.gptq.target)]
         # Choices that are one (α, q) for every site (per-site ones: report.json "choices").
         glob = {m: next(iter(c.values())) for m, c in sr.choices.items()
                 if len(set(c.values())) == 1}

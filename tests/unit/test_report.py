@@ -140,6 +140,19 @@ def test_gptq_rows_are_compared_with_smoothrot_max_gptq_when_it_ran():
     assert note in to_markdown(_result(sr), []) and note in summary_table(_result(sr))
 
 
+def test_report_says_gptq_rows_held_out_mse_misses_the_float_target():
+    """Under gptq.target: model the note under a table with + GPTQ rows says their held-out
+    MSE (float model's inputs) is not their measure; not under the default, nor without them."""
+    caveat = "held-out MSE is measured on the float model's inputs"
+    result = _result(_scheme(gptq=True))
+    assert caveat not in to_markdown(result, [])
+    result.config.gptq.target = "model"
+    assert caveat in to_markdown(result, []) and caveat in summary_table(result)
+    plain = _result(_scheme())
+    plain.config.gptq.target = "model"
+    assert caveat not in to_markdown(plain, [])
+
+
 def test_a_long_method_label_keeps_the_columns_aligned():
     """The label column fits "trained (block) + GPTQ" (22 characters) with a gap of two, in
     both tables, so every number stays in its column."""
