@@ -200,7 +200,8 @@ def test_deterministic() -> None:
 
 # --- fast transform -----------------------------------------------------------------------------
 
-TRANSFORM_SIZES = [1, 2, 8, 12, 20, 28, 36, 44, 64, 92, 172, 576, 1536]
+# 256 and 2048: butterfly stages above the dense 128-point block (hadamard._DENSE_BLOCK).
+TRANSFORM_SIZES = [1, 2, 8, 12, 20, 28, 36, 44, 64, 92, 172, 256, 576, 1536, 2048]
 BATCH_SHAPES = [(), (3,), (2, 5)]
 
 
