@@ -48,14 +48,15 @@ def layer_error(
     w = weight.float()
     s = None if scales is None else scales.float()
     w_q = None if weight_q is None else weight_q.float()
-    err, ref = MeanSquaredError(), MeanSquaredError()
+    err = MeanSquaredError()
+    energy = torch.zeros((), dtype=torch.float32)  # sum of y², as the metric sums its errors
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
         y = xb @ w.T if reference is None else reference[start : start + batch_tokens].float()
         err.update(quantized_output(xb, w, s, transform, scheme, weight_q=w_q), y)
-        ref.update(torch.zeros_like(y), y)
+        energy += torch.sum(y * y).cpu()
     mse = float(err.compute())
-    return LayerError(mse=mse, relative=mse / max(float(ref.compute()), 1e-30))
+    return LayerError(mse=mse, relative=mse / max(float(energy) / x.shape[0] / w.shape[0], 1e-30))
 
 
 @torch.no_grad()

@@ -172,23 +172,25 @@ _DENSE_BLOCK = 128
 
 
 @functools.lru_cache(maxsize=16)
-def _sylvester_block(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Unnormalised Sylvester matrix of the dense block, cached like :func:`_factor`."""
-    return sylvester(size).to(device=device, dtype=dtype)
+def _sylvester_block(size: int, scale: float, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """``scale`` × the Sylvester matrix of the dense block, cached like :func:`_factor`."""
+    return (sylvester(size).to(torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-def _butterfly(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) along the last dim of y.
+def _butterfly(y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` × the Walsh–Hadamard transform (Sylvester order) along the last dim of y.
 
     ``H_{2^m} = H_{2^m / b} ⊗ H_b`` with ``b = min(2^m, _DENSE_BLOCK)``: the stages of the top
     bits run as a butterfly from the top bit down (each combines the pairs (i, i + h) within
     blocks of 2h into a ping-pong buffer, writing sums and differences as contiguous runs of
     h >= b values), the low bits as one dense GEMM with ``H_b``. The stages commute, so the
-    order does not change the result beyond rounding.
+    order does not change the result beyond rounding. ``scale`` rides in the dense block (the
+    orthonormal transform's 1/sqrt(n) costs no pass of its own).
     """
     size = y.shape[-1]
     if size == 1 or y.numel() == 0:
-        return y
+        return y * scale
     block = min(size, _DENSE_BLOCK)
     src = y.reshape(-1, size)
     buffers: list[torch.Tensor] = []
@@ -202,7 +204,7 @@ def _butterfly(y: torch.Tensor) -> torch.Tensor:
         torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
         torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
         src, h, stage = dst, h // 2, stage + 1
-    dense = _sylvester_block(block, y.dtype, y.device)
+    dense = _sylvester_block(block, scale, y.dtype, y.device)
     return torch.matmul(src.reshape(-1, block), dense).view(y.shape)
 
 
@@ -222,27 +224,27 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MAX_SIZE = 1 << 15
 
 
-def _sylvester_part(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Sylvester transform of the last dim: the fused CUDA kernel where it applies
-    (same Sylvester order, scale 1), else the torch butterfly."""
+def _sylvester_part(y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` × the Sylvester transform of the last dim: the fused CUDA kernel where it
+    applies (same Sylvester order and scale argument), else the torch butterfly."""
     size = y.shape[-1]
     kernel = _cuda_kernel() if y.is_cuda else None
     if kernel is None or y.dtype not in _KERNEL_DTYPES or not 1 < size <= _KERNEL_MAX_SIZE:
-        return _butterfly(y)
-    return kernel(y.reshape(-1, size).contiguous(), 1.0).reshape(y.shape)
+        return _butterfly(y, scale)
+    return kernel(y.reshape(-1, size).contiguous(), scale).reshape(y.shape)
 
 
 def _apply(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     """x @ H (or x @ Hᵀ) without autograd; x is [..., n] in a float32/float64 dtype."""
     n = x.shape[-1]
     k, m = _require(n)
-    y = _sylvester_part(x.reshape(-1, k, 1 << m))
+    y = _sylvester_part(x.reshape(-1, k, 1 << m), 1.0 / math.sqrt(n))
     if k > 1:
         # (x @ kron(A, B))[a-block] = Aᵀ·X·B with X = x viewed as [k, 2**m]; B is symmetric,
         # so x @ kron(A, B)ᵀ = A·X·B.
         a = _factor(k, x.dtype, x.device)
         y = torch.matmul(a if transpose else a.T, y)
-    return (y * (1.0 / math.sqrt(n))).reshape(x.shape)
+    return y.reshape(x.shape)
 
 
 class _Hadamard(torch.autograd.Function):

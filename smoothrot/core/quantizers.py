@@ -232,7 +232,8 @@ class Quantizer:
         qmax = self._qmax
         scaled = x / qp.scale
         if not (ste or scaled.requires_grad):  # nothing to differentiate: in place, no copies
-            return scaled.clamp_(-qmax - 1, qmax).round_().clamp_(-qmax - 1, qmax)
+            # Rounding a value clamped to integer bounds stays inside them: one clamp suffices.
+            return scaled.clamp_(-qmax - 1, qmax).round_()
         if self.grid != "max":  # clamp first, then round half to even
             scaled = torch.clamp(scaled, -qmax - 1, qmax)
         q = RoundSTE.apply(scaled) if ste else torch.round(scaled)

@@ -86,7 +86,10 @@ def test_all_site_kinds_round_trip(tmp_path):
     loaded = load_pretrained(path)
     assert torch.equal(logits(loaded), logits(in_memory(model, plans, get_scheme("w8a8"))))
     fused = load_pretrained(export_model(model, plans, tmp_path / "fused"))
-    assert rel(logits(fused), ref) <= 1e-4
+    # float32 rounding only (without the online H it is > 1e-3): the fast transform's dense
+    # 64-point block (hadamard._DENSE_BLOCK) sums 64 terms per output where the butterfly summed
+    # pairs (1.0e-4 here vs 0.5e-4), and these random weights amplify it through two layers.
+    assert rel(logits(fused), ref) <= 2e-4
     assert read_declaration(path).sites["model.layers.0.self_attn.o_proj"].rotation == (
         Rotation.full())
 

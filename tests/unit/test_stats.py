@@ -265,3 +265,20 @@ def test_property_matches_torch_quantile(
     vals = obs.values()
     for i, q in enumerate(quantiles):
         assert torch.equal(vals[i], _reference(x, q)), q
+
+
+def test_masked_by_channel_gathers_each_channels_values_in_row_order() -> None:
+    """The filtered update's gather: per channel, the masked values in row order, then zeros."""
+    from smoothrot.core.stats import _masked_by_channel
+
+    gen = torch.Generator().manual_seed(11)
+    values = torch.rand(50, 6, generator=gen) + 0.1
+    mask = torch.rand(50, 6, generator=gen) > 0.8
+    mask[:, 2] = False  # a channel with nothing to keep
+    out = _masked_by_channel(values, mask)
+    assert out.shape == (6, int(mask.sum(dim=0).max()))
+    for c in range(6):
+        kept = values[mask[:, c], c]
+        assert torch.equal(out[c, : kept.numel()], kept)
+        assert not out[c, kept.numel():].any()
+    assert _masked_by_channel(values, torch.zeros_like(mask)).shape == (6, 0)
