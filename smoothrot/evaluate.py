@@ -27,6 +27,19 @@ class LayerError:
     relative: float  # ||Y − Ŷ||² / ||Y||²
 
 
+@dataclass(frozen=True)
+class Reference:
+    """X·Wᵀ of a site's held-out tokens and its sum of squares, computed once per site (in
+    calibration) and shared by every method and scheme scored on those tokens."""
+
+    y: torch.Tensor
+    energy: float
+
+    @classmethod
+    def of(cls, y: torch.Tensor) -> Reference:
+        return cls(y, float(torch.sum(y * y)))
+
+
 @torch.no_grad()
 def layer_error(
     x: torch.Tensor,
@@ -37,7 +50,7 @@ def layer_error(
     batch_tokens: int = 4096,
     *,
     weight_q: torch.Tensor | None = None,
-    reference: torch.Tensor | None = None,
+    reference: Reference | None = None,
 ) -> LayerError:
     """MSE of the fake-quantized output against X·Wᵀ, over all tokens and output channels.
 
@@ -49,14 +62,19 @@ def layer_error(
     s = None if scales is None else scales.float()
     w_q = None if weight_q is None else weight_q.float()
     err = MeanSquaredError()
-    energy = torch.zeros((), dtype=torch.float32)  # sum of y², as the metric sums its errors
+    energy = 0.0
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
-        y = xb @ w.T if reference is None else reference[start : start + batch_tokens].float()
+        if reference is None:
+            y = xb @ w.T
+            energy += float(torch.sum(y * y))
+        else:
+            y = reference.y[start : start + batch_tokens].float()
         err.update(quantized_output(xb, w, s, transform, scheme, weight_q=w_q), y)
-        energy += torch.sum(y * y).cpu()
+    if reference is not None:
+        energy = reference.energy
     mse = float(err.compute())
-    return LayerError(mse=mse, relative=mse / max(float(energy) / x.shape[0] / w.shape[0], 1e-30))
+    return LayerError(mse=mse, relative=mse / max(energy / x.shape[0] / w.shape[0], 1e-30))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ smoothrot/methods/; this module wires them together and times each stage.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from smoothrot.core.quantizers import check_group_size
 from smoothrot.core.stats import weight_absmax
 from smoothrot.data.splits import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
-from smoothrot.evaluate import LayerError, layer_error, perplexity
+from smoothrot.evaluate import LayerError, Reference, layer_error, perplexity
 from smoothrot.methods.context import SchemeContext, SiteData
 from smoothrot.methods.registry import Method, MethodResult, baselines, get_method, run_order
 from smoothrot.methods.search import Choice
@@ -120,25 +121,26 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
             train_x=rec.tokens(),
             selection_x=sel_rec[rs.name].tokens(),
             heldout_x=heldout_x,
-            heldout_y=_heldout_output(rs, heldout_x),
+            heldout_ref=_heldout_output(rs, heldout_x),
         )
     return data
 
 
-def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> torch.Tensor:
+def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> Reference:
     """X·Wᵀ of the held-out tokens, the reference of every method's held-out error.
 
     A finite weight (3e38) can give outputs whose squares overflow float32: every held-out error
     would be inf and every comparison NaN, so this stops the run before any method does.
     """
     w = rs.weight.detach().cpu().float()
-    y = x @ w.T
-    if not torch.isfinite((y * y).sum()):  # what the errors accumulate (evaluate.layer_error)
+    ref = Reference.of(x @ w.T)
+    if not math.isfinite(ref.energy):  # what the errors accumulate (evaluate.layer_error)
+        y = ref.y
         raise FloatingPointError(
             f"{rs.name}: the layer's outputs on the held-out tokens (max |y| = "
             f"{float(y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow float32 "
             "in its squared error; check the model weights")
-    return y
+    return ref
 
 
 def _plan_key(plan: SitePlan) -> tuple:
@@ -167,7 +169,7 @@ def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[st
                     scored[key] = layer_error(
                         site.heldout_x, ctx.weights[rs.name], plan.scales,
                         ctx.transform(rs, plan), with_act_clip(ctx.scheme, plan.act_clip),
-                        weight_q=plan.weight_q, reference=site.heldout_y)
+                        weight_q=plan.weight_q, reference=site.heldout_ref)
                 errors[m][rs.name] = scored[key]
     return errors
 

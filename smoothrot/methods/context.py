@@ -12,6 +12,7 @@ from torch import nn
 
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.core.transform import SiteTransform
+from smoothrot.evaluate import Reference
 from smoothrot.methods.search import select_act_clip
 from smoothrot.progress import progress
 from smoothrot.schema.config import FitConfig
@@ -35,7 +36,7 @@ class SiteData:
     heldout_x: torch.Tensor
     # X·Wᵀ of heldout_x: computed once in calibration (it also checks the outputs are finite),
     # the reference of every method's held-out error under every scheme.
-    heldout_y: torch.Tensor
+    heldout_ref: Reference
 
 
 @dataclass

@@ -16,7 +16,7 @@ from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.search import candidate_loss
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
-from smoothrot.training.fit import TrainProblem, accelerator_of, fit_scales
+from smoothrot.training.fit import TrainProblem, accelerator_of, data_digest, fit_scales
 
 # Global factors c tried for s → c·s: one period of a power-of-two grid (c and 2c quantize alike).
 GLOBAL_FACTORS = tuple(2.0 ** (k / 16) for k in range(16))
@@ -69,7 +69,9 @@ class Trained(Method):
                 problem = TrainProblem(
                     ctx.weights[rs.name], plan.scales, scheme, data.train_x, data.selection_x,
                     ctx.transform(rs, plan), seed=ctx.cfg.seed + rs.layer_index,
-                    start_loss=_known_loss(start, rs.name, scheme, ctx.scheme))
+                    start_loss=_known_loss(start, rs.name, scheme, ctx.scheme),
+                    data_digest=ctx.shared(f"data digest {rs.name}", lambda data=data: data_digest(
+                        data.train_x, data.selection_x), across=True))
                 scales[rs.name], losses[rs.name] = fit_scales(
                     problem, ctx.cfg.train, accelerator=accelerator,
                     checkpoint_dir=checkpoints / rs.name, resume=ctx.resume)

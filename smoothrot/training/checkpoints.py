@@ -37,7 +37,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the buffer itself: no copy of the bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:20]
 
 
