@@ -117,10 +117,10 @@ class TrainConfig:
     0 trains every step.
     """
 
-    steps: int = 16
-    lr: float = 0.14
+    steps: int = 24
+    lr: float = 0.1
     batch_tokens: int = 256
-    val_every: int = 8
+    val_every: int = 12
     log_bound: float = 9.0
     schedule: str = "cosine"
     patience: int = 0
