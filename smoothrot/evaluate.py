@@ -37,6 +37,7 @@ class Reference:
 
     @classmethod
     def of(cls, y: torch.Tensor) -> Reference:
+        """``y`` with its sum of squares (inf where it overflows float32, as the errors would)."""
         return cls(y, float(torch.sum(y * y)))
 
 

@@ -135,11 +135,10 @@ def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> Reference:
     w = rs.weight.detach().cpu().float()
     ref = Reference.of(x @ w.T)
     if not math.isfinite(ref.energy):  # what the errors accumulate (evaluate.layer_error)
-        y = ref.y
         raise FloatingPointError(
             f"{rs.name}: the layer's outputs on the held-out tokens (max |y| = "
-            f"{float(y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow float32 "
-            "in its squared error; check the model weights")
+            f"{float(ref.y.abs().max()):.3g}, max |W| = {float(w.abs().max()):.3g}) overflow "
+            "float32 in its squared error; check the model weights")
     return ref
 
 
