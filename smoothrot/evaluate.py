@@ -88,9 +88,12 @@ def perplexity(
     for start in progress(range(0, windows.shape[0], batch_size), desc=desc):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
+        # Next-token targets; the last position has none (ignored), so the [tokens, vocab] logits
+        # are read in place rather than copied without their last row.
+        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100)
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+            ignore_index=-100)
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
     value = math.exp(total_nll / total_tokens)
