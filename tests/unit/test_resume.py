@@ -13,7 +13,7 @@ import torch
 from smoothrot.schema.config import TrainConfig
 from smoothrot.schema.quant import get_scheme
 from smoothrot.training.checkpoints import FINAL_SCALES, LAST_CKPT, ResumeError
-from smoothrot.training.fit import TrainProblem, fit_scales
+from smoothrot.training.fit import TrainProblem, data_digest, fit_scales
 from smoothrot.training.sampler import EpochTokenSampler
 from tests.unit.distributed_worker import training_problem
 
@@ -168,3 +168,12 @@ def test_fresh_run_ignores_stale_files(problem, reference, tmp_path: Path) -> No
     assert torch.equal(scales, reference[0]) and best == reference[1]
     again = _fit(problem, checkpoint_dir=tmp_path, resume=True)
     assert torch.equal(again[0], reference[0])
+
+
+def test_a_precomputed_data_digest_names_the_same_run(problem) -> None:
+    """Schemes share one digest of the token sets (methods/trained.py): the key must not change,
+    and other tokens must still give another key."""
+    plain = _problem(problem)
+    given = replace(plain, data_digest=data_digest(problem["x"], problem["val"]))
+    assert given.key(CFG) == plain.key(CFG)
+    assert replace(plain, train_x=problem["x"] * 2).key(CFG) != plain.key(CFG)
