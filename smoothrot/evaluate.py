@@ -67,8 +67,8 @@ def layer_error(
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
         if reference is None:
-            y = xb @ w.T
-            energy += float(torch.sum(y * y))
+            batch_ref = Reference.of(xb @ w.T)
+            y, energy = batch_ref.y, energy + batch_ref.energy
         else:
             y = reference.y[start : start + batch_tokens].float()
         err.update(quantized_output(xb, w, s, transform, scheme, weight_q=w_q), y)
