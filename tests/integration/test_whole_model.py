@@ -78,19 +78,14 @@ def test_whole_model_quantization_with_rotations(smollm2, ids):
     assert math.isfinite(ppl["w4a4", False])
 
 
-def test_block_training_on_real_layers(smollm2):
-    """The layer-output objective on SmolLM2's first two layers (signed γ in layer 0): the
-    substituted layer computes the fused W4A4 layer, and 12 steps lower each layer's selection
-    loss from SmoothRot-max's scales."""
+def _first_two_layers(model, tok):
+    """SmolLM2's layers 0–1 (every linear, signed γ in layer 0): selection / calibration windows,
+    SmoothRot (α = 0.5) plans from the calibration max, and the walk's per-layer steps (W4A4)."""
     from smoothrot.calibrate.capture import CaptureSpec, capture_splits
     from smoothrot.calibrate.sequential import walk_layers
     from smoothrot.core.policies import smoothing_scales
     from smoothrot.core.stats import weight_absmax
-    from smoothrot.schema.config import BlockTrainConfig
-    from smoothrot.surgery.hooks import replaced_forwards
-    from smoothrot.training.block import BlockProblem, BlockScaleFitModule, fit_block
 
-    model, tok = smollm2
     splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "selection": 0.2}, 0)
     specs = {name: CaptureSpec(token_windows(tok, splits[name], n, 128, seed=0, split_name=name))
              for name, n in (("calibration", 4), ("selection", 2))}
@@ -102,25 +97,66 @@ def test_block_training_on_real_layers(smollm2):
         rs.transform.tied_max(stats[rs.name].absmax.value()),
         rs.transform.tied_max(weight_absmax(rs.weight.detach())), 0.5, site=rs.name),
         rs.rotation) for rs in sites}
+    return scheme, plans, walk_layers(model, sites, scheme, specs, 2, "test")
+
+
+def _substituted_and_fused(step, plans, scheme):
+    """One selection batch through the layer three ways: the trainer's substituted forward, the
+    fused W4A4 layer, and the float layer; plus the layer's training problem."""
+    from smoothrot.schema.config import BlockTrainConfig
+    from smoothrot.surgery.hooks import replaced_forwards
+    from smoothrot.training.block import BlockProblem, BlockScaleFitModule
+
+    problem = BlockProblem(step, {rs.name: plans[rs.name].scales for rs in step.sites},
+                           {rs.name: rs.transform for rs in step.sites},
+                           {rs.name: scheme for rs in step.sites}, seed=0)
+    module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
+    batch = step.inputs["selection"][0]
+    with torch.no_grad():
+        with transformed(step.sites, {rs.name: plans[rs.name] for rs in step.sites}, scheme):
+            fused = step.run(batch)
+        with replaced_forwards(step.sites, module.site_forward):
+            substituted = step.run(batch)
+        plain = step.run(batch)
+    return problem, substituted, fused, plain
+
+
+def test_block_substitution_is_the_fused_layer_in_float64(smollm2):
+    """In float64 the trainer's substituted layer computes the fused W4A4 layer on SmolLM2's
+    real layers 0–1 (every site, online Hadamards, γ and up/v rows divided by s): the two orders
+    of the same arithmetic agree to float64 rounding even through seven chained 4-bit sites."""
+    from smoothrot.surgery.hooks import exact_norms
+
+    model, tok = smollm2
+    model64 = copy.deepcopy(model).double()
+    with exact_norms(model64):
+        scheme, plans, steps = _first_two_layers(model64, tok)
+        for step in steps:
+            _, substituted, fused, plain = _substituted_and_fused(step, plans, scheme)
+            assert (substituted - fused).norm() < 1e-6 * (plain - fused).norm()
+            step.done.update({rs.name: plans[rs.name] for rs in step.sites})
+
+
+def test_block_training_on_real_layers(smollm2):
+    """The layer-output objective on SmolLM2's first two layers (signed γ in layer 0): the
+    substituted layer's error is the fused W4A4 layer's, and 12 steps lower each layer's
+    selection loss from SmoothRot-max's scales."""
+    from smoothrot.schema.config import BlockTrainConfig
+    from smoothrot.training.block import fit_block
+
+    model, tok = smollm2
+    scheme, plans, steps = _first_two_layers(model, tok)
     gains = []
-    for step in walk_layers(model, sites, scheme, specs, 2, "test"):
-        problem = BlockProblem(step, {rs.name: plans[rs.name].scales for rs in step.sites},
-                               {rs.name: rs.transform for rs in step.sites},
-                               {rs.name: scheme for rs in step.sites}, seed=0)
-        module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
-        batch = step.inputs["selection"][0]
-        with torch.no_grad():
-            with transformed(step.sites, {rs.name: plans[rs.name] for rs in step.sites}, scheme):
-                fused = step.run(batch)
-            with replaced_forwards(step.sites, module.site_forward):
-                substituted = step.run(batch)
-            plain = step.run(batch)
-        # float32: the two orders of the same arithmetic (the fused model divides the source's
-        # rows by s, the trainer the linear's input) round some 4-bit activations to the
-        # neighbouring level: 0.15 (layer 0) and 0.23 (layer 1) since the fast Hadamard's dense
-        # 128-point block changed the rounding (< 0.05 before; why layer 1 grows was not
-        # isolated); exact in float64: tests/unit/test_block_training.py.
-        assert (substituted - fused).norm() < 0.3 * (plain - fused).norm()
+    for step in steps:
+        problem, substituted, fused, plain = _substituted_and_fused(step, plans, scheme)
+        # float32: the two orders of the arithmetic (the fused model divides the source's rows
+        # by s, the trainer the linear's input) differ by rounding at each site (≤ 0.5 % of the
+        # quantization error alone), but every later 4-bit quantizer turns a perturbation into
+        # whole-level flips that the next online Hadamard spreads over all channels: through
+        # the layer's chain of sites the outputs differ by 0.15 (layer 0) / 0.26 (layer 1) of
+        # the quantization error (exact in float64: the test above). The error itself, what
+        # the trainer minimises, is the same to 0.1 %.
+        assert abs((substituted - plain).norm() / (fused - plain).norm() - 1) < 0.01
         _, start = fit_block(problem, BlockTrainConfig(steps=0), log_bound=9.0)
         best, loss = fit_block(problem, BlockTrainConfig(steps=12, lr=0.05), log_bound=9.0)
         gains.append(loss / start)
