@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Same seed, same result: without a fixed code branch MKL picks its float32 GEMM kernels by the
-# buffers' memory alignment, so the same computation rounds differently depending on what the
-# process allocated before (e.g. which methods a run lists), and W4A4 amplifies those roundings
-# into ~3 % perplexity moves (docs/whole_model.md). Read by MKL at its first call, so it is set
-# here, before smoothrot runs any; a value the user set is kept.
+# Same seed, same result: without a pinned code branch (conditional numerical reproducibility)
+# MKL's float32 results may depend on the process's history (MKL names memory alignment), and
+# two runs of one config whose --methods lists differed learned different R2 rotations on
+# identical inputs; W4A4 amplifies such roundings into ~3 % perplexity moves
+# (docs/whole_model.md). Read by MKL at its first call, so it is set here, before smoothrot runs
+# any; a value the user set is kept.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __all__ = ["load_pretrained"]

@@ -1,6 +1,6 @@
 """Importing smoothrot pins MKL's code branch (``MKL_CBWR``) unless the user chose one: without
-it MKL's float32 GEMMs round by the buffers' alignment, so a run's W4A4 figures depended on what
-the process had allocated before (docs/whole_model.md)."""
+it a run's W4A4 figures depended on what the process had done before (its --methods list;
+docs/whole_model.md)."""
 
 from __future__ import annotations
 
