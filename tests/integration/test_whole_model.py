@@ -215,7 +215,7 @@ def test_next_token_kl_training_on_real_layers(smollm2):
     model, tok = smollm2
     splits = split_documents(load_documents("pydoc"), {"calibration": 0.5, "selection": 0.2}, 0)
     windows = {name: token_windows(tok, splits[name], n, 64, seed=0, split_name=name)
-               for name, n in (("calibration", 4), ("selection", 2))}
+               for name, n in (("calibration", 8), ("selection", 2))}
     sites = resolve_sites(model, [r"re:model\.layers\.(27|28|29)\.mlp\.down_proj"])
     records = capture_splits(model, sites, {"calibration": CaptureSpec(
         windows["calibration"], quantiles=())}, 4)["calibration"]
@@ -226,10 +226,10 @@ def test_next_token_kl_training_on_real_layers(smollm2):
     problem = KLProblem(model, sites, init, {rs.name: rs.transform for rs in sites},
                         {rs.name: scheme for rs in sites}, windows)
     scales, start, kept = fit_model_kl(
-        problem, KLTrainConfig(steps=12, lr=0.02, batch_tokens=64, val_every=4), log_bound=9.0)
-    # 12 steps on 64 tokens: a small budget; the KL fell 4.2 % (0.03088 -> 0.02958) after the
-    # fast Hadamard's dense block changed float32 rounding (> 5 % before).
-    assert kept < 0.98 * start, (kept, start)
+        problem, KLTrainConfig(steps=24, lr=0.02, batch_tokens=128, val_every=4), log_bound=9.0)
+    # 24 steps of 128 tokens: the KL fell 17.6 % (0.02895 -> 0.02387). 12 steps of 64 tokens
+    # were at the noise floor: 4.2 % or nothing, by float32 GEMM rounding (MKL's code branch).
+    assert kept < 0.9 * start, (kept, start)
     exported = {}
     with torch.no_grad():
         ref = model(input_ids=windows["selection"]).logits
