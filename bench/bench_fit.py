@@ -3,15 +3,18 @@
     python bench/bench_fit.py [--config configs/default.yaml] [--no-perplexity]
 
 Both are measured in this one process on this machine, so the ratio is comparable across
-machines; the per-stage breakdown shows where the time goes. The job's report is written to
---output-dir exactly as ``train/fit_scales.py`` writes it, so one run gives both the timing and
-the numbers it timed.
+machines; the per-stage breakdown shows where the time goes. The forward pass is timed three
+times before the job and three times after it, and the ratio uses the median of the six: a single
+pass moved by 15 % between runs on a shared 2-core CPU, which moved the ratio as much as any
+lever. The job's report is written to --output-dir exactly as ``train/fit_scales.py`` writes it,
+so one run gives both the timing and the numbers it timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +28,16 @@ from smoothrot.report import summary_table, write_outputs
 from smoothrot.schema.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def forward_times(model, calib, seq_len: int, repeats: int = 3) -> list[float]:
+    """Seconds of ``repeats`` plain forward passes over ``calib``, as calibration batches it."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_model(model, calib, max(1, 2048 // seq_len), "forward")
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -42,20 +55,21 @@ def main() -> None:
                             device=cfg.model.device)
     calib = split_windows(tok, cfg.data, cfg.seed, ["calibration"])[1]["calibration"]
     run_model(model, calib[:1], 1, "warm-up")
-    start = time.perf_counter()
-    run_model(model, calib, max(1, 2048 // cfg.data.seq_len), "forward")
-    forward = time.perf_counter() - start
-    del model
+    before = forward_times(model, calib, cfg.data.seq_len)
 
     start = time.perf_counter()
     result = run_fit(cfg)
     total = time.perf_counter() - start
+    after = forward_times(model, calib, cfg.data.seq_len)
+    forward = statistics.median(before + after)
     paths = write_outputs(result, Path(args.output_dir))
     print(summary_table(result))
     print(f"report: {paths['report_md']}")
     print(f"machine: {describe(cfg.model.device)}")
     print(f"calibration tokens: {calib.numel()}; schemes {cfg.schemes}; sites {len(result.sites)}")
-    print(f"one plain forward pass over the calibration tokens: {forward:.1f} s")
+    passes = " ".join(f"{t:.1f}" for t in before) + " / " + " ".join(f"{t:.1f}" for t in after)
+    print(f"one plain forward pass over the calibration tokens: {forward:.1f} s (median of "
+          f"{passes} s before / after the job)")
     print(f"fit_scales job: {total:.1f} s  ->  ratio {total / forward:.1f}x")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<28}{seconds:8.1f} s  {seconds / forward:6.1f}x")
