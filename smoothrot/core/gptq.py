@@ -148,7 +148,6 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
     static_groups: bool = False,
-    clip_grid: tuple[float, ...] = (),
 ) -> torch.Tensor:
     """GPTQ-rounded weight ``[m, n]`` (dequantized, in ``weight``'s dtype) under ``scheme``.
 
@@ -158,14 +157,6 @@ def gptq_quantize(
     (compressed-tensors' ``actorder="weight"``: the stored format is unchanged). Without it,
     groups are fitted when reached unless ``static_groups``; that textbook variant can lose to
     RTN when error compensation inflates a later group's range (docs/quantizers.md).
-
-    ``clip_grid`` (per-channel weights only): each row's scale is also tried at these ratios of
-    its abs-max, and the row keeps the candidate whose GPTQ result has the least error on the
-    Hessian, (w − q)·H·(w − q)ᵀ, the objective GPTQ itself minimizes. Rows are independent under
-    per-row scales, so all candidates run as one GPTQ over the weight stacked once per
-    candidate; the scheme's own scale is one of them, so no row gets worse on H. The stored
-    format is unchanged (one scale per row); an export finds each row's grid among
-    ``MSE_CLIP_GRID``'s ratios, which the config requires the grid to come from.
     The weight is not modified.
     """
     if weight.dim() != 2:
@@ -197,23 +188,11 @@ def gptq_quantize(
         block_size = max(g, block_size // g * g)  # a group never straddles two blocks
 
     fixed = None
-    rows = w.shape[0]
-    if clip_grid:
-        if grouped:
-            raise ValueError("GPTQ clip_grid needs per-channel weights (group_size None)")
-        wg = quant.grouped(w)
-        candidates = [quant.fit(wg, global_amax)] + [quant.params(wg, r, global_amax)
-                                                     for r in clip_grid]
-        fixed = QParams(torch.cat([c.scale[:, 0] for c in candidates]),
-                        None if candidates[0].zero is None
-                        else torch.cat([c.zero[:, 0] for c in candidates]))
-        w = w.repeat(len(candidates), 1)
-    elif not grouped:
+    if not grouped:
         fixed = _column_params(quant.fit(quant.grouped(w), global_amax), 0)
     elif static:
         all_groups = quant.fit(quant.grouped(w), global_amax)
     w = w[:, perm]
-    original = w.clone() if clip_grid else None
     out = torch.zeros_like(w)
     qp = fixed
     for i1 in range(0, n, block_size):
@@ -235,20 +214,8 @@ def gptq_quantize(
             w1[:, i:] -= err @ u1[i : i + 1, i:]
             err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    if original is not None:
-        out = _best_rows(out, original, h, rows)
     inverse = torch.argsort(perm)
     return out[:, inverse].to(weight.dtype)
-
-
-def _best_rows(out: torch.Tensor, original: torch.Tensor, h: torch.Tensor, rows: int
-               ) -> torch.Tensor:
-    """Per row, the candidate (``out`` stacks them ``[k·rows, n]``) with the least
-    (w − q)·H·(w − q)ᵀ; ties keep the earlier candidate (the scheme's own scale)."""
-    err = (original - out).double()
-    loss = ((err @ h) * err).sum(dim=1).reshape(-1, rows)
-    pick = torch.argmin(loss, dim=0)
-    return out.reshape(-1, rows, out.shape[1])[pick, torch.arange(rows, device=out.device)]
 
 
 @dataclass(frozen=True)
@@ -262,4 +229,3 @@ class GPTQChoice:
     selection_loss: float
     rtn_selection_loss: float
     ridge: float | None = None
-    clipped: bool = False

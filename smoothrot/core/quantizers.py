@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from smoothrot.core import fp4
-from smoothrot.schema.quant import ACT_GRIDS, MSE_CLIP_GRID, QUANT_FORMATS
+from smoothrot.schema.quant import ACT_GRIDS, QUANT_FORMATS
 
 if TYPE_CHECKING:
     from smoothrot.schema.quant import QuantScheme
@@ -109,6 +109,9 @@ class SymmetricIntSTE(torch.autograd.Function):
 
 FORMATS: tuple[str, ...] = QUANT_FORMATS
 
+# Clip ratios tried by the MSE search, largest first (ties keep the larger range). 1.0 is in the
+# grid, so the search can never be worse than plain RTN on the tensor it searches.
+MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
 
 
 def check_group_size(in_features: int, group_size: int | None, what: str = "tensor") -> int:

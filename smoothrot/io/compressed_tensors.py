@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from smoothrot.core import fp4
-from smoothrot.core.quantizers import MSE_CLIP_GRID, QParams, Quantizer, weight_quantizer
+from smoothrot.core.quantizers import weight_quantizer
 from smoothrot.core.transform import stored_hadamard
 from smoothrot.schema.declaration import SiteDeclaration
 from smoothrot.schema.export import FP4_FORMATS, ExportError
@@ -173,38 +173,11 @@ def _weight_params(
     if weight_q is None:
         return wf, params
     wq = weight_q.detach().to(device=wf.device, dtype=wf.dtype)
-    if quant.group_size is None and quant.fmt == "int":
-        # GPTQ's clip_grid may have put a row on a smaller grid: ratio r of the row's abs-max.
-        qp = _row_grids(quant, quant.grouped(wf), quant.grouped(wq), qp)
-        params = {"weight_scale": qp.scale.reshape(weight.shape[0], -1)}
     on_grid = quant.quantize_with(quant.grouped(wq), qp).reshape(wq.shape)
     if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
         raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
                           "(GPTQ with dynamic groups?); round with act_order or static_groups")
     return wq, params
-
-
-def _row_grids(quant: Quantizer, wg: torch.Tensor, wqg: torch.Tensor, qp: QParams) -> QParams:
-    """Per row of per-channel ``wqg`` [m, 1, n]: the scheme's grid ``qp`` of the fused weight
-    ``wg`` if the row lies on it, else the first ratio of :data:`MSE_CLIP_GRID` whose grid
-    reproduces the row (GPTQ's clip_grid draws from them). Any grid that reproduces a row
-    stores it exactly; rows on none keep ``qp`` and fail the caller's check."""
-    def lies_on(cand: QParams) -> torch.Tensor:
-        q = quant.quantize_with(wqg, cand)
-        return ((q - wqg).abs() <= 1e-5 * wqg.abs()).all(dim=-1).all(dim=-1)
-
-    found = lies_on(qp)
-    scale, zero = qp.scale.clone(), None if qp.zero is None else qp.zero.clone()
-    for ratio in MSE_CLIP_GRID:
-        if bool(found.all()):
-            break
-        cand = quant.params(wg, ratio)
-        take = lies_on(cand) & ~found
-        scale[take] = cand.scale[take]
-        if zero is not None and cand.zero is not None:
-            zero[take] = cand.zero[take]
-        found |= take
-    return QParams(scale, zero)
 
 
 def quantize_sites(

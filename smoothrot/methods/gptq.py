@@ -76,7 +76,6 @@ def gptq_fused_weight_selected(
     act_aware: bool = DEFAULT_ACT_AWARE,
     float_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ridges: tuple[float, ...] = DEFAULT_RIDGE_GRID,
-    clip_grid: tuple[float, ...] = (),
     **kwargs: object,
 ) -> GPTQChoice:
     """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
@@ -92,10 +91,6 @@ def gptq_fused_weight_selected(
     Q_a(X̃') joins the candidates (each ridge in ``ridges`` × each damping), so upstream error
     and this site's activation rounding are compensated in the weight where the selection
     split says it pays.
-
-    ``clip_grid``: the winning candidate is rounded once more with each row's scale chosen on
-    the Hessian among these ratios and the scheme's own (:func:`gptq_quantize`), and kept if
-    the selection loss agrees.
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
@@ -111,26 +106,24 @@ def gptq_fused_weight_selected(
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
     xt = transform_input(x.detach().float(), s, transform)
     inputs = quantize_activation_spec(xt, scheme) if act_aware else xt
-    goals = [(None, fused, input_hessian(inputs))]
-    if float_inputs is not None:
-        xq = quantize_activation_spec(xt, scheme)
-        y_float = float_inputs[0].detach().float() @ w.T
-        hess_q = input_hessian(xq)
-        goals += [(ridge, least_squares_target(fused, xq, y_float, ridge), hess_q)
-                  for ridge in ridges]
-    winner = None
-    for ridge, goal, hess in goals:
+    hess = input_hessian(inputs)
+    for damp in damps:
+        wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
+        value = loss(wq)
+        if value < best.selection_loss:
+            best = GPTQChoice(wq, damp, value, rtn_loss)
+    if float_inputs is None:
+        return best
+    xq = quantize_activation_spec(xt, scheme)
+    y_float = float_inputs[0].detach().float() @ w.T
+    hess = input_hessian(xq)
+    for ridge in ridges:
+        goal = least_squares_target(fused, xq, y_float, ridge)
         for damp in damps:
             wq = gptq_quantize(goal, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
             value = loss(wq)
             if value < best.selection_loss:
-                best, winner = GPTQChoice(wq, damp, value, rtn_loss, ridge), (goal, hess)
-    if clip_grid and winner is not None:
-        wq = gptq_quantize(winner[0], winner[1], scheme, damp=best.damp,  # type: ignore[arg-type]
-                           clip_grid=clip_grid, **kwargs)
-        value = loss(wq)
-        if value < best.selection_loss:
-            best = replace(best, weight_q=wq, selection_loss=value, clipped=True)
+                best = GPTQChoice(wq, damp, value, rtn_loss, ridge)
     return best
 
 
@@ -153,8 +146,7 @@ class WithGPTQ(Method):
             plan = base[rs.name]
             return gptq_fused_weight_selected(
                 ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
-                with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs,
-                clip_grid=tuple(ctx.cfg.gptq.clip_grid))
+                with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs)
 
         with ctx.stage("gptq"):
             if ctx.cfg.gptq.sequential:
@@ -171,10 +163,9 @@ class WithGPTQ(Method):
         damps = [pick.damp for pick in picks.values()]
         ridges = [pick.ridge for pick in picks.values()]
         log.info("%s %s: damping per site %s (RTN kept on %d/%d), float-model target's ridge "
-                 "per site %s, Hessian-chosen row scales kept on %d", ctx.scheme.name, self.name,
+                 "per site %s", ctx.scheme.name, self.name,
                  {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None),
-                 len(damps), {r: ridges.count(r) for r in dict.fromkeys(ridges)},
-                 sum(pick.clipped for pick in picks.values()))
+                 len(damps), {r: ridges.count(r) for r in dict.fromkeys(ridges)})
         return MethodResult(
             {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})

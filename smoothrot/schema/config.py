@@ -21,7 +21,6 @@ import yaml
 from smoothrot.schema.errors import ConfigError
 from smoothrot.schema.export import ExportConfig
 from smoothrot.schema.quant import (
-    MSE_CLIP_GRID,
     PRESET_SCHEMES,
     get_scheme,
 )
@@ -265,12 +264,8 @@ class GPTQConfig:
 
     sequential: bool = True
     target: str = "layer"
-    clip_grid: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if any(r not in MSE_CLIP_GRID for r in self.clip_grid):
-            raise ConfigError(f"gptq.clip_grid={self.clip_grid}: each ratio must be one of "
-                              f"{list(MSE_CLIP_GRID)} (the weight clip grid an export can find)")
         if self.target not in BLOCK_TARGETS:
             raise ConfigError(f"gptq.target={self.target!r} is not one of {list(BLOCK_TARGETS)}")
         if self.target == "model" and not self.sequential:
@@ -398,12 +393,7 @@ class FitConfig:
         if not self.schemes:
             raise ConfigError(f"schemes must not be empty; choose from {sorted(PRESET_SCHEMES)}")
         for name in self.schemes:
-            scheme = get_scheme(name)
-            if self.gptq.clip_grid and (scheme.w_format != "int" or scheme.w_group_size):
-                raise ConfigError(
-                    f"gptq.clip_grid needs per-channel int weights, but scheme {name!r} has "
-                    f"{scheme.w_format} weights in groups of {scheme.w_group_size}; drop the "
-                    "clip_grid or the scheme")
+            get_scheme(name)
         if not self.methods:
             raise ConfigError("methods must not be empty, e.g. [trained]")
         self._check_perplexity_methods()

@@ -17,10 +17,6 @@ SUPPORTED_BITS = (4, 8)
 ACT_GRIDS = ("max", "compressed-tensors")
 # Element formats and, for the FP4 block formats, the block size each one fixes.
 QUANT_FORMATS = ("int", "nvfp4", "mxfp4")
-# Clip ratios tried by the MSE weight search, largest first (ties keep the larger range; 1.0 is
-# in the grid, so the search is never worse than plain RTN on the tensor it searches). GPTQ's
-# clip_grid draws from the same ratios, so an export finds each row's grid among them.
-MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
 FP_FORMAT_BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
 

@@ -238,22 +238,6 @@ def _gptq_plans(model, plans, scheme, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["w4a4", "w8a8"])
-def test_gptq_rows_on_a_smaller_grid_export_exactly(tmp_path, fmt):
-    """GPTQ's clip_grid puts some rows on grids of a smaller ratio than the scheme's fit (also
-    rows another site then divides by its 1/s: up_proj, v_proj); the export finds each row's
-    grid, stores the codes as they are, and the reload computes the plans' model."""
-    model = tiny_llama()
-    scheme = get_scheme(fmt)
-    base = random_plans(model, decades=0.5)
-    plain = _gptq_plans(model, base, scheme)
-    plans = _gptq_plans(model, base, scheme, clip_grid=(0.9, 0.8, 0.7))
-    moved = sum(int((p.weight_q != plain[k].weight_q).any(dim=1).sum()) for k, p in plans.items())
-    assert moved > 0
-    path = export_model(model, plans, tmp_path / fmt, fmt=fmt, calibration=CALIB)
-    assert rel(logits(load_pretrained(path)), logits(in_memory(model, plans, scheme))) <= 1e-5
-
-
 @pytest.mark.parametrize("fmt", ["w4a4", "nvfp4", "mxfp4"])
 def test_gptq_codes_are_stored_not_requantized(tmp_path, fmt):
     model = tiny_llama()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from smoothrot.core.quantizers import (
     Quantizer,
     quantize_activation_spec,
     quantize_weight_spec,
-    weight_quantizer,
 )
 from smoothrot.core.transform import (
     FULL,
@@ -162,36 +160,6 @@ def test_heldout_error_not_above_rtn(name, scheme, m, n, act_order) -> None:
         assert torch.isfinite(out).all()
         e_rtn, e_gptq = _out_err(x_ho, w, rtn), _out_err(x_ho, w, out)
         assert e_gptq <= e_rtn, (name, seed, e_gptq, e_rtn)
-
-
-@pytest.mark.parametrize("name", ["w4a4", "w4a4-mse", "w8a8"])
-def test_clip_grid_rows_are_the_hessian_argmin_of_their_candidates(name: str) -> None:
-    """Each row of a clip-grid GPTQ equals the plain GPTQ row at the ratio (or the scheme's own
-    scale) with the least (w − q)·H·(w − q)ᵀ, so no row is worse than plain GPTQ on H, and
-    some rows move (outlier inputs make a smaller grid pay)."""
-    scheme, grid = get_scheme(name), (0.9, 0.8, 0.7)
-    w, x = _weight(12, 64, 6), _inputs(1024, 64, 6)
-    h = input_hessian(x).matrix
-
-    def row_loss(q: torch.Tensor) -> torch.Tensor:
-        e = (w - q).double()
-        return ((e @ h) * e).sum(dim=1)
-
-    plain = gptq_quantize(w, x, scheme)
-    out = gptq_quantize(w, x, scheme, clip_grid=grid)
-    quant = weight_quantizer(scheme)
-    per_ratio = [plain]
-    for r in grid:  # the same GPTQ with every row's scale fixed at ratio r of its abs-max
-        fixed = replace(quant, clip=r, mse_clip=False)
-        per_ratio.append(gptq_quantize(w, x, fixed))
-    losses = torch.stack([row_loss(q) for q in per_ratio])
-    best = torch.stack(per_ratio)[losses.argmin(dim=0), torch.arange(12)]
-    assert torch.allclose(out, best, rtol=0, atol=1e-6), (out - best).abs().max()
-    assert (row_loss(out) <= row_loss(plain) * (1 + 1e-9)).all()
-    assert not torch.equal(out, plain), "some row must take a smaller grid"
-    assert torch.equal(gptq_quantize(w, x, scheme, clip_grid=()), plain)
-    with pytest.raises(ValueError, match="per-channel"):
-        gptq_quantize(w, x, Quantizer("int", 4, 32), clip_grid=grid)
 
 
 def test_identity_hessian_is_rtn_and_inputs_equal_hessian() -> None:
