@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
 from smoothrot.calibrate.capture import run_model
@@ -30,8 +31,10 @@ from smoothrot.schema.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def forward_times(model, calib, seq_len: int, repeats: int = 3) -> list[float]:
-    """Seconds of ``repeats`` plain forward passes over ``calib``, as calibration batches it."""
+def forward_times(model: torch.nn.Module, calib: torch.Tensor, seq_len: int,
+                  repeats: int = 3) -> list[float]:
+    """Seconds of ``repeats`` plain forward passes over ``calib``, as calibration batches it.
+    The model stays loaded through the job for the passes after it (one more copy in memory)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
