@@ -1,6 +1,6 @@
 """Wall time of the fit_scales job ÷ one plain forward pass over the same calibration tokens.
 
-    python bench/bench_fit.py [--config configs/default.yaml] [--no-perplexity]
+    python bench/bench_fit.py [--config configs/default.yaml] [--device cuda] [--no-perplexity]
 
 Both are measured in this one process on this machine, so the ratio is comparable across
 machines; the per-stage breakdown shows where the time goes. The forward pass is timed three
@@ -35,10 +35,13 @@ def forward_times(model: torch.nn.Module, calib: torch.Tensor, seq_len: int,
                   repeats: int = 3) -> list[float]:
     """Seconds of ``repeats`` plain forward passes over ``calib``, as calibration batches it.
     The model stays loaded through the job for the passes after it (one more copy in memory)."""
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         run_model(model, calib, max(1, 2048 // seq_len), "forward")
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -46,6 +49,7 @@ def forward_times(model: torch.nn.Module, calib: torch.Tensor, seq_len: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--device", help="model.device (default: the config's)")
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--output-dir", default="outputs/bench_fit")
     args = p.parse_args()
@@ -53,6 +57,8 @@ def main() -> None:
     cfg = load_config(args.config)
     cfg.output_dir = args.output_dir
     cfg.perplexity = not args.no_perplexity
+    if args.device:
+        cfg.model.device = args.device
 
     model, tok = load_model(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
                             device=cfg.model.device)

@@ -78,7 +78,7 @@ def fuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotation)
     """Fold diag(s)⁻¹ into the source and store Wᵢ·diag(s)·R in every linear, in place."""
     if scales is not None:
         _check_scales(rs, scales)
-        scales = scales.double()
+        scales = scales.to(rs.linears[0].weight.device, torch.float64)  # plans keep them on the CPU
     fold_into_source(rs, scales, rotation)
     if scales is None and rotation.is_identity:
         return  # nothing to fuse (RTN)
@@ -94,9 +94,10 @@ def unfuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotatio
 
     Recovers the original weights of an export from its stored scales (e.g. to refit them).
     """
-    s = None if scales is None else scales.double()
+    device = rs.linears[0].weight.device  # plans keep scales on the CPU
+    s = None if scales is None else scales.to(device, torch.float64)
     transform = rs.transform.with_rotation(rotation)
-    m = transform.matrix(rs.in_features)
+    m = transform.matrix(rs.in_features).to(device)
     s_in = None if s is None else transform.expand(s)
     for linear in rs.linears:
         w = linear.weight.double() @ m.T
@@ -114,7 +115,7 @@ def unfuse_site(rs: ResolvedSite, scales: torch.Tensor | None, rotation: Rotatio
     w = source.weight[lo:hi].double()
     b = None if source.bias is None else source.bias[lo:hi].double()
     if rotation.is_offline():  # fused rows were Rᵀ·(W/s)
-        mh = transform.matrix(hi - lo)
+        mh = transform.matrix(hi - lo).to(device)
         w = mh @ w
         b = None if b is None else b @ mh.T
     if s is not None:
@@ -163,7 +164,7 @@ def linear_weights_q(
                     )
                 if src_plan.scales is not None:
                     lo, hi = _rows(src)
-                    w[lo:hi] = w[lo:hi] / src_plan.scales.double().unsqueeze(1)
+                    w[lo:hi] = w[lo:hi] / src_plan.scales.to(w.device, torch.float64)[:, None]
             out[linear] = w.to(part.dtype)
     return out
 

@@ -50,7 +50,7 @@ def rotate_heads(x: torch.Tensor, r: torch.Tensor, layout: ScaleTie) -> torch.Te
         raise ValueError(f"head rotations have shape {tuple(r.shape)}, expected "
                          f"({layout.kv_heads}, {layout.head_dim}, {layout.head_dim})")
     heads = x.unflatten(-1, (layout.kv_heads, layout.group, layout.head_dim))
-    return torch.einsum("...kgd,kde->...kge", heads, r.to(x.dtype)).flatten(-3)
+    return torch.einsum("...kgd,kde->...kge", heads, r.to(x)).flatten(-3)
 
 
 def nearest_orthogonal(r: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,8 @@ def nearest_orthogonal(r: torch.Tensor) -> torch.Tensor:
 def fold_head_rotation(rs: ResolvedSite, r: torch.Tensor, layout: ScaleTie) -> None:
     """Rotate v_proj's rows of each kv head by R_g and o_proj's columns of each head by R_g(h),
     in place (``rs``: an o_proj site, before any smoothing is fused into it)."""
-    r = nearest_orthogonal(r)
     source, (linear,) = rs.smooth_from, rs.linears
+    r = nearest_orthogonal(r.to(source.weight.device))  # learned rotations are kept on the CPU
     lo, hi = rs.rows or (0, source.out_features)
     d = layout.head_dim
     if hi - lo != layout.kv_heads * d or linear.in_features != layout.heads * d:

@@ -113,7 +113,8 @@ class ModelKLFitModule(L.LightningModule):
         return self.problem.model(input_ids=ids.to(self.device), use_cache=False).logits
 
     def _kl(self, indices: torch.Tensor, split: str) -> torch.Tensor:
-        ids = self.problem.windows[split][indices]
+        windows = self.problem.windows[split]  # Lightning moves the batch of indices, not them
+        ids = windows[indices.to(windows.device)]
         with torch.no_grad():
             self.float_pass = True
             try:
