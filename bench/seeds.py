@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     args = p.parse_args(argv)
+    missing = [str(run) for run in args.runs if not (run / "report.json").is_file()]
+    if missing:
+        print(f"error: no report.json in {', '.join(missing)}; pass the output folders of "
+              "fit_scales runs", file=sys.stderr)
+        return 2
     reports = [json.loads((run / "report.json").read_text()) for run in args.runs]
     free = ("seed", "output_dir", "methods", "perplexity_methods")
     configs = [_flat({k: v for k, v in r["config"].items() if k not in free}) for r in reports]

@@ -58,3 +58,11 @@ def test_runs_of_different_configs_are_refused(tmp_path, capsys) -> None:
             _run(tmp_path / "b", 1, 1.2, 16.5, 15.0, lr=0.02)]
     assert seeds.main([str(r) for r in runs]) == 2
     assert "differ in more than the seed and the methods" in capsys.readouterr().err
+
+
+def test_a_folder_without_a_report_is_one_error_line(tmp_path, capsys) -> None:
+    runs = [_run(tmp_path / "a", 0, 1.0, 12.0, 10.0), tmp_path / "empty"]
+    assert seeds.main([str(r) for r in runs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no report.json in {tmp_path / 'empty'}; pass the output folders of "
+                   "fit_scales runs"]
