@@ -3,6 +3,7 @@
 # (PYTHONPATH may point at this checkout) and, for `jobs`, the embedded model is installed:
 #   bash bench/gpu_check.sh tests [OUTDIR]  # the CUDA tests (skipped on a CPU) + Hadamard timing
 #   bash bench/gpu_check.sh jobs [OUTDIR]   # bench_fit and the whole-model W4A4 fit on cuda
+#     (WHOLE_MODEL_TIMEOUT seconds for the latter, default 540: 240 s did not suffice on an H200)
 # Logs and the whole-model report go to OUTDIR (default outputs/gpu_check); bench/README.md
 # quotes them.
 set -uo pipefail
@@ -25,7 +26,8 @@ case $stage in
     work=$(mktemp -d)
     (cd bench && timeout 180 $PY bench_fit.py --device cuda --output-dir "$work/bench_fit") 2>&1 \
       | grep -v -E "it/s\]|s/it\]" | tee "$out/bench_fit.log"
-    timeout 240 $PY train/fit_scales.py --config configs/whole_model_vllm.yaml --schemes w4a4-mse \
+    timeout "${WHOLE_MODEL_TIMEOUT:-540}" $PY train/fit_scales.py \
+      --config configs/whole_model_vllm.yaml --schemes w4a4-mse \
       --methods smoothrot_max+gptq trained_block+gptq --seed 0 --device cuda -q \
       --output-dir "$work/whole_model" 2>&1 | tee "$out/whole_model.log"
     for run in bench_fit whole_model; do
