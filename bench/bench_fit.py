@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
-from smoothrot.calibrate.capture import run_model
+from smoothrot.calibrate.capture import batch_size, run_model
 from smoothrot.data.splits import split_windows
 from smoothrot.job import run_fit
 from smoothrot.models import load_model
@@ -40,7 +40,7 @@ def forward_times(model: torch.nn.Module, calib: torch.Tensor, seq_len: int,
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        run_model(model, calib, max(1, 2048 // seq_len), "forward")
+        run_model(model, calib, batch_size(seq_len), "forward")
         sync()
         times.append(time.perf_counter() - start)
     return times

@@ -34,7 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from smoothrot.arch.sites import resolve_sites  # noqa: E402
-from smoothrot.calibrate.capture import CaptureSpec, capture_splits, token_subset  # noqa: E402
+from smoothrot.calibrate.capture import (  # noqa: E402
+    CaptureSpec,
+    batch_size,
+    capture_splits,
+    token_subset,
+)
 from smoothrot.calibrate.sequential import capture_sequential  # noqa: E402
 from smoothrot.calibrate.weights import SAFETENSORS_INDEX, SafetensorsWeights  # noqa: E402
 from smoothrot.models import empty_model  # noqa: E402
@@ -129,7 +134,7 @@ def _run_case(case: str, work: Path, device: str, tokens: int, train_tokens: int
         windows = torch.randint(0, LLAMA_1B["vocab_size"], (max(1, tokens // 128), 128),
                                 generator=torch.Generator().manual_seed(0))
     spec = CaptureSpec(windows, token_subset(windows.numel(), train_tokens, 0), QUANTILES)
-    batch = max(1, 2048 // windows.shape[1])
+    batch = batch_size(windows.shape[1])
     start = time.perf_counter()
     if case.endswith("seq-disk"):
         model = empty_model(folder)
