@@ -221,13 +221,14 @@ def merge_records(records: Mapping[str, SiteRecord]) -> Mapping[str, SiteRecord]
         rows = all_gather_tensors(_local_rows(rec))
         width = max(r.shape[1] for r in rows)
         rows = [r for r in rows if r.shape[0]]
-        rec.rows = [torch.cat(rows)] if rows else [torch.empty(0, width)]
+        rec.replace_rows(torch.cat(rows) if rows else torch.empty(0, width))
     return records
 
 
 def _local_rows(rec: SiteRecord) -> torch.Tensor:
     """This rank's kept rows as ``[n, width]`` (a rank with no rows sends ``[0, 0]``)."""
-    return torch.cat(rec.rows) if rec.rows else torch.empty(0, 0)
+    rows = rec.tokens()
+    return rows if rows.dim() == 2 else torch.empty(0, 0)
 
 
 def broadcast_object(value: T) -> T:

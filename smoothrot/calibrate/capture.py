@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,17 +28,41 @@ class StopForward(Exception):
 
 @dataclass
 class SiteRecord:
-    """What one pass recorded for one site."""
+    """What one pass recorded for one site.
+
+    Kept rows go straight into one buffer sized for the pass (``capacity`` rows, allocated at
+    the first batch): each row is copied once, where a list of batches joined at the end
+    copied every row twice.
+    """
 
     absmax: AbsMaxObserver | None = None
     quantiles: AbsQuantileObserver | None = None
-    rows: list[torch.Tensor] = field(default_factory=list)
+    capacity: int = 0
+    buffer: torch.Tensor | None = None
+    filled: int = 0
+
+    def keep(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Append ``x[index]`` (all of ``x`` without ``index``), ``x`` [rows, n] float32 CPU."""
+        count = x.shape[0] if index is None else index.numel()
+        if self.filled + count > self.capacity:
+            raise ValueError(f"{self.filled + count} rows reached a site that keeps at most "
+                             f"{self.capacity}: total_tokens must count every token of the pass")
+        if self.buffer is None:
+            self.buffer = torch.empty(self.capacity, x.shape[1], dtype=x.dtype)
+        out = self.buffer[self.filled : self.filled + count]
+        if index is None:
+            out.copy_(x)
+        else:
+            torch.index_select(x, 0, index, out=out)
+        self.filled += count
 
     def tokens(self) -> torch.Tensor:
         """The kept input rows, [tokens, in_features] float32 on CPU."""
-        if len(self.rows) == 1:  # one batch held them all: no second copy
-            return self.rows[0]
-        return torch.cat(self.rows) if self.rows else torch.empty(0)
+        return torch.empty(0) if self.buffer is None else self.buffer[: self.filled]
+
+    def replace_rows(self, rows: torch.Tensor) -> None:
+        """Make ``rows`` the kept rows (e.g. every rank's, merged)."""
+        self.buffer, self.filled, self.capacity = rows, rows.shape[0], rows.shape[0]
 
 
 def token_subset(total: int, keep: int | None, seed: int) -> torch.Tensor | None:
@@ -65,14 +89,16 @@ def capture_sites(
     ``keep_index`` selects the same tokens at every site. A group of linears sharing one input
     (q/k/v) is captured once, at its first linear. With ``stop_forward`` the forward pass stops
     once every site has seen the batch, whatever order the sites run in; sequential calibration
-    turns it off because it needs the layer's output.
+    turns it off because it needs the layer's output. ``total_tokens`` counts the stream's
+    tokens: it sizes the quantile buffers and, without ``keep_index``, the kept-row buffer (a
+    data-parallel rank sees a share of them; the buffer's pages past it are never touched).
     """
     records: dict[str, SiteRecord] = {}
     handles = []
     seen: set[str] = set()
     for rs in sites:
         n = rs.in_features
-        rec = SiteRecord()
+        rec = SiteRecord(capacity=total_tokens if keep_index is None else keep_index.numel())
         if quantiles is not None:  # () records the max only
             rec.absmax = AbsMaxObserver(n)
             if quantiles:
@@ -97,12 +123,11 @@ def capture_sites(
                     ) from None
             if keep_rows:
                 if keep_index is None:
-                    rec.rows.append(x.clone())
+                    rec.keep(x)
                 else:
                     lo, hi = torch.searchsorted(keep_index, torch.tensor([start, offset[0]]))
                     if hi > lo:
-                        # Indexing copies already: a clone would copy (and page in) them twice.
-                        rec.rows.append(x[keep_index[lo:hi] - start])
+                        rec.keep(x, keep_index[lo:hi] - start)
             seen.add(name)
             if stop_forward and len(seen) == len(records):
                 seen.clear()

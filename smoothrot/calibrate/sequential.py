@@ -309,13 +309,33 @@ def gptq_sequential(
     choices: dict[str, GPTQChoice] = {}
     for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ",
                             float_stream=float_target):
-        for rs in step.sites:
-            with transformed(step.sites, step.done, scheme):
-                rows = _site_rows(step, rs, specs, step.inputs)
-            floats = None
-            if step.float_inputs is not None:
-                f = _site_rows(step, rs, specs, step.float_inputs)
-                floats = (f["calibration"], f["selection"])
-            choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats)
-            step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
+        choices.update(round_layer(step, plans, scheme, specs, round_site, float_target))
+    return choices
+
+
+@torch.no_grad()
+def round_layer(
+    step: LayerStep,
+    plans: Mapping[str, SitePlan],
+    scheme: QuantScheme,
+    specs: dict[str, CaptureSpec],
+    round_site: RoundSite,
+    float_target: bool = False,
+) -> dict[str, GPTQChoice]:
+    """GPTQ of one walk step's sites in table order, each captured with the sites before it
+    rounded (``step.done`` holds their rounded plans afterwards); with ``float_target`` the float
+    model's rows at the same tokens are passed on (the walk must carry the float stream)."""
+    choices: dict[str, GPTQChoice] = {}
+    for rs in step.sites:
+        with transformed(step.sites, step.done, scheme):
+            rows = _site_rows(step, rs, specs, step.inputs)
+        floats = None
+        if float_target:
+            if step.float_inputs is None:
+                raise ValueError("a float-model target needs the float stream: "
+                                 "walk_layers(float_stream=True)")
+            f = _site_rows(step, rs, specs, step.float_inputs)
+            floats = (f["calibration"], f["selection"])
+        choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats)
+        step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
     return choices

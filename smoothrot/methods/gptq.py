@@ -9,13 +9,14 @@ far (calibrate/sequential.py); otherwise on the float model's captured calibrati
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
 
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.capture import batch_size, fit_specs
-from smoothrot.calibrate.sequential import gptq_sequential
+from smoothrot.calibrate.sequential import RoundSite, gptq_sequential
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
     DEFAULT_DAMP_GRID,
@@ -32,6 +33,7 @@ from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
+from smoothrot.surgery.plan import SitePlan
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,20 @@ def gptq_fused_weight_selected(
     return best
 
 
+def site_rounder(ctx: SchemeContext, plans: Mapping[str, SitePlan]) -> RoundSite:
+    """GPTQ of a site's fused weight under ``plans`` (its scales, rotation and activation
+    clip), the variant chosen on the selection split: what ``+gptq`` rounds a site with."""
+
+    def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor,
+                   float_inputs: tuple[torch.Tensor, torch.Tensor] | None) -> GPTQChoice:
+        plan = plans[rs.name]
+        return gptq_fused_weight_selected(
+            ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
+            with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs)
+
+    return round_site
+
+
 class WithGPTQ(Method):
     """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights."""
 
@@ -140,14 +156,7 @@ class WithGPTQ(Method):
 
     def fit(self, ctx: SchemeContext) -> MethodResult:
         base = ctx.results[self.base].plans
-
-        def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor,
-                       float_inputs: tuple[torch.Tensor, torch.Tensor] | None) -> GPTQChoice:
-            plan = base[rs.name]
-            return gptq_fused_weight_selected(
-                ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
-                with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs)
-
+        round_site = site_rounder(ctx, base)
         with ctx.stage("gptq"):
             if ctx.cfg.gptq.sequential:
                 specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)

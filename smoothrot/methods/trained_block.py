@@ -9,9 +9,11 @@ import math
 from dataclasses import replace
 
 from smoothrot.calibrate.capture import fit_specs
-from smoothrot.calibrate.sequential import walk_layers
+from smoothrot.calibrate.sequential import round_layer, walk_layers
+from smoothrot.core.transform import transform_weight
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
+from smoothrot.methods.gptq import site_rounder
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
 from smoothrot.schema.quant import with_act_clip
@@ -31,21 +33,29 @@ class TrainedBlock(Method):
         specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
         windows = max(1, math.ceil(cfg.batch_tokens / ctx.cfg.data.seq_len))
         accelerator = accelerator_of(ctx.model)
+        splits = {k: specs[k] for k in ("calibration", "selection")}
+        gptq_float = cfg.weights == "gptq" and ctx.cfg.gptq.target == "model"
         scales = {}
         with ctx.stage("block training"):
-            for step in walk_layers(ctx.model, ctx.sites, ctx.scheme,
-                                    {k: specs[k] for k in ("calibration", "selection")},
-                                    windows, f"{ctx.scheme.name} block training",
-                                    float_stream=cfg.target == "model"):
+            for step in walk_layers(ctx.model, ctx.sites, ctx.scheme, splits, windows,
+                                    f"{ctx.scheme.name} block training",
+                                    float_stream=cfg.target == "model" or gptq_float):
                 if not step.sites:
                     continue
                 plans = {rs.name: start[rs.name] for rs in step.sites}
+                transforms = {rs.name: ctx.transform(rs, plans[rs.name]) for rs in step.sites}
+                errors = None
+                if cfg.weights == "gptq":  # the layer as +gptq would round it at the start
+                    rounded = round_layer(step, plans, ctx.scheme, splits,
+                                          site_rounder(ctx, plans), gptq_float)
+                    errors = {name: choice.weight_q.float() - transform_weight(
+                        ctx.weights[name], plans[name].scales.float(), transforms[name])
+                        for name, choice in rounded.items()}
                 problem = BlockProblem(
-                    step, {name: plan.scales for name, plan in plans.items()},
-                    {rs.name: ctx.transform(rs, plans[rs.name]) for rs in step.sites},
+                    step, {name: plan.scales for name, plan in plans.items()}, transforms,
                     {name: with_act_clip(ctx.scheme, plan.act_clip)
                      for name, plan in plans.items()},
-                    seed=ctx.cfg.seed + step.index)
+                    seed=ctx.cfg.seed + step.index, weight_errors=errors)
                 best, _ = fit_block(problem, cfg, log_bound=ctx.cfg.train.log_bound,
                                     accelerator=accelerator)
                 scales.update(best)

@@ -150,6 +150,7 @@ class TrainConfig:
 # What trained_block fits a layer's output to (BlockTrainConfig.target), and GPTQ
 # (GPTQConfig.target): the float layer on the same input, or the float model's own.
 BLOCK_TARGETS = ("layer", "model")
+BLOCK_WEIGHTS = ("rtn", "gptq")
 
 
 @dataclass
@@ -160,12 +161,16 @@ class BlockTrainConfig:
     schedule from ``lr``, each on ``batch_tokens`` tokens (whole windows); validation on the
     selection split before and after. ``target``: what the quantized layer's output is fitted
     to: ``layer``, the float layer on the same (quantized model's) input; ``model``, the float
-    model's own hidden state there, so a layer also makes up for the error it receives."""
+    model's own hidden state there, so a layer also makes up for the error it receives.
+    ``weights``: how the loss rounds the weights: ``rtn``, straight-through RTN; ``gptq``, the
+    layer's sites rounded by GPTQ (as ``+gptq`` rounds them, ``gptq.target`` included) at the
+    starting scales, that error held fixed while the scales move."""
 
     steps: int = 30
     lr: float = 0.02
     batch_tokens: int = 512
     target: str = "layer"
+    weights: str = "rtn"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -178,6 +183,9 @@ class BlockTrainConfig:
         if self.target not in BLOCK_TARGETS:
             raise ConfigError(f"block_training.target={self.target!r} is not one of "
                               f"{list(BLOCK_TARGETS)}")
+        if self.weights not in BLOCK_WEIGHTS:
+            raise ConfigError(f"block_training.weights={self.weights!r} is not one of "
+                              f"{list(BLOCK_WEIGHTS)}")
 
 
 @dataclass

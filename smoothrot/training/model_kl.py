@@ -34,7 +34,7 @@ from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.fit import scale_trainer
 from smoothrot.training.module import adam_with_schedule
 from smoothrot.training.sampler import EpochTokenSampler
-from smoothrot.training.substitution import fake_quant_forward, fit_substituted
+from smoothrot.training.substitution import fake_quant_forward, fit_substituted, linear_error
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,10 @@ class ModelKLFitModule(L.LightningModule):
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
         """One linear of site ``rs``: plain during the float pass, else fake-quantized."""
         index = str([s.name for s in self.problem.sites].index(rs.name))
-        error = None
-        if self.problem.weight_errors is not None:
-            parts = self.problem.weight_errors[rs.name].split(
-                [lin.out_features for lin in rs.linears])
-            error = parts[rs.linears.index(linear)].to(linear.weight)
         quantized = fake_quant_forward(self.log_scales[index], linear,
                                        self.problem.transforms[rs.name],
-                                       self.problem.schemes[rs.name], error)
+                                       self.problem.schemes[rs.name],
+                                       linear_error(self.problem.weight_errors, rs, linear))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self.float_pass:

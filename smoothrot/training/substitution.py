@@ -45,6 +45,16 @@ def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: Site
     return forward
 
 
+def linear_error(weight_errors: dict[str, torch.Tensor] | None, rs: ResolvedSite,
+                 linear: nn.Linear) -> torch.Tensor | None:
+    """``linear``'s rows of site ``rs``'s weight error (stored concatenated like
+    ``ResolvedSite.weight``), on the linear's device and dtype; None without errors."""
+    if weight_errors is None:
+        return None
+    parts = weight_errors[rs.name].split([lin.out_features for lin in rs.linears])
+    return parts[rs.linears.index(linear)].to(linear.weight)
+
+
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode with no parameter taking gradients (they reach the scales only);

@@ -79,6 +79,43 @@ def _check_layer(step, plans, scheme) -> None:
     step.done.update(layer_plans)
 
 
+def test_weight_errors_give_the_layer_with_the_offline_rounded_weights():
+    """``weights: gptq``'s loss: with the offline rounding's error E held fixed, the substituted
+    layer at the starting scales is the fused layer carrying those offline weights (float64)."""
+    from dataclasses import replace
+
+    from smoothrot.core.quantizers import quantize_weight_spec
+    from smoothrot.core.transform import transform_weight
+
+    model = tiny_llama(layers=1, dtype=torch.float64)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    gen = torch.Generator().manual_seed(3)
+    with exact_norms(model):
+        step = next(walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t"))
+        offline, errors = {}, {}
+        for rs in step.sites:  # an "offline" rounding: RTN, then some codes moved by one step
+            plan = plans[rs.name]
+            fused = transform_weight(rs.weight.detach(), plan.scales, rs.transform)
+            rtn = quantize_weight_spec(fused, SCHEME)
+            step_size = (rtn - fused).abs().amax(dim=1, keepdim=True) * 2
+            nudge = torch.randint(-1, 2, rtn.shape, generator=gen, dtype=torch.float64)
+            offline[rs.name] = replace(plan, weight_q=rtn + nudge * step_size)
+            errors[rs.name] = offline[rs.name].weight_q - fused
+        problem = replace(_problem(step, plans), weight_errors=errors)
+        module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
+        batch = step.inputs["calibration"][0]
+        with torch.no_grad():
+            with transformed(step.sites, offline, SCHEME):
+                fused_out = step.run(batch)
+            with transformed(step.sites, plans, SCHEME):
+                rtn_out = step.run(batch)
+            with replaced_forwards(step.sites, module.site_forward):
+                substituted = step.run(batch)
+    assert (fused_out - rtn_out).abs().max() > 1e-3  # the offline weights do differ from RTN
+    torch.testing.assert_close(substituted, fused_out, rtol=1e-6, atol=1e-8)
+
+
 def test_fit_block_lowers_the_selection_loss_and_keeps_the_start_when_told_nothing():
     model = tiny_llama(layers=1)
     sites = resolve_sites(model, ["all"])
@@ -164,12 +201,16 @@ def test_block_training_config_is_checked():
         config_from_dict({"block_training": {"stepz": 5}})
     with pytest.raises(ConfigError, match=r"block_training\.target='float' is not one of"):
         config_from_dict({"block_training": {"target": "float"}})
+    with pytest.raises(ConfigError, match=r"block_training\.weights='int4' is not one of"):
+        config_from_dict({"block_training": {"weights": "int4"}})
 
 
-def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model):  # noqa: F811
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_trained_block_end_to_end_beside_trained(tmp_path, tiny_model, weights):  # noqa: F811
     config = small_config(tmp_path, tiny_model, layers=["all"],
                           methods=["trained", "trained_block", "trained_block+gptq"],
-                          block_training={"steps": 4, "lr": 0.05, "batch_tokens": 32})
+                          block_training={"steps": 4, "lr": 0.05, "batch_tokens": 32,
+                                          "weights": weights})
     assert main(["--config", str(config), "--quiet", "--export", "w4a4",
                  "--export-method", "trained_block"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())

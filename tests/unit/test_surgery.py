@@ -234,6 +234,23 @@ def test_capture_every_site_of_every_layer(llama):
                        norm_out[0].reshape(-1, 64))
 
 
+def test_capture_keeps_the_indexed_rows_across_batches(llama):
+    """Kept rows land in one buffer in stream order; more tokens than announced is refused."""
+    from smoothrot.calibrate.capture import capture_sites, run_model, token_subset
+
+    sites = resolve_sites(llama, ["down_proj"])
+    windows = torch.randint(0, 128, (5, 8))
+    keep = token_subset(40, 11, seed=2)
+    with capture_sites(sites, total_tokens=40) as every:
+        run_model(llama, windows, 2, "test")
+    with capture_sites(sites, total_tokens=40, keep_index=keep) as kept:
+        run_model(llama, windows, 2, "test")
+    for rs in sites:
+        assert torch.equal(kept[rs.name].tokens(), every[rs.name].tokens()[keep])
+    with pytest.raises(ValueError, match="total_tokens must count every token"), \
+            capture_sites(sites, total_tokens=30):
+        run_model(llama, windows, 2, "test")
+
 def test_fold_into_layernorm_divides_bias_too(llama):
     from smoothrot.arch.sites import ResolvedSite
     from smoothrot.arch.tables import SmoothingSite
