@@ -1,14 +1,18 @@
 """Trained scales: log s refined by Adam on the straight-through fake-quant output loss
 (smoothrot/training/), starting from the ``joint`` choice and its activation clips; the best
 point on the selection split is kept. Under a scheme that is not scale-equivariant (MXFP4) the
-global factor of s, which training holds fixed, is then searched (:func:`best_global_factor`)."""
+global factor of s, which training holds fixed, is then searched (:func:`best_global_factor`).
+With ``train.share_across_schemes`` a later scheme reuses the first scheme's trained scales
+wherever they beat its own starting point on its selection loss, and trains only the rest."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from smoothrot.arch.sites import ResolvedSite
 from smoothrot.core.transform import SiteTransform
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.policy import JOINT
@@ -17,6 +21,8 @@ from smoothrot.methods.search import candidate_loss
 from smoothrot.progress import progress
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.training.fit import TrainProblem, accelerator_of, data_digest, fit_scales
+
+log = logging.getLogger(__name__)
 
 # Global factors c tried for s → c·s: one period of a power-of-two grid (c and 2c quantize alike).
 GLOBAL_FACTORS = tuple(2.0 ** (k / 16) for k in range(16))
@@ -52,6 +58,27 @@ def _known_loss(start: MethodResult, site: str, scheme: QuantScheme, grid_scheme
     return start.selection_loss.get(site)
 
 
+_SHARED = "trained scales of the first scheme"
+
+
+def _reused(ctx: SchemeContext, rs: ResolvedSite, start: MethodResult, scheme: QuantScheme
+            ) -> tuple[torch.Tensor, float] | None:
+    """The first scheme's trained scales for ``rs`` and their selection loss under ``scheme``,
+    where ``train.share_across_schemes`` asks for them and they beat the starting point there."""
+    shared = ctx.across.get(_SHARED) if ctx.cfg.train.share_across_schemes else None
+    if shared is None or ctx.scheme == ctx.schemes[0] or not scheme.scale_equivariant:
+        return None  # (a scheme that is not scale-equivariant also searches a global factor)
+    plan, data = start.plans[rs.name], ctx.data[rs.name]
+    x, w, transform = data.selection_x.float(), ctx.weights[rs.name], ctx.transform(rs, plan)
+    y = x @ w.T
+    loss = candidate_loss(x, y, w, shared[rs.name], scheme, transform)
+    start_loss = _known_loss(start, rs.name, scheme, ctx.scheme)
+    if start_loss is None:
+        start_loss = candidate_loss(x, y, w, plan.scales, scheme, transform)
+    # A copy: each scheme's plans own their tensors (the scales file refuses shared storage).
+    return (shared[rs.name].clone(), loss) if loss <= start_loss else None
+
+
 class Trained(Method):
     name = "trained"
     label = "trained"
@@ -62,10 +89,16 @@ class Trained(Method):
         accelerator = accelerator_of(ctx.model)
         checkpoints = Path(ctx.cfg.output_dir) / "checkpoints" / ctx.scheme.name
         scales, losses = {}, {}
+        reused = 0
         with ctx.stage("training"):
             for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} training"):
                 plan, data = start.plans[rs.name], ctx.data[rs.name]
                 scheme = with_act_clip(ctx.scheme, plan.act_clip)
+                kept = _reused(ctx, rs, start, scheme)
+                if kept is not None:
+                    scales[rs.name], losses[rs.name] = kept
+                    reused += 1
+                    continue
                 problem = TrainProblem(
                     ctx.weights[rs.name], plan.scales, scheme, data.train_x, data.selection_x,
                     ctx.transform(rs, plan), seed=ctx.cfg.seed + rs.layer_index,
@@ -79,6 +112,13 @@ class Trained(Method):
                     scales[rs.name], losses[rs.name] = best_global_factor(
                         scales[rs.name], data.selection_x, problem.weight, problem.scheme,
                         problem.rotate)
+        if ctx.cfg.train.share_across_schemes:
+            if ctx.scheme == ctx.schemes[0]:
+                ctx.across[_SHARED] = scales
+            else:
+                log.info("%s: the scales trained under %s reused at %d of %d sites (better than "
+                         "the starting point on the selection split), trained at the rest",
+                         ctx.scheme.name, ctx.schemes[0].name, reused, len(ctx.sites))
         return MethodResult(ctx.plans(scales, desc=self.name), selection_loss=losses)
 
 

@@ -114,7 +114,10 @@ class TrainConfig:
     ``schedule``: "cosine" decays the learning rate to zero over ``steps`` (converges in tens of
     steps, bench/README.md), "constant" keeps ``lr``. ``patience``: stop a site after that many
     validations in a row that do not lower the best selection loss by ``min_delta`` (relative);
-    0 trains every step.
+    0 trains every step. ``share_across_schemes``: the scales trained under the run's first
+    scheme are reused by a later scheme at every site where they beat that scheme's starting
+    point on its selection loss (the rest are trained): on SmolLM2 the scales trained under
+    W4A4 and W8A8 score alike under either scheme (bench/README.md).
     """
 
     steps: int = 24
@@ -126,6 +129,7 @@ class TrainConfig:
     patience: int = 0
     min_delta: float = 0.0
     progress_bar: bool = False
+    share_across_schemes: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
