@@ -78,6 +78,20 @@ def comparison_note(methods: Collection[str], gptq_target: str = "layer") -> str
     return note
 
 
+def shared_note(result: FitResult, sr: SchemeResult) -> str | None:
+    """Where ``sr``'s trained scales are the first scheme's (``train.share_across_schemes``),
+    one sentence saying so and at how many sites; else None."""
+    first = result.schemes[0]
+    if not result.config.train.share_across_schemes or sr is first \
+            or "trained" not in sr.results or "trained" not in first.results:
+        return None
+    ours, theirs = sr.results["trained"].plans, first.results["trained"].plans
+    same = sum(torch.equal(ours[s].scales, theirs[s].scales) for s in ours)
+    return (f"trained: the scales trained under {first.scheme} at {same} of {len(ours)} sites "
+            "(better there than this scheme's start on its selection split; "
+            "train.share_across_schemes), trained under this scheme at the rest.")
+
+
 def _pct(value: float, base: float) -> float:
     return 100.0 * (value - base) / base if base > 0 else float("nan")
 
@@ -185,6 +199,8 @@ def summary_table(result: FitResult) -> str:
             lines.append(f"{label(method):<{w}}{row['mean_mse']:12.4g}{row['pct_vs_max']:+8.1f}%"
                          f"{row['mean_relative']:10.4f}{p}  {row['weight_quantizer']}")
         lines.append(comparison_note(sr.errors, result.config.gptq.target))
+        if shared := shared_note(result, sr):
+            lines.append(shared)
     if len(result.schemes) > 1:
         schemes = [sr.scheme for sr in result.schemes]
         lines.append(f"\n{'side by side':<{w}}" + "".join(
@@ -250,6 +266,8 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
                       f"{row['pct_vs_max']:+.1f}% | {row['mean_layer_pct_vs_max']:+.1f}% | "
                       f"{row['mean_relative']:.4f} | {p} |")
         md += ["", comparison_note(sr.errors, result.config.gptq.target)]
+        if shared := shared_note(result, sr):
+            md.append(shared)
         # Choices that are one (α, q) for every site (per-site ones: report.json "choices").
         glob = {m: next(iter(c.values())) for m, c in sr.choices.items()
                 if len(set(c.values())) == 1}

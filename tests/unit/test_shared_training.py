@@ -32,9 +32,13 @@ def test_later_scheme_reuses_the_first_schemes_trained_scales(tmp_path, tiny_mod
     same = [s for s in sites
             if torch.equal(scales[f"w4a4/trained/{s}"], scales[f"w8a8/trained/{s}"])]
     logged = [r.getMessage() for r in caplog.records if "reused at" in r.getMessage()]
+    report = (tmp_path / "out" / "report.md").read_text()
     if not share:
         assert same == [] and logged == []  # each scheme trains its own
+        assert "share_across_schemes" not in report
         return
     (message,) = logged
     reused, total = map(int, re.search(r"reused at (\d+) of (\d+) sites", message).groups())
     assert total == len(sites) and reused == len(same) and reused >= 1, message
+    # The report says which scales the W8A8 row carries.
+    assert f"trained: the scales trained under w4a4 at {reused} of {total} sites" in report
