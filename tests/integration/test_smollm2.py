@@ -133,3 +133,22 @@ def test_per_site_activation_clips_lower_held_out_error(smollm2, tmp_path, monke
     for method in ("hadamard", "smoothrot_max"):
         mse = {k: sum(e.mse for e in r.errors[method].values()) for k, r in runs.items()}
         assert mse["on"] < 0.95 * mse["off"], (method, mse)
+
+
+def test_w8a8_reuses_the_w4a4_trained_scales(smollm2, tmp_path, monkeypatch):
+    """``train.share_across_schemes`` on SmolLM2: the W4A4-trained scales beat W8A8's own joint
+    start on its selection split at these sites, and they carry to W8A8's held-out tokens."""
+    from smoothrot import job as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)
+    cfg = _quick_config(tmp_path, "re:model\\.layers\\.(11|20|28|29)\\.mlp\\.down_proj",
+                        schemes=["w4a4", "w8a8"], methods=["smoothrot_max", "joint", "trained"],
+                        perplexity=False)
+    cfg.train.share_across_schemes = True
+    w4, w8 = pipeline.run_fit(cfg).schemes
+    reused = [s for s in w4.scales["trained"]
+              if torch.equal(w4.scales["trained"][s], w8.scales["trained"][s])]
+    assert len(reused) >= 3, reused
+    mse = {m: sum(e.mse for e in w8.errors[m].values()) for m in w8.errors}
+    assert mse["trained"] < mse["joint"] < mse["smoothrot_max"], mse
+    assert mse["trained"] < 0.8 * mse["smoothrot_max"], mse
