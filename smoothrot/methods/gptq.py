@@ -143,6 +143,13 @@ def site_rounder(ctx: SchemeContext, plans: Mapping[str, SitePlan]) -> RoundSite
     return round_site
 
 
+def rounding_error(weight: torch.Tensor, plan: SitePlan, transform: SiteTransform,
+                   weight_q: torch.Tensor) -> torch.Tensor:
+    """An offline rounding's error of the fused weight under ``plan``: W_q − W·diag(s)·R, what
+    the block and KL losses hold fixed while the scales move."""
+    return weight_q.float() - transform_weight(weight, plan.scales.float(), transform)
+
+
 class WithGPTQ(Method):
     """``<base>+gptq``: the base method's plans with GPTQ-rounded fused weights."""
 

@@ -10,10 +10,9 @@ from dataclasses import replace
 
 from smoothrot.calibrate.capture import fit_specs
 from smoothrot.calibrate.sequential import round_layer, walk_layers
-from smoothrot.core.transform import transform_weight
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.gptq import site_rounder
+from smoothrot.methods.gptq import rounding_error, site_rounder
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
 from smoothrot.schema.quant import with_act_clip
@@ -48,9 +47,9 @@ class TrainedBlock(Method):
                 if cfg.weights == "gptq":  # the layer as +gptq would round it at the start
                     rounded = round_layer(step, plans, ctx.scheme, splits,
                                           site_rounder(ctx, plans), gptq_float)
-                    errors = {name: choice.weight_q.float() - transform_weight(
-                        ctx.weights[name], plans[name].scales.float(), transforms[name])
-                        for name, choice in rounded.items()}
+                    errors = {name: rounding_error(ctx.weights[name], plans[name],
+                                                   transforms[name], choice.weight_q)
+                              for name, choice in rounded.items()}
                 problem = BlockProblem(
                     step, {name: plan.scales for name, plan in plans.items()}, transforms,
                     {name: with_act_clip(ctx.scheme, plan.act_clip)

@@ -6,10 +6,9 @@ then rounds the new fused weights afresh. Reported beside ``trained`` and ``trai
 
 from __future__ import annotations
 
-from smoothrot.core.transform import transform_weight
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.gptq import GPTQ_SUFFIX
+from smoothrot.methods.gptq import GPTQ_SUFFIX, rounding_error
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained_block import TRAINED_BLOCK
 from smoothrot.schema.quant import with_act_clip
@@ -28,10 +27,8 @@ class TrainedKL(Method):
         require_one_process(self.name)
         start = ctx.results[START].plans
         transforms = {rs.name: ctx.transform(rs, start[rs.name]) for rs in ctx.sites}
-        errors = {
-            name: plan.weight_q.float()
-            - transform_weight(ctx.weights[name], plan.scales.float(), transforms[name])
-            for name, plan in start.items()}
+        errors = {name: rounding_error(ctx.weights[name], plan, transforms[name], plan.weight_q)
+                  for name, plan in start.items()}
         problem = KLProblem(
             ctx.model, ctx.sites, {name: plan.scales for name, plan in start.items()},
             transforms,
