@@ -283,6 +283,33 @@ class Quantizer:
         codes = self._symmetric_codes(xg, qp, ste=False)[..., 0, :].to(torch.int8)
         return codes, qp.scale[..., 0, :]
 
+    @torch.no_grad()
+    def grid_of(self, xg: torch.Tensor) -> QParams | None:
+        """Symmetric int: parameters of a grid grouped ``xg`` already lies on, per group the
+        finest step max|x|/k (k ≤ 2^(b-1)) putting every value on an integer code within the
+        codes' range; None if some group lies on none (or another format).
+
+        An offline rounding's grid need not be the one :meth:`fit` gives the float weight it is
+        stored with (GPTQ of a least-squares target fits the target's grid; activation-tuned
+        scales move the fused weight after rounding); the codes fix it up to float rounding.
+        """
+        if not (self.fmt == "int" and self.symmetric):
+            return None
+        qmax = self._qmax
+        amax = _absmax(xg)
+        scale = torch.zeros_like(amax)
+        for k in range(1, qmax + 2):  # ascending: the largest valid k (finest step) wins
+            step = amax / k
+            codes = xg / step
+            level = codes.round()
+            ok = (((codes - level).abs() <= 1e-3) & (level >= -qmax - 1) & (level <= qmax)
+                  ).all(dim=-1, keepdim=True)
+            scale = torch.where(ok, step, scale)
+        zero = amax == 0
+        if not bool(((scale > 0) | zero).all()):
+            return None
+        return QParams(torch.where(zero, torch.finfo(xg.dtype).tiny, scale))
+
     def fit(
         self, xg: torch.Tensor, global_amax: torch.Tensor | None = None, ste: bool = False
     ) -> QParams:

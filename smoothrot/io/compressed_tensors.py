@@ -159,7 +159,8 @@ def _weight_params(
     fake_quant computes), so compressed-tensors' compressor reproduces fake_quant's codes. NVFP4's
     stored block scale is the E4M3 number S with scale = S / G (exact: rounding S/G·G to E4M3
     recovers S). ``weight_q`` (GPTQ) is compressed instead of the float weight; it must lie on the
-    same grid, so the compressor stores its codes rather than new ones.
+    same grid, or (symmetric int) on one its own codes give, so the compressor stores its codes
+    rather than new ones.
     """
     wf = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
     quant = weight_quantizer(scheme)
@@ -174,6 +175,13 @@ def _weight_params(
         return wf, params
     wq = weight_q.detach().to(device=wf.device, dtype=wf.dtype)
     on_grid = quant.quantize_with(quant.grouped(wq), qp).reshape(wq.shape)
+    if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
+        # Rounded on another grid than the stored float weight's (a least-squares target's,
+        # or scales that moved after rounding): store the grid its codes lie on.
+        own = quant.grid_of(quant.grouped(wq))
+        if own is not None:
+            params = {"weight_scale": own.scale.reshape(weight.shape[0], -1)}
+            on_grid = quant.quantize_with(quant.grouped(wq), own).reshape(wq.shape)
     if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
         raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
                           "(GPTQ with dynamic groups?); round with act_order or static_groups")

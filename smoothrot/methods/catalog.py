@@ -1,6 +1,7 @@
 """Every shipped method, registered in report order (registry.py loads this module on first
 use). A new method is a module under smoothrot/methods/ plus its entry here."""
 
+from smoothrot.methods.act_tuned import ActTunedGPTQ
 from smoothrot.methods.baselines import HADAMARD, RTN
 from smoothrot.methods.gptq import WithGPTQ
 from smoothrot.methods.policy import ALPHA_ONLY, JOINT, JOINT_GLOBAL, QUANTILE, SMOOTHROT_MAX
@@ -15,6 +16,7 @@ for _method in (
     WithGPTQ(HADAMARD, "Hadamard + GPTQ"), WithGPTQ(SMOOTHROT_MAX), WithGPTQ(QUANTILE),
     WithGPTQ(JOINT, "joint + GPTQ"), WithGPTQ(TRAINED, "trained + GPTQ"),
     WithGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ"),
+    ActTunedGPTQ(SMOOTHROT_MAX), ActTunedGPTQ(TRAINED_BLOCK, "trained (block) + GPTQ + act-tuned"),
     TRAINED_KL, WithGPTQ(TRAINED_KL, "trained (KL) + GPTQ"),
 ):
     register(_method)

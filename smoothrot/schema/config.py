@@ -157,6 +157,20 @@ BLOCK_TARGETS = ("layer", "model")
 BLOCK_WEIGHTS = ("rtn", "gptq")
 
 
+def _check_layer_training(section: str, steps: int, lr: float, batch_tokens: int,
+                          target: str) -> None:
+    """The checks every layer-output training section shares."""
+    if steps < 0:
+        raise ConfigError(f"{section}.steps={steps} must be >= 0")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"{section}.lr={lr} must be a positive number")
+    if batch_tokens < 1:
+        raise ConfigError(f"{section}.batch_tokens={batch_tokens} must be at least 1 (rounded "
+                          "up to whole windows)")
+    if target not in BLOCK_TARGETS:
+        raise ConfigError(f"{section}.target={target!r} is not one of {list(BLOCK_TARGETS)}")
+
+
 @dataclass
 class BlockTrainConfig:
     """The ``trained_block`` method (training/block.py): the scales of each decoder layer's
@@ -177,19 +191,33 @@ class BlockTrainConfig:
     weights: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"block_training.steps={self.steps} must be >= 0")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"block_training.lr={self.lr} must be a positive number")
-        if self.batch_tokens < 1:
-            raise ConfigError(f"block_training.batch_tokens={self.batch_tokens} must be at "
-                              "least 1 (rounded up to whole windows)")
-        if self.target not in BLOCK_TARGETS:
-            raise ConfigError(f"block_training.target={self.target!r} is not one of "
-                              f"{list(BLOCK_TARGETS)}")
+        _check_layer_training("block_training", self.steps, self.lr, self.batch_tokens,
+                              self.target)
         if self.weights not in BLOCK_WEIGHTS:
             raise ConfigError(f"block_training.weights={self.weights!r} is not one of "
                               f"{list(BLOCK_WEIGHTS)}")
+
+
+@dataclass
+class ActTuningConfig:
+    """The ``<base>+gptq+act`` methods (methods/act_tuned.py): after sequential GPTQ rounds a
+    decoder layer's sites, the activation side's scales (1/s in the sources) are trained against
+    the layer's output with the rounded weights held fixed. ``steps`` Adam steps per layer under
+    a cosine schedule from ``lr``, each on ``batch_tokens`` tokens (whole windows); ``target`` as
+    in ``block_training``. The selection split's layer loss keeps the best point, the untuned
+    ``+gptq`` layer included."""
+
+    steps: int = 30
+    lr: float = 0.01
+    batch_tokens: int = 512
+    target: str = "model"
+
+    def __post_init__(self) -> None:
+        _check_layer_training("act_tuning", self.steps, self.lr, self.batch_tokens, self.target)
+
+    def as_block(self) -> BlockTrainConfig:
+        """The same run as the layer-output trainer (training/block.py) takes it."""
+        return BlockTrainConfig(self.steps, self.lr, self.batch_tokens, self.target)
 
 
 @dataclass
@@ -334,6 +362,7 @@ class FitConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     block_training: BlockTrainConfig = field(default_factory=BlockTrainConfig)
+    act_tuning: ActTuningConfig = field(default_factory=ActTuningConfig)
     kl_training: KLTrainConfig = field(default_factory=KLTrainConfig)
     head_rotation: HeadRotationConfig = field(default_factory=HeadRotationConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

@@ -38,7 +38,7 @@ from smoothrot.schema.config import BlockTrainConfig
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.fit import scale_trainer
 from smoothrot.training.module import adam_with_schedule
-from smoothrot.training.substitution import fake_quant_forward, fit_substituted, linear_error
+from smoothrot.training.substitution import fake_quant_forward, fit_substituted, linear_part
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class BlockProblem:
     # Per site: an offline rounding's error of its fused weight at ``init`` (W_q − W·diag(s₀)·H,
     # concatenated like ResolvedSite.weight), held fixed in the loss; None rounds by RTN.
     weight_errors: dict[str, torch.Tensor] | None = None
+    # Per site: its offline-rounded fused weight, held fixed whatever the scales: they then move
+    # the activation side only (methods/act_tuned.py). Exclusive with ``weight_errors``.
+    weights_q: dict[str, torch.Tensor] | None = None
 
 
 class BlockScaleFitModule(L.LightningModule):
@@ -86,7 +89,8 @@ class BlockScaleFitModule(L.LightningModule):
         index = str([s.name for s in self.problem.step.sites].index(rs.name))
         return fake_quant_forward(self.log_scales[index], linear, self.problem.transforms[rs.name],
                                   self.problem.schemes[rs.name],
-                                  linear_error(self.problem.weight_errors, rs, linear))
+                                  linear_part(self.problem.weight_errors, rs, linear),
+                                  linear_part(self.problem.weights_q, rs, linear))
 
     def _block_loss(self, index: int, split: str) -> torch.Tensor:
         step = self.problem.step

@@ -34,7 +34,7 @@ from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.fit import scale_trainer
 from smoothrot.training.module import adam_with_schedule
 from smoothrot.training.sampler import EpochTokenSampler
-from smoothrot.training.substitution import fake_quant_forward, fit_substituted, linear_error
+from smoothrot.training.substitution import fake_quant_forward, fit_substituted, linear_part
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ModelKLFitModule(L.LightningModule):
         quantized = fake_quant_forward(self.log_scales[index], linear,
                                        self.problem.transforms[rs.name],
                                        self.problem.schemes[rs.name],
-                                       linear_error(self.problem.weight_errors, rs, linear))
+                                       linear_part(self.problem.weight_errors, rs, linear))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self.float_pass:

@@ -21,21 +21,27 @@ from smoothrot.training.interrupt import interruptible
 
 
 def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: SiteTransform,
-                       scheme: QuantScheme, weight_error: torch.Tensor | None = None
+                       scheme: QuantScheme, weight_error: torch.Tensor | None = None,
+                       weight_q: torch.Tensor | None = None
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``linear`` as the fused, quantized export computes it, Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
     (+ bias), with s from ``log_scales``: straight-through and float32 scales under autograd
     (training), the float64 scales the export fuses otherwise (scoring). With ``weight_error``
     the weight is not rounded here: W·diag(s)·H + ``weight_error``, an offline rounding's error
-    (GPTQ's at the starting scales) held fixed while s moves."""
+    (GPTQ's at the starting scales) held fixed while s moves. With ``weight_q`` the weight is
+    that offline-rounded one whatever s is: s moves the activation side only (1/s folds into the
+    source, whose rows or γ stay float or scale with their per-row grid)."""
+    if weight_error is not None and weight_q is not None:
+        raise ValueError("give a weight error (weight follows s) or a fixed weight, not both")
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
+    fixed = None if weight_q is None else weight_q.detach()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         train = torch.is_grad_enabled()
         scales = log_scales() if train else log_scales.scales()
-        weight_q = (None if weight_error is None
+        weight_q = (fixed if weight_error is None
                     else transform_weight(weight, scales, transform) + weight_error)
         y = quantized_output(rows, weight, scales, transform, scheme, ste=train,
                              weight_q=weight_q)
@@ -45,13 +51,14 @@ def fake_quant_forward(log_scales: LogScales, linear: nn.Linear, transform: Site
     return forward
 
 
-def linear_error(weight_errors: dict[str, torch.Tensor] | None, rs: ResolvedSite,
-                 linear: nn.Linear) -> torch.Tensor | None:
-    """``linear``'s rows of site ``rs``'s weight error (stored concatenated like
-    ``ResolvedSite.weight``), on the linear's device and dtype; None without errors."""
-    if weight_errors is None:
+def linear_part(per_site: dict[str, torch.Tensor] | None, rs: ResolvedSite,
+                linear: nn.Linear) -> torch.Tensor | None:
+    """``linear``'s rows of a per-site weight-shaped tensor (a rounding error or a rounded
+    weight, stored concatenated like ``ResolvedSite.weight``), on the linear's device and
+    dtype; None without one."""
+    if per_site is None:
         return None
-    parts = weight_errors[rs.name].split([lin.out_features for lin in rs.linears])
+    parts = per_site[rs.name].split([lin.out_features for lin in rs.linears])
     return parts[rs.linears.index(linear)].to(linear.weight)
 
 

@@ -409,3 +409,24 @@ def test_fused_ste_equals_the_composed_ops(grid, bits, clip, group, mse) -> None
     # The scale's gradient is not negligible: without it the two would differ.
     inside = torch.where(ref_x.grad != 0, 1.0, 0.0)
     assert (ref_x.grad - inside * g).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("clip_ratio", [1.0, 0.7])
+def test_grid_of_recovers_the_grid_a_rounding_lies_on(clip_ratio: float) -> None:
+    """Values rounded on one grid (here RTN of another tensor's, clipped: codes saturate) give
+    back parameters that reproduce them; a grid finer than any row's codes allow is refused,
+    and so is a row on no grid; zero rows keep a positive scale."""
+    quant = Quantizer("int", 4)
+    other = _randn(6, 64, seed=1)
+    scale = _scale(other, 4, clip_ratio)
+    values = torch.clamp(torch.round(_randn(6, 64, seed=2) / scale), -8, 7) * scale
+    values[5] = 0.0
+    qp = quant.grid_of(quant.grouped(values))
+    assert qp is not None and bool((qp.scale > 0).all())
+    again = quant.quantize_with(quant.grouped(values), qp).reshape(values.shape)
+    torch.testing.assert_close(again, values, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(qp.scale[:5, 0, 0], scale[:5, 0], rtol=1e-6, atol=0.0)
+    off = values.clone()
+    off[0, 0] += scale[0, 0] * 0.37
+    assert quant.grid_of(quant.grouped(off)) is None
+    assert Quantizer("nvfp4", 4, group_size=16).grid_of(values.reshape(6, 4, 16)) is None
