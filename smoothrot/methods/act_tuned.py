@@ -15,23 +15,18 @@ kept, s_a = s included. Nothing changes for a backend: Ŵ is stored as any GPTQ 
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import replace
 
-from smoothrot.calibrate.capture import fit_specs
-from smoothrot.calibrate.sequential import round_layer, walk_layers
+from smoothrot.calibrate.sequential import round_layer
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.gptq import GPTQ_SUFFIX, site_rounder
 from smoothrot.methods.registry import Method, MethodResult
+from smoothrot.methods.trained_block import layer_problem, layer_steps, training_splits
 from smoothrot.schema.errors import ConfigError
-from smoothrot.schema.quant import with_act_clip
 from smoothrot.surgery.plan import SitePlan
-from smoothrot.training.block import BlockProblem, fit_block
+from smoothrot.training.block import fit_block
 from smoothrot.training.fit import accelerator_of
-
-log = logging.getLogger(__name__)
 
 ACT_SUFFIX = "+act"
 
@@ -56,28 +51,18 @@ class ActTunedGPTQ(Method):
             raise ConfigError(f"{self.name}: {self.base} has no scales at {unscaled[0]} to "
                               "tune; pick a base method with smoothing scales")
         cfg = ctx.cfg.act_tuning.as_block()
-        specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
-        splits = {k: specs[k] for k in ("calibration", "selection")}
-        windows = max(1, math.ceil(cfg.batch_tokens / ctx.cfg.data.seq_len))
+        splits = training_splits(ctx)
         gptq_float = ctx.cfg.gptq.target == "model"
         round_site = site_rounder(ctx, base)
         accelerator = accelerator_of(ctx.model)
         plans: dict[str, SitePlan] = {}
         with ctx.stage("gptq + activation tuning"):
-            for step in walk_layers(ctx.model, ctx.sites, ctx.scheme, splits, windows,
-                                    f"{ctx.scheme.name} {self.name}",
-                                    float_stream=cfg.target == "model" or gptq_float):
-                if not step.sites:
-                    continue
+            for step in layer_steps(ctx, splits, cfg, self.name,
+                                    cfg.target == "model" or gptq_float):
                 layer = {rs.name: base[rs.name] for rs in step.sites}
                 rounded = round_layer(step, layer, ctx.scheme, splits, round_site, gptq_float)
-                problem = BlockProblem(
-                    step, {name: plan.scales for name, plan in layer.items()},
-                    {rs.name: ctx.transform(rs, layer[rs.name]) for rs in step.sites},
-                    {name: with_act_clip(ctx.scheme, plan.act_clip)
-                     for name, plan in layer.items()},
-                    seed=ctx.cfg.seed + step.index,
-                    weights_q={name: choice.weight_q for name, choice in rounded.items()})
+                problem = layer_problem(ctx, step, layer, weights_q={
+                    name: choice.weight_q for name, choice in rounded.items()})
                 best, _ = fit_block(problem, cfg, log_bound=ctx.cfg.train.log_bound,
                                     accelerator=accelerator)
                 for name in layer:

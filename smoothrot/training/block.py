@@ -81,6 +81,7 @@ class BlockScaleFitModule(L.LightningModule):
             {str(i): LogScales(problem.init[name], log_bound) for i, name in enumerate(names)})
         self.best_scales = {name: problem.init[name].detach().double().clone() for name in names}
         self.best_val = float("inf")
+        self.start_val: float | None = None  # the first validation's: the starting scales'
         self.val_loss = MeanMetric()
 
     def site_forward(self, rs: ResolvedSite, linear: nn.Linear
@@ -112,6 +113,8 @@ class BlockScaleFitModule(L.LightningModule):
         value = float(self.val_loss.compute())
         self.val_loss.reset()
         self.log("val_block_loss", value, prog_bar=True)
+        if self.start_val is None:
+            self.start_val = value
         if value < self.best_val:
             self.best_val = value
             self.best_scales = {rs.name: self.log_scales[str(i)].scales()
@@ -156,5 +159,7 @@ def fit_block(problem: BlockProblem, cfg: BlockTrainConfig, *, log_bound: float,
     order = _step_order(len(step.inputs["calibration"]), cfg.steps, problem.seed)
     validation = list(range(len(step.inputs["selection"])))
     fit_substituted(trainer, module, step.layer, step.sites, order, validation, steps=cfg.steps)
-    log.info("layer %d: block loss %.4g", step.index, module.best_val)
+    start = module.start_val if module.start_val is not None else module.best_val
+    log.info("layer %d: block loss %.4g (%.4g at the start, %+.2f %%)", step.index,
+             module.best_val, start, 100 * (module.best_val / start - 1) if start else 0.0)
     return {name: s.detach().cpu() for name, s in module.best_scales.items()}, module.best_val

@@ -20,12 +20,18 @@ from smoothrot.io.writer import export_model
 from smoothrot.job import run_fit
 from smoothrot.report import summarize
 from smoothrot.schema.config import BlockTrainConfig, load_config
-from smoothrot.surgery.hooks import exact_norms, replaced_forwards, transformed
+from smoothrot.surgery.hooks import exact_norms
 from smoothrot.training.block import BlockScaleFitModule, fit_block
 from smoothrot.training.substitution import fake_quant_forward
 from tests.conftest import tiny_llama
 from tests.unit.test_bad_inputs import small_config, tiny_model  # noqa: F401 (fixture)
-from tests.unit.test_block_training import SCHEME, _plans, _problem, _specs
+from tests.unit.test_block_training import (
+    SCHEME,
+    _plans,
+    _problem,
+    _specs,
+    fused_other_substituted,
+)
 
 
 def _rounded(step, plans) -> dict[str, torch.Tensor]:
@@ -55,16 +61,8 @@ def test_fixed_weights_give_the_deployed_layer_at_any_activation_scales():
         weights_q = _rounded(step, plans)
         deployed = {name: replace(tuned[name], weight_q=w) for name, w in weights_q.items()}
         at_s = {name: replace(plans[name], weight_q=w) for name, w in weights_q.items()}
-        problem = replace(_problem(step, tuned), weights_q=weights_q)
-        module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
-        batch = step.inputs["calibration"][0]
-        with torch.no_grad():
-            with transformed(step.sites, deployed, SCHEME):
-                fused = step.run(batch)
-            with transformed(step.sites, at_s, SCHEME):
-                unchanged = step.run(batch)
-            with replaced_forwards(step.sites, module.site_forward):
-                substituted = step.run(batch)
+        fused, unchanged, substituted = fused_other_substituted(
+            step, replace(_problem(step, tuned), weights_q=weights_q), deployed, at_s)
     assert (fused - unchanged).abs().max() > 1e-3  # the activation scales do change the layer
     torch.testing.assert_close(substituted, fused, rtol=1e-6, atol=1e-8)
 

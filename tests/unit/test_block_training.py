@@ -102,18 +102,25 @@ def test_weight_errors_give_the_layer_with_the_offline_rounded_weights():
             nudge = torch.randint(-1, 2, rtn.shape, generator=gen, dtype=torch.float64)
             offline[rs.name] = replace(plan, weight_q=rtn + nudge * step_size)
             errors[rs.name] = offline[rs.name].weight_q - fused
-        problem = replace(_problem(step, plans), weight_errors=errors)
-        module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
-        batch = step.inputs["calibration"][0]
-        with torch.no_grad():
-            with transformed(step.sites, offline, SCHEME):
-                fused_out = step.run(batch)
-            with transformed(step.sites, plans, SCHEME):
-                rtn_out = step.run(batch)
-            with replaced_forwards(step.sites, module.site_forward):
-                substituted = step.run(batch)
+        fused_out, rtn_out, substituted = fused_other_substituted(
+            step, replace(_problem(step, plans), weight_errors=errors), offline, plans)
     assert (fused_out - rtn_out).abs().max() > 1e-3  # the offline weights do differ from RTN
     torch.testing.assert_close(substituted, fused_out, rtol=1e-6, atol=1e-8)
+
+
+def fused_other_substituted(step, problem, fused_plans, other_plans):
+    """One calibration batch through the layer three ways: fused under ``fused_plans``, fused
+    under ``other_plans``, and with ``problem``'s trainer substituting the site linears."""
+    module = BlockScaleFitModule(problem, {}, BlockTrainConfig(), 9.0)
+    batch = step.inputs["calibration"][0]
+    with torch.no_grad():
+        with transformed(step.sites, fused_plans, SCHEME):
+            fused = step.run(batch)
+        with transformed(step.sites, other_plans, SCHEME):
+            other = step.run(batch)
+        with replaced_forwards(step.sites, module.site_forward):
+            substituted = step.run(batch)
+    return fused, other, substituted
 
 
 def test_fit_block_lowers_the_selection_loss_and_keeps_the_start_when_told_nothing():
