@@ -174,14 +174,15 @@ def _weight_params(
     if weight_q is None:
         return wf, params
     wq = weight_q.detach().to(device=wf.device, dtype=wf.dtype)
-    on_grid = quant.quantize_with(quant.grouped(wq), qp).reshape(wq.shape)
+    wg = quant.grouped(wq)
+    on_grid = quant.quantize_with(wg, qp).reshape(wq.shape)
     if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
         # Rounded on another grid than the stored float weight's (a least-squares target's,
         # or scales that moved after rounding): store the grid its codes lie on.
-        own = quant.grid_of(quant.grouped(wq))
+        own = quant.grid_of(wg)
         if own is not None:
             params = {"weight_scale": own.scale.reshape(weight.shape[0], -1)}
-            on_grid = quant.quantize_with(quant.grouped(wq), own).reshape(wq.shape)
+            on_grid = quant.quantize_with(wg, own).reshape(wq.shape)
     if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
         raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
                           "(GPTQ with dynamic groups?); round with act_order or static_groups")
