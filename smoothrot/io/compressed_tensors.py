@@ -185,7 +185,8 @@ def _weight_params(
             on_grid = quant.quantize_with(wg, own).reshape(wq.shape)
     if not torch.allclose(on_grid, wq, rtol=1e-5, atol=0.0):
         raise ExportError(f"{name}: weight_q is not on the {scheme.name} grid of the fused weight "
-                          "(GPTQ with dynamic groups?); round with act_order or static_groups")
+                          "nor on any grid the format stores (grouped GPTQ fits each group when "
+                          "reached): round with act_order or static_groups")
     return wq, params
 
 
