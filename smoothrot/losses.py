@@ -72,3 +72,13 @@ def quantized_product(
 def output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the squared output error ||x·Wᵀ − Q(x')·Q(W')ᵀ||²."""
     return (y_ref - y_q).pow(2).sum(dim=-1).mean()
+
+
+def relative_output_loss(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||y_ref − y_q||² / ||y_ref||²: every token's error relative to its
+    size. A decoder layer's output is the residual stream, where a few tokens (attention sinks)
+    are thousands of times larger than the rest; the next layer normalizes each token, so it
+    sees this error, not the raw one. Tokens whose reference is zero count their raw error."""
+    size = y_ref.pow(2).sum(dim=-1)
+    size = torch.where(size > 0, size, torch.ones_like(size))
+    return ((y_ref - y_q).pow(2).sum(dim=-1) / size).mean()

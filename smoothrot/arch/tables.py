@@ -83,6 +83,9 @@ class SmoothingSite:
     rotation: Rotation = field(default_factory=Rotation.full)
     smooth_from_rows: str | None = None
     tie: str | None = None
+    # The group's outputs reach other tokens (attention's q/k/v): an error at one token is not
+    # that token's alone, so token-weighted losses leave such a site unweighted.
+    mixes_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not self.linears:
@@ -159,7 +162,7 @@ def _attention_mlp_sites(norm_kind: str, mlp_norm: str) -> tuple[SmoothingSite, 
     """The four sites of a pre-norm attention + gated MLP layer with separate projections."""
     return (
         SmoothingSite("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                      "input_layernorm", norm_kind),
+                      "input_layernorm", norm_kind, mixes_tokens=True),
         SmoothingSite("o_proj", ("self_attn.o_proj",), "self_attn.v_proj", "linear_rows",
                       tie="kv_heads"),
         SmoothingSite("gate_up", ("mlp.gate_proj", "mlp.up_proj"), mlp_norm, norm_kind),
@@ -212,7 +215,8 @@ GEMMA2 = ArchitectureMap(
 PHI3 = ArchitectureMap(
     layers="model.layers",
     sites=(
-        SmoothingSite("qkv", ("self_attn.qkv_proj",), "input_layernorm", "norm"),
+        SmoothingSite("qkv", ("self_attn.qkv_proj",), "input_layernorm", "norm",
+                      mixes_tokens=True),
         SmoothingSite("o_proj", ("self_attn.o_proj",), "self_attn.qkv_proj", "linear_rows",
                       smooth_from_rows="fused_qkv.v", tie="kv_heads"),
         SmoothingSite("gate_up", ("mlp.gate_up_proj",), "post_attention_layernorm", "norm"),

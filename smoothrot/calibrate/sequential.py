@@ -278,9 +278,33 @@ def _site_rows(step: LayerStep, rs: ResolvedSite, specs: dict[str, CaptureSpec],
     return rows
 
 
+# round_site(site, calibration rows, selection rows, float rows or None, token weights or None)
 RoundSite = Callable[
-    [ResolvedSite, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None],
+    [ResolvedSite, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None,
+     tuple[torch.Tensor, torch.Tensor] | None],
     GPTQChoice]
+
+
+@torch.no_grad()
+def residual_token_weights(step: LayerStep, specs: dict[str, CaptureSpec]
+                           ) -> dict[str, torch.Tensor]:
+    """Per split, one weight per kept row: 1 / ||layer output||² of its token, scaled to mean 1
+    over the split's tokens (the float layer on the walk's inputs).
+
+    A site whose output stays with its token adds its error to that token's residual stream,
+    which the next norm divides by the stream's size: the error that counts is relative to it.
+    A few tokens (attention sinks) carry thousands of times the others' squared norm, and
+    unweighted they decide a whole Hessian (SmolLM2 layer 11's down_proj: 89 % of its trace
+    from the first token of each window).
+    """
+    weights = {}
+    for split, spec in specs.items():
+        size = torch.cat([step.run(batch).float().pow(2).sum(dim=-1).reshape(-1).cpu()
+                          for batch in step.inputs[split]])
+        inverse = 1.0 / size.clamp_min(torch.finfo(size.dtype).tiny)
+        inverse = inverse / inverse.mean()
+        weights[split] = inverse if spec.keep_index is None else inverse[spec.keep_index]
+    return weights
 
 
 @torch.no_grad()
@@ -293,6 +317,7 @@ def gptq_sequential(
     batch_size: int,
     round_site: RoundSite,
     float_target: bool = False,
+    token_weights: bool = False,
 ) -> dict[str, GPTQChoice]:
     """GPTQ site by site on the inputs of the model quantized so far (GPTQ's "sequential" mode).
 
@@ -301,15 +326,17 @@ def gptq_sequential(
     layers run one at a time over cached hidden states (:func:`walk_layers`); inside a layer
     each site in turn (table order: q/k/v, o, gate/up, down) is captured with the sites before
     it already quantized (weights *and* activations, as ``scheme`` says), rounded by
-    ``round_site(site, calibration rows, selection rows, float rows)``, and the layer's
-    quantized output becomes the next layer's input. ``specs`` holds the ``calibration`` and
-    ``selection`` splits. With ``float_target`` the float model's rows at the same tokens
-    (calibration, selection) are captured too and passed on; otherwise None.
+    ``round_site(site, calibration rows, selection rows, float rows, token weights)``, and the
+    layer's quantized output becomes the next layer's input. ``specs`` holds the ``calibration``
+    and ``selection`` splits. With ``float_target`` the float model's rows at the same tokens
+    (calibration, selection) are captured too and passed on; otherwise None. With
+    ``token_weights`` the sites that do not mix tokens get :func:`residual_token_weights`.
     """
     choices: dict[str, GPTQChoice] = {}
     for step in walk_layers(model, sites, scheme, specs, batch_size, "sequential GPTQ",
                             float_stream=float_target):
-        choices.update(round_layer(step, plans, scheme, specs, round_site, float_target))
+        choices.update(round_layer(step, plans, scheme, specs, round_site, float_target,
+                                   token_weights))
     return choices
 
 
@@ -321,11 +348,14 @@ def round_layer(
     specs: dict[str, CaptureSpec],
     round_site: RoundSite,
     float_target: bool = False,
+    token_weights: bool = False,
 ) -> dict[str, GPTQChoice]:
     """GPTQ of one walk step's sites in table order, each captured with the sites before it
     rounded (``step.done`` holds their rounded plans afterwards); with ``float_target`` the float
-    model's rows at the same tokens are passed on (the walk must carry the float stream)."""
+    model's rows at the same tokens are passed on (the walk must carry the float stream), with
+    ``token_weights`` the :func:`residual_token_weights` of sites that keep to their token."""
     choices: dict[str, GPTQChoice] = {}
+    weights = residual_token_weights(step, specs) if token_weights and step.sites else None
     for rs in step.sites:
         with transformed(step.sites, step.done, scheme):
             rows = _site_rows(step, rs, specs, step.inputs)
@@ -336,6 +366,9 @@ def round_layer(
                                  "walk_layers(float_stream=True)")
             f = _site_rows(step, rs, specs, step.float_inputs)
             floats = (f["calibration"], f["selection"])
-        choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats)
+        site_weights = (None if weights is None or rs.site.mixes_tokens
+                        else (weights["calibration"], weights["selection"]))
+        choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats,
+                                      site_weights)
         step.done[rs.name] = replace(plans[rs.name], weight_q=choices[rs.name].weight_q)
     return choices

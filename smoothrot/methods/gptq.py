@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from smoothrot.arch.sites import ResolvedSite
-from smoothrot.calibrate.capture import batch_size, fit_specs
+from smoothrot.calibrate.capture import CaptureSpec, batch_size, fit_specs
 from smoothrot.calibrate.sequential import RoundSite, gptq_sequential
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
@@ -32,6 +32,7 @@ from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.progress import progress
+from smoothrot.schema.config import GPTQConfig
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.surgery.plan import SitePlan
 
@@ -78,6 +79,7 @@ def gptq_fused_weight_selected(
     act_aware: bool = DEFAULT_ACT_AWARE,
     float_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ridges: tuple[float, ...] = DEFAULT_RIDGE_GRID,
+    token_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: object,
 ) -> GPTQChoice:
     """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
@@ -93,14 +95,24 @@ def gptq_fused_weight_selected(
     Q_a(X̃') joins the candidates (each ridge in ``ridges`` × each damping), so upstream error
     and this site's activation rounding are compensated in the weight where the selection
     split says it pays.
+
+    ``token_weights`` (calibration, selection): one weight per row, by which the Hessian, the
+    least-squares target and the selection loss weigh that token's squared error (rows scaled
+    by √weight after the per-token activation rounding, which they leave unchanged).
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
     xs = x_selection.detach().float()
     y = (xs if float_inputs is None else float_inputs[1].detach().float()) @ w.T
+    root_cal, root_sel = ((None, None) if token_weights is None else
+                          tuple(t.detach().float().sqrt().unsqueeze(-1) for t in token_weights))
+
+    def weighed(rows: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+        return rows if root is None else rows * root
 
     def loss(wq: torch.Tensor) -> float:
-        return float(output_loss(y, quantized_output(xs, w, s, transform, scheme, weight_q=wq)))
+        out = quantized_output(xs, w, s, transform, scheme, weight_q=wq)
+        return float(output_loss(weighed(y, root_sel), weighed(out, root_sel)))
 
     fused = transform_weight(w, s, transform)
     rtn = quantize_weight_spec(fused, scheme)
@@ -108,7 +120,7 @@ def gptq_fused_weight_selected(
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
     xt = transform_input(x.detach().float(), s, transform)
     inputs = quantize_activation_spec(xt, scheme) if act_aware else xt
-    hess = input_hessian(inputs)
+    hess = input_hessian(weighed(inputs, root_cal))
     for damp in damps:
         wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
         value = loss(wq)
@@ -116,8 +128,8 @@ def gptq_fused_weight_selected(
             best = GPTQChoice(wq, damp, value, rtn_loss)
     if float_inputs is None:
         return best
-    xq = quantize_activation_spec(xt, scheme)
-    y_float = float_inputs[0].detach().float() @ w.T
+    xq = weighed(quantize_activation_spec(xt, scheme), root_cal)
+    y_float = weighed(float_inputs[0].detach().float() @ w.T, root_cal)
     hess = input_hessian(xq)
     for ridge in ridges:
         goal = least_squares_target(fused, xq, y_float, ridge)
@@ -134,13 +146,24 @@ def site_rounder(ctx: SchemeContext, plans: Mapping[str, SitePlan]) -> RoundSite
     clip), the variant chosen on the selection split: what ``+gptq`` rounds a site with."""
 
     def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor,
-                   float_inputs: tuple[torch.Tensor, torch.Tensor] | None) -> GPTQChoice:
+                   float_inputs: tuple[torch.Tensor, torch.Tensor] | None,
+                   token_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> GPTQChoice:
         plan = plans[rs.name]
         return gptq_fused_weight_selected(
             ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
-            with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs)
+            with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs,
+            token_weights=token_weights)
 
     return round_site
+
+
+def gptq_splits(cfg: GPTQConfig, splits: dict[str, CaptureSpec]) -> dict[str, CaptureSpec]:
+    """The rows sequential GPTQ rounds on: ``splits`` (calibration rows kept as the trainers
+    keep them), or every calibration token under ``gptq.all_tokens``."""
+    if not cfg.all_tokens:
+        return splits
+    return {k: replace(v, keep_index=None) if k == "calibration" else v
+            for k, v in splits.items()}
 
 
 def rounding_error(weight: torch.Tensor, plan: SitePlan, transform: SiteTransform,
@@ -169,12 +192,13 @@ class WithGPTQ(Method):
                 specs = fit_specs(ctx.windows, ctx.cfg.data.train_tokens, ctx.cfg.seed)
                 picks = gptq_sequential(
                     ctx.model, ctx.sites, base, ctx.scheme,
-                    {k: specs[k] for k in ("calibration", "selection")},
+                    gptq_splits(ctx.cfg.gptq, {k: specs[k] for k in ("calibration", "selection")}),
                     batch_size(ctx.cfg.data.seq_len), round_site,
-                    float_target=ctx.cfg.gptq.target == "model")
+                    float_target=ctx.cfg.gptq.target == "model",
+                    token_weights=ctx.cfg.gptq.weighting == "residual")
             else:
                 picks = {rs.name: round_site(rs, ctx.data[rs.name].train_x,
-                                             ctx.data[rs.name].selection_x, None)
+                                             ctx.data[rs.name].selection_x, None, None)
                          for rs in progress(ctx.sites, desc=f"{ctx.scheme.name} {self.name}")}
         damps = [pick.damp for pick in picks.values()]
         ridges = [pick.ridge for pick in picks.values()]

@@ -15,7 +15,7 @@ from smoothrot.calibrate.capture import CaptureSpec, fit_specs
 from smoothrot.calibrate.sequential import LayerStep, round_layer, walk_layers
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.gptq import rounding_error, site_rounder
+from smoothrot.methods.gptq import gptq_splits, rounding_error, site_rounder
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
 from smoothrot.schema.config import BlockTrainConfig
@@ -71,8 +71,10 @@ class TrainedBlock(Method):
                 plans = {rs.name: start[rs.name] for rs in step.sites}
                 errors = None
                 if cfg.weights == "gptq":  # the layer as +gptq would round it at the start
-                    rounded = round_layer(step, plans, ctx.scheme, splits,
-                                          site_rounder(ctx, plans), gptq_float)
+                    rounded = round_layer(step, plans, ctx.scheme,
+                                          gptq_splits(ctx.cfg.gptq, splits),
+                                          site_rounder(ctx, plans), gptq_float,
+                                          ctx.cfg.gptq.weighting == "residual")
                     sites = {rs.name: rs for rs in step.sites}
                     errors = {name: rounding_error(ctx.weights[name], plans[name],
                                                    ctx.transform(sites[name], plans[name]),

@@ -155,10 +155,14 @@ class TrainConfig:
 # (GPTQConfig.target): the float layer on the same input, or the float model's own.
 BLOCK_TARGETS = ("layer", "model")
 BLOCK_WEIGHTS = ("rtn", "gptq")
+# How a layer-output loss weighs tokens: ``mse``, by their squared error; ``relative``, by it over
+# the target's squared norm (losses.relative_output_loss).
+BLOCK_LOSSES = ("mse", "relative")
+GPTQ_WEIGHTING = ("uniform", "residual")
 
 
 def _check_layer_training(section: str, steps: int, lr: float, batch_tokens: int,
-                          target: str) -> None:
+                          target: str, loss: str) -> None:
     """The checks every layer-output training section shares."""
     if steps < 0:
         raise ConfigError(f"{section}.steps={steps} must be >= 0")
@@ -169,6 +173,8 @@ def _check_layer_training(section: str, steps: int, lr: float, batch_tokens: int
                           "up to whole windows)")
     if target not in BLOCK_TARGETS:
         raise ConfigError(f"{section}.target={target!r} is not one of {list(BLOCK_TARGETS)}")
+    if loss not in BLOCK_LOSSES:
+        raise ConfigError(f"{section}.loss={loss!r} is not one of {list(BLOCK_LOSSES)}")
 
 
 @dataclass
@@ -182,17 +188,21 @@ class BlockTrainConfig:
     model's own hidden state there, so a layer also makes up for the error it receives.
     ``weights``: how the loss rounds the weights: ``rtn``, straight-through RTN; ``gptq``, the
     layer's sites rounded by GPTQ (as ``+gptq`` rounds them, ``gptq.target`` included) at the
-    starting scales, that error held fixed while the scales move."""
+    starting scales, that error held fixed while the scales move. ``loss``: ``mse``, the mean
+    over tokens of the squared error; ``relative``, of each token's squared error over the
+    target's squared norm, so the few tokens whose hidden state is thousands of times the others'
+    (attention sinks) do not outweigh the rest: the next layer's norm sees relative error."""
 
     steps: int = 30
     lr: float = 0.02
     batch_tokens: int = 512
     target: str = "layer"
     weights: str = "rtn"
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         _check_layer_training("block_training", self.steps, self.lr, self.batch_tokens,
-                              self.target)
+                              self.target, self.loss)
         if self.weights not in BLOCK_WEIGHTS:
             raise ConfigError(f"block_training.weights={self.weights!r} is not one of "
                               f"{list(BLOCK_WEIGHTS)}")
@@ -204,20 +214,23 @@ class ActTuningConfig:
     decoder layer's sites, the activation side's scales (1/s in the sources) are trained against
     the layer's output with the rounded weights held fixed. ``steps`` Adam steps per layer under
     a cosine schedule from ``lr``, each on ``batch_tokens`` tokens (whole windows); ``target`` as
-    in ``block_training``. The selection split's layer loss keeps the best point, the untuned
-    ``+gptq`` layer included."""
+    and ``loss`` as in ``block_training``. The selection split's layer loss keeps the best point,
+    the untuned ``+gptq`` layer included."""
 
     steps: int = 30
     lr: float = 0.01
     batch_tokens: int = 512
     target: str = "model"
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
-        _check_layer_training("act_tuning", self.steps, self.lr, self.batch_tokens, self.target)
+        _check_layer_training("act_tuning", self.steps, self.lr, self.batch_tokens, self.target,
+                              self.loss)
 
     def as_block(self) -> BlockTrainConfig:
         """The same run as the layer-output trainer (training/block.py) takes it."""
-        return BlockTrainConfig(self.steps, self.lr, self.batch_tokens, self.target)
+        return BlockTrainConfig(self.steps, self.lr, self.batch_tokens, self.target,
+                                loss=self.loss)
 
 
 @dataclass
@@ -299,15 +312,30 @@ class GPTQConfig:
     the float weight on the same (quantized model's) inputs, as GPTQ does; ``model``, the float
     model's own output at that site, so the weights also make up for the error their inputs
     carry (GPTQ of a least-squares target, chosen per site on the selection split against
-    plain GPTQ and RTN; needs ``sequential``).
+    plain GPTQ and RTN; needs ``sequential``). ``weighting``: how the Hessian, the least-squares
+    target and the selection loss weigh tokens: ``uniform``, alike (GPTQ); ``residual``, at
+    sites whose output stays with its token (all but attention's q/k/v), by 1 / the squared
+    norm of the layer's output there, so the few tokens the residual stream carries at
+    thousands of times the others' size (attention sinks) do not decide the rounding of every
+    other token (needs ``sequential``). ``all_tokens``: the Hessian and the least-squares
+    target from every calibration token instead of the ``data.train_tokens`` the trainers keep
+    (a d-wide Hessian wants many more than d tokens; the walk runs them all anyway).
     """
 
     sequential: bool = True
     target: str = "layer"
+    weighting: str = "uniform"
+    all_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in BLOCK_TARGETS:
             raise ConfigError(f"gptq.target={self.target!r} is not one of {list(BLOCK_TARGETS)}")
+        if self.weighting not in GPTQ_WEIGHTING:
+            raise ConfigError(f"gptq.weighting={self.weighting!r} is not one of "
+                              f"{list(GPTQ_WEIGHTING)}")
+        if self.weighting == "residual" and not self.sequential:
+            raise ConfigError("gptq.weighting='residual' needs gptq.sequential: true (the weights "
+                              "come from the layer's output in the sequential walk)")
         if self.target == "model" and not self.sequential:
             raise ConfigError("gptq.target='model' needs gptq.sequential: true (the float "
                               "model's inputs differ from the quantized model's only there)")

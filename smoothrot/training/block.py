@@ -4,8 +4,9 @@ Per-site training (module.py) fits each site to its own output, so an error coun
 wherever the model amplifies or damps it. Here the sites of one decoder layer are trained
 together on the layer's output: each site linear computes Q_a(x·diag(s)⁻¹·H)·Q_w(W·diag(s)·H)ᵀ
 (straight-through rounding) from its trainable log-scales, the layer runs as usual around them
-(attention, SwiGLU, residual sums), and the loss is the mean over tokens of ||f_q(h) − f(h)||²,
-the quantized layer's output against the float layer's on the same input h (or, with
+(attention, SwiGLU, residual sums), and the loss is the mean over tokens of ||f_q(h) − f(h)||²
+(with ``loss: relative``, each token's over ||f(h)||²), the quantized layer's output against the
+float layer's on the same input h (or, with
 ``target: model``, against the float model's own hidden state, so the layer also makes up for the
 error it receives). The inputs h are the hidden states of the model quantized so far
 (calibrate/sequential.walk_layers), so each layer is fitted to the inputs it will see. The
@@ -33,7 +34,7 @@ from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.sequential import LayerStep
 from smoothrot.core.scales import LogScales
 from smoothrot.core.transform import SiteTransform
-from smoothrot.losses import output_loss
+from smoothrot.losses import output_loss, relative_output_loss
 from smoothrot.schema.config import BlockTrainConfig
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.fit import scale_trainer
@@ -97,7 +98,8 @@ class BlockScaleFitModule(L.LightningModule):
         step = self.problem.step
         out = step.run(step.inputs[split][index])
         target = self.targets[split][index].to(out.device)
-        return output_loss(target.reshape(-1, target.shape[-1]), out.reshape(-1, out.shape[-1]))
+        loss = relative_output_loss if self.cfg.loss == "relative" else output_loss
+        return loss(target.reshape(-1, target.shape[-1]), out.reshape(-1, out.shape[-1]))
 
     def training_step(self, batch: int, batch_idx: int) -> torch.Tensor:
         loss = self._block_loss(int(batch), "calibration")

@@ -18,6 +18,7 @@ from smoothrot.core.transform import transform_weight
 from smoothrot.io.verify import verify_export
 from smoothrot.io.writer import export_model
 from smoothrot.job import run_fit
+from smoothrot.methods import gptq as gptq_module
 from smoothrot.report import summarize
 from smoothrot.schema.config import BlockTrainConfig, load_config
 from smoothrot.surgery.hooks import exact_norms
@@ -125,3 +126,32 @@ def test_act_tuned_end_to_end(tmp_path, tiny_model):  # noqa: F811
     tuned = result.schemes[0].plans[methods[1]]
     start = result.schemes[0].plans[methods[0]]
     assert max(float((tuned[k].scales - start[k].scales).abs().max()) for k in tuned) > 1e-4
+
+
+def test_gptq_token_options_end_to_end(tmp_path, tiny_model, monkeypatch):  # noqa: F811
+    """``gptq.all_tokens`` rounds on every calibration token (4 windows × 32), not the 64 the
+    trainers keep; ``gptq.weighting: residual`` hands token weights to every site but q/k/v;
+    the export of such a fit reloads to the in-memory model."""
+    seen: dict[tuple[bool, str], tuple[int, bool]] = {}
+    rounder = gptq_module.gptq_fused_weight_selected
+
+    def recording(weight, scales, transform, x, x_sel, scheme, **kwargs):
+        seen[(all_tokens, current[0])] = (x.shape[0], kwargs.get("token_weights") is not None)
+        current[0] = "next"
+        return rounder(weight, scales, transform, x, x_sel, scheme, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq_fused_weight_selected", recording)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    for all_tokens in (False, True):
+        current = ["first"]  # q/k/v of layer 0 is rounded first
+        config = load_config(small_config(
+            tmp_path, tiny_model, layers=["all"], methods=["smoothrot_max+gptq"],
+            gptq={"target": "model", "weighting": "residual", "all_tokens": all_tokens}))
+        result = run_fit(config)
+        assert seen[(all_tokens, "first")] == (128 if all_tokens else 64, False)
+        assert seen[(all_tokens, "next")] == (128 if all_tokens else 64, True)
+    plans = result.schemes[0].plans["smoothrot_max+gptq"]
+    path = export_model(model, plans, tmp_path / "export", fmt="w4a4")
+    assert verify_export(path, model, ids, plans=plans)["passed"] is True

@@ -210,6 +210,43 @@ def test_block_training_config_is_checked():
         config_from_dict({"block_training": {"target": "float"}})
     with pytest.raises(ConfigError, match=r"block_training\.weights='int4' is not one of"):
         config_from_dict({"block_training": {"weights": "int4"}})
+    with pytest.raises(ConfigError, match=r"block_training\.loss='kl' is not one of"):
+        config_from_dict({"block_training": {"loss": "kl"}})
+    with pytest.raises(ConfigError, match=r"act_tuning\.loss='kl' is not one of"):
+        config_from_dict({"act_tuning": {"loss": "kl"}})
+    assert config_from_dict({"act_tuning": {"loss": "relative"}}).act_tuning.as_block().loss \
+        == "relative"
+
+
+def test_relative_loss_weighs_each_token_by_its_size():
+    """``loss: relative``: the selection loss is the mean over tokens of each token's squared
+    error over its target's squared norm (computed here from the substituted layer directly);
+    training lowers it, and its scales differ from the ``mse`` loss's."""
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["all"])
+    plans = _plans(sites)
+    for step in walk_layers(model, sites, SCHEME, _specs(model.config.vocab_size), 2, "t",
+                            float_stream=True):
+        if step.index == 1:
+            break
+        step.done.update({rs.name: plans[rs.name] for rs in step.sites})
+    cfg = BlockTrainConfig(steps=0, target="model", loss="relative")
+    _, start = fit_block(_problem(step, plans), cfg, log_bound=9.0)
+    module = BlockScaleFitModule(_problem(step, plans), step.float_outputs, cfg, 9.0)
+    errors = []
+    with torch.no_grad(), replaced_forwards(step.sites, module.site_forward):
+        for batch, target in zip(step.inputs["selection"], step.float_outputs["selection"],
+                                 strict=True):
+            out = step.run(batch)
+            errors.append((out - target).pow(2).sum(-1) / target.pow(2).sum(-1))
+    assert start == pytest.approx(float(torch.cat([e.flatten() for e in errors]).mean()),
+                                  rel=1e-5)
+    trained = {loss: fit_block(_problem(step, plans), BlockTrainConfig(
+        steps=20, lr=0.05, target="model", loss=loss), log_bound=9.0) for loss in
+        ("relative", "mse")}
+    assert trained["relative"][1] < start
+    assert any(not torch.equal(trained["relative"][0][k], trained["mse"][0][k])
+               for k in trained["mse"][0])
 
 
 @pytest.mark.parametrize("weights", ["rtn", "gptq"])

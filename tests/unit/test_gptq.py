@@ -323,3 +323,40 @@ def test_float_model_target_compensates_upstream_error() -> None:
     assert comp.selection_loss <= comp.rtn_selection_loss
     assert held_out(comp.weight_q) < 0.5 * held_out(plain.weight_q), (
         held_out(comp.weight_q), held_out(plain.weight_q))
+
+
+def test_token_weights_keep_a_huge_token_from_deciding_the_rounding() -> None:
+    """Calibration rows with a few tokens 300× the others' size (attention sinks): unweighted,
+    GPTQ fits those; weighing each token by 1 / its size² fits the rest, whose held-out error
+    falls. Unit weights change nothing (the rows scale after the per-token activation rounding,
+    which a positive factor leaves as it was)."""
+    scheme = get_scheme("w4a4")
+    n = 64
+    w = _weight(16, n, 31)
+    sink = _inputs(64, n, 32, mix_seed=7) * 300.0  # their own direction, as sinks have
+    x_cal = torch.cat([_inputs(960, n, 33), sink])
+    x_sel, x_ho = _inputs(1024, n, 34), _inputs(2048, n, 35)
+    size = x_cal.pow(2).sum(-1)
+    weights = (size.mean() / size, torch.ones(x_sel.shape[0]))
+    plain = gptq_fused_weight_selected(w, None, FULL, x_cal, x_sel, scheme, damps=(0.01,))
+    ones = gptq_fused_weight_selected(w, None, FULL, x_cal, x_sel, scheme, damps=(0.01,),
+                                      token_weights=(torch.ones(1024), weights[1]))
+    assert torch.equal(ones.weight_q, plain.weight_q)
+    weighted = gptq_fused_weight_selected(w, None, FULL, x_cal, x_sel, scheme, damps=(0.01,),
+                                          token_weights=weights)
+
+    def held_out(wq: torch.Tensor) -> float:
+        return layer_error(x_ho, w, None, FULL, scheme, weight_q=wq).mse
+
+    assert weighted.damp is not None and plain.damp is not None
+    assert held_out(weighted.weight_q) < 0.9 * held_out(plain.weight_q), (
+        held_out(weighted.weight_q), held_out(plain.weight_q))
+    # The selection loss is weighted too: a zero weight makes a token's error not count.
+    bad = x_sel.clone()
+    bad[0] *= 1e4
+    zero = torch.ones(x_sel.shape[0])
+    zero[0] = 0.0
+    skip = gptq_fused_weight_selected(w, None, FULL, x_cal, bad, scheme, damps=(0.01,),
+                                      token_weights=(weights[0], zero))
+    assert torch.equal(skip.weight_q, weighted.weight_q)
+    assert skip.selection_loss <= weighted.selection_loss  # the 10⁴× token's error not counted

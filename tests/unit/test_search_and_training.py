@@ -9,7 +9,7 @@ from smoothrot.core.policies import smoothing_scales
 from smoothrot.core.stats import AbsMaxObserver, AbsQuantileObserver, weight_absmax
 from smoothrot.core.transform import FULL, IDENTITY, ScaleTie, SiteTransform
 from smoothrot.evaluate import layer_error
-from smoothrot.losses import output_loss, quantized_output
+from smoothrot.losses import output_loss, quantized_output, relative_output_loss
 from smoothrot.methods import search
 from smoothrot.methods.policy import (
     pick_alpha_only,
@@ -255,3 +255,21 @@ def test_mxfp4_global_factor_is_chosen_on_selection_and_holds_on_held_out():
     assert loss < 0.9 * candidate_loss(x_sel, x_sel @ w.T, w, s, mxfp4)
     assert layer_error(x_ho, w, picked, FULL, mxfp4).mse < 0.9 * layer_error(
         x_ho, w, s, FULL, mxfp4).mse
+
+
+def test_relative_output_loss_counts_every_token_alike():
+    """Each token's squared error over its reference's squared norm, averaged: scaling one token
+    (an attention sink) and its error by 1000 leaves it unchanged, where the plain loss grows
+    by 10⁶; a zero reference counts its raw error instead of dividing by zero."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 16, generator=gen)
+    out = ref + 0.1 * torch.randn(8, 16, generator=gen)
+    expected = ((out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1)).mean()
+    torch.testing.assert_close(relative_output_loss(ref, out), expected)
+    big = torch.ones(8, 1)
+    big[0] = 1000.0
+    torch.testing.assert_close(relative_output_loss(ref * big, out * big), expected)
+    assert output_loss(ref * big, out * big) > 1e5 * output_loss(ref, out)
+    zero = torch.zeros(1, 16)
+    loss = relative_output_loss(torch.cat([ref, zero]), torch.cat([out, zero + 0.5]))
+    torch.testing.assert_close(loss, (expected * 8 + 16 * 0.25) / 9)

@@ -11,7 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from smoothrot.arch.sites import resolve_sites
 from smoothrot.calibrate.capture import CaptureSpec, SiteRecord, capture_splits, token_subset
-from smoothrot.calibrate.sequential import capture_sequential, gptq_sequential
+from smoothrot.calibrate.sequential import (
+    capture_sequential,
+    gptq_sequential,
+    round_layer,
+    walk_layers,
+)
 from smoothrot.calibrate.weights import CheckpointError, ResidentWeights, SafetensorsWeights
 from smoothrot.job import _calibrate
 from smoothrot.methods.gptq import gptq_fused_weight_selected
@@ -184,7 +189,7 @@ def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs(float_ta
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     seen_float: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def round_site(rs, x, x_selection, float_inputs):
+    def round_site(rs, x, x_selection, float_inputs, token_weights):
         seen[rs.name] = (x, x_selection)
         seen_float[rs.name] = float_inputs
         return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform, x,
@@ -211,3 +216,39 @@ def test_gptq_sequential_rounds_each_site_on_the_quantized_model_inputs(float_ta
             torch.testing.assert_close(seen_float[rs.name][i],
                                        float_rows[split][rs.name].tokens(), rtol=1e-6, atol=1e-6)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_residual_token_weights_go_to_the_sites_that_keep_to_their_token():
+    """``token_weights``: every site but q/k/v (attention mixes tokens) gets one weight per
+    kept row, 1 / the squared norm of the layer's output at that token, mean 1 over the split."""
+    model = tiny_llama(layers=2)
+    sites = resolve_sites(model, ["all"])
+    scheme = get_scheme("w4a4")
+    specs = {k: replace(v, quantiles=None) for k, v in _specs(model.config.vocab_size).items()}
+    plans = {rs.name: SitePlan(scales=None, rotation=rs.rotation) for rs in sites}
+    got: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def round_site(rs, x, x_selection, float_inputs, token_weights):
+        got[rs.name] = token_weights
+        if token_weights is not None:
+            assert [t.shape[0] for t in token_weights] == [x.shape[0], x_selection.shape[0]]
+        return gptq_fused_weight_selected(rs.weight.detach(), None, rs.transform, x,
+                                          x_selection, scheme, token_weights=token_weights)
+
+    for step in walk_layers(model, sites, scheme, specs, 2, "t"):
+        outputs = {split: torch.cat([step.run(b).pow(2).sum(-1).reshape(-1)
+                                     for b in step.inputs[split]]) for split in specs}
+        round_layer(step, plans, scheme, specs, round_site, token_weights=True)
+        for rs in step.sites:
+            if rs.site.mixes_tokens:
+                assert got[rs.name] is None, rs.name
+                continue
+            for (split, spec), weights in zip(specs.items(), got[rs.name], strict=True):
+                full = outputs[split].reciprocal() / outputs[split].reciprocal().mean()
+                want = full if spec.keep_index is None else full[spec.keep_index]
+                torch.testing.assert_close(weights, want, rtol=1e-5, atol=0)
+    assert {rs.site.name for rs in sites if got[rs.name] is None} == {"qkv"}
+    with pytest.raises(ConfigError, match=r"gptq\.weighting='sink' is not one of"):
+        config_from_dict({"gptq": {"weighting": "sink"}})
+    with pytest.raises(ConfigError, match=r"gptq\.weighting='residual' needs gptq\.sequential"):
+        config_from_dict({"gptq": {"weighting": "residual", "sequential": False}})
