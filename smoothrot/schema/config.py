@@ -333,6 +333,9 @@ class GPTQConfig:
         if self.weighting not in GPTQ_WEIGHTING:
             raise ConfigError(f"gptq.weighting={self.weighting!r} is not one of "
                               f"{list(GPTQ_WEIGHTING)}")
+        if self.all_tokens and not self.sequential:
+            raise ConfigError("gptq.all_tokens needs gptq.sequential: true (without it GPTQ "
+                              "rounds on the rows calibration kept, data.train_tokens)")
         if self.weighting == "residual" and not self.sequential:
             raise ConfigError("gptq.weighting='residual' needs gptq.sequential: true (the weights "
                               "come from the layer's output in the sequential walk)")

@@ -252,3 +252,5 @@ def test_residual_token_weights_go_to_the_sites_that_keep_to_their_token():
         config_from_dict({"gptq": {"weighting": "sink"}})
     with pytest.raises(ConfigError, match=r"gptq\.weighting='residual' needs gptq\.sequential"):
         config_from_dict({"gptq": {"weighting": "residual", "sequential": False}})
+    with pytest.raises(ConfigError, match=r"gptq\.all_tokens needs gptq\.sequential"):
+        config_from_dict({"gptq": {"all_tokens": True, "sequential": False}})
