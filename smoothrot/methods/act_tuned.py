@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from smoothrot.calibrate.sequential import round_layer
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.gptq import GPTQ_SUFFIX, gptq_splits, site_rounder
+from smoothrot.methods.gptq import GPTQ_SUFFIX, round_layer_as_configured, site_rounder
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained_block import layer_problem, layer_steps, training_splits
 from smoothrot.schema.errors import ConfigError
@@ -60,9 +59,7 @@ class ActTunedGPTQ(Method):
             for step in layer_steps(ctx, splits, cfg, self.name,
                                     cfg.target == "model" or gptq_float):
                 layer = {rs.name: base[rs.name] for rs in step.sites}
-                rounded = round_layer(step, layer, ctx.scheme, gptq_splits(ctx.cfg.gptq, splits),
-                                      round_site, gptq_float,
-                                      ctx.cfg.gptq.weighting == "residual")
+                rounded = round_layer_as_configured(ctx, step, layer, splits, round_site)
                 problem = layer_problem(ctx, step, layer, weights_q={
                     name: choice.weight_q for name, choice in rounded.items()})
                 best, _ = fit_block(problem, cfg, log_bound=ctx.cfg.train.log_bound,

@@ -16,7 +16,7 @@ import torch
 
 from smoothrot.arch.sites import ResolvedSite
 from smoothrot.calibrate.capture import CaptureSpec, batch_size, fit_specs
-from smoothrot.calibrate.sequential import RoundSite, gptq_sequential
+from smoothrot.calibrate.sequential import LayerStep, RoundSite, gptq_sequential, round_layer
 from smoothrot.core.gptq import (
     DEFAULT_ACT_AWARE,
     DEFAULT_DAMP_GRID,
@@ -147,7 +147,7 @@ def site_rounder(ctx: SchemeContext, plans: Mapping[str, SitePlan]) -> RoundSite
 
     def round_site(rs: ResolvedSite, x: torch.Tensor, x_sel: torch.Tensor,
                    float_inputs: tuple[torch.Tensor, torch.Tensor] | None,
-                   token_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> GPTQChoice:
+                   token_weights: tuple[torch.Tensor, torch.Tensor] | None) -> GPTQChoice:
         plan = plans[rs.name]
         return gptq_fused_weight_selected(
             ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
@@ -164,6 +164,16 @@ def gptq_splits(cfg: GPTQConfig, splits: dict[str, CaptureSpec]) -> dict[str, Ca
         return splits
     return {k: replace(v, keep_index=None) if k == "calibration" else v
             for k, v in splits.items()}
+
+
+def round_layer_as_configured(ctx: SchemeContext, step: LayerStep, plans: Mapping[str, SitePlan],
+                              splits: dict[str, CaptureSpec], round_site: RoundSite
+                              ) -> dict[str, GPTQChoice]:
+    """One walk step's sites rounded as ``+gptq`` rounds them under ``ctx.cfg.gptq`` (its rows,
+    target and token weighting): for the methods that round inside their own layer walk."""
+    cfg = ctx.cfg.gptq
+    return round_layer(step, plans, ctx.scheme, gptq_splits(cfg, splits), round_site,
+                       cfg.target == "model", cfg.weighting == "residual")
 
 
 def rounding_error(weight: torch.Tensor, plan: SitePlan, transform: SiteTransform,

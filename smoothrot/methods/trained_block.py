@@ -12,10 +12,10 @@ from dataclasses import replace
 import torch
 
 from smoothrot.calibrate.capture import CaptureSpec, fit_specs
-from smoothrot.calibrate.sequential import LayerStep, round_layer, walk_layers
+from smoothrot.calibrate.sequential import LayerStep, walk_layers
 from smoothrot.distributed import require_one_process
 from smoothrot.methods.context import SchemeContext
-from smoothrot.methods.gptq import gptq_splits, rounding_error, site_rounder
+from smoothrot.methods.gptq import round_layer_as_configured, rounding_error, site_rounder
 from smoothrot.methods.registry import Method, MethodResult
 from smoothrot.methods.trained import TRAINED
 from smoothrot.schema.config import BlockTrainConfig
@@ -71,10 +71,8 @@ class TrainedBlock(Method):
                 plans = {rs.name: start[rs.name] for rs in step.sites}
                 errors = None
                 if cfg.weights == "gptq":  # the layer as +gptq would round it at the start
-                    rounded = round_layer(step, plans, ctx.scheme,
-                                          gptq_splits(ctx.cfg.gptq, splits),
-                                          site_rounder(ctx, plans), gptq_float,
-                                          ctx.cfg.gptq.weighting == "residual")
+                    rounded = round_layer_as_configured(ctx, step, plans, splits,
+                                                        site_rounder(ctx, plans))
                     sites = {rs.name: rs for rs in step.sites}
                     errors = {name: rounding_error(ctx.weights[name], plans[name],
                                                    ctx.transform(sites[name], plans[name]),
