@@ -48,6 +48,7 @@ __all__ = [
     "gptq_quantize",
     "input_hessian",
     "least_squares_target",
+    "refit_row_scales",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,14 +219,37 @@ def gptq_quantize(
     return out[:, inverse].to(weight.dtype)
 
 
+@torch.no_grad()
+def refit_row_scales(weight_q: torch.Tensor, hessian: Hessian, goal: torch.Tensor) -> torch.Tensor:
+    """``weight_q`` [m, n] with each row r times the factor a_r that best fits row r of ``goal``
+    on the inputs behind ``hessian``: a_r = q_r·H·g_rᵀ / q_r·H·q_rᵀ, minimizing (a·q_r − g_r)·H·
+    (a·q_r − g_r)ᵀ.
+
+    GPTQ keeps the scale the weight's observer chose before rounding, but once error
+    compensation has moved the codes the best per-channel scale for them is another: the codes
+    stay integers, only the stored per-channel scale moves (the export stores the grid the
+    codes lie on). Rows the inputs never reach, or with a factor ≤ 0, keep theirs.
+    """
+    h = hessian.matrix.to(device=weight_q.device, dtype=torch.float64)
+    q64 = weight_q.double()
+    hq = q64 @ h
+    num = (hq * goal.double()).sum(dim=1)
+    den = (hq * q64).sum(dim=1)
+    factor = torch.where((den > 0) & (num > 0), num / den.clamp_min(torch.finfo(h.dtype).tiny),
+                         torch.ones_like(num))
+    return (q64 * factor.unsqueeze(1)).to(weight_q.dtype)
+
+
 @dataclass(frozen=True)
 class GPTQChoice:
     """The selected rounding of one fused weight: ``damp`` None means RTN was kept; ``ridge``
     not None means GPTQ rounded the least-squares fit to the float model's output with that
-    ridge (:func:`least_squares_target`), None that it rounded the weight itself."""
+    ridge (:func:`least_squares_target`), None that it rounded the weight itself; ``refit``
+    that its per-channel scales were refitted to the codes (:func:`refit_row_scales`)."""
 
     weight_q: torch.Tensor
     damp: float | None
     selection_loss: float
     rtn_selection_loss: float
     ridge: float | None = None
+    refit: bool = False

@@ -22,9 +22,11 @@ from smoothrot.core.gptq import (
     DEFAULT_DAMP_GRID,
     DEFAULT_RIDGE_GRID,
     GPTQChoice,
+    Hessian,
     gptq_quantize,
     input_hessian,
     least_squares_target,
+    refit_row_scales,
 )
 from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
@@ -80,6 +82,7 @@ def gptq_fused_weight_selected(
     float_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ridges: tuple[float, ...] = DEFAULT_RIDGE_GRID,
     token_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    refit: bool = False,
     **kwargs: object,
 ) -> GPTQChoice:
     """GPTQ of the fused weight with the damping that minimizes the selection-split loss.
@@ -99,6 +102,9 @@ def gptq_fused_weight_selected(
     ``token_weights`` (calibration, selection): one weight per row, by which the Hessian, the
     least-squares target and the selection loss weigh that token's squared error (rows scaled
     by √weight after the per-token activation rounding, which they leave unchanged).
+
+    ``refit``: each GPTQ rounding also competes with its per-channel scales refitted to its
+    codes on the same Hessian (:func:`refit_row_scales`, toward the weight it rounded).
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
@@ -118,14 +124,22 @@ def gptq_fused_weight_selected(
     rtn = quantize_weight_spec(fused, scheme)
     rtn_loss = loss(rtn)
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
+
+    def consider(wq: torch.Tensor, damp: float, hess: Hessian, goal: torch.Tensor,
+                 ridge: float | None = None) -> None:
+        nonlocal best
+        for refitted, candidate in ((False, wq),
+                                    *([(True, refit_row_scales(wq, hess, goal))] if refit else [])):
+            value = loss(candidate)
+            if value < best.selection_loss:
+                best = GPTQChoice(candidate, damp, value, rtn_loss, ridge, refitted)
+
     xt = transform_input(x.detach().float(), s, transform)
     inputs = quantize_activation_spec(xt, scheme) if act_aware else xt
     hess = input_hessian(weighed(inputs, root_cal))
     for damp in damps:
-        wq = gptq_quantize(fused, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
-        value = loss(wq)
-        if value < best.selection_loss:
-            best = GPTQChoice(wq, damp, value, rtn_loss)
+        consider(gptq_quantize(fused, hess, scheme, damp=damp, **kwargs),  # type: ignore[arg-type]
+                 damp, hess, fused)
     if float_inputs is None:
         return best
     xq = weighed(quantize_activation_spec(xt, scheme), root_cal)
@@ -134,10 +148,8 @@ def gptq_fused_weight_selected(
     for ridge in ridges:
         goal = least_squares_target(fused, xq, y_float, ridge)
         for damp in damps:
-            wq = gptq_quantize(goal, hess, scheme, damp=damp, **kwargs)  # type: ignore[arg-type]
-            value = loss(wq)
-            if value < best.selection_loss:
-                best = GPTQChoice(wq, damp, value, rtn_loss, ridge)
+            consider(gptq_quantize(goal, hess, scheme, damp=damp, **kwargs),  # type: ignore[arg-type]
+                     damp, hess, goal, ridge)
     return best
 
 
@@ -152,7 +164,7 @@ def site_rounder(ctx: SchemeContext, plans: Mapping[str, SitePlan]) -> RoundSite
         return gptq_fused_weight_selected(
             ctx.weights[rs.name], plan.scales, ctx.transform(rs, plan), x, x_sel,
             with_act_clip(ctx.scheme, plan.act_clip), float_inputs=float_inputs,
-            token_weights=token_weights)
+            token_weights=token_weights, refit=ctx.cfg.gptq.refit_scales)
 
     return round_site
 
@@ -213,9 +225,10 @@ class WithGPTQ(Method):
         damps = [pick.damp for pick in picks.values()]
         ridges = [pick.ridge for pick in picks.values()]
         log.info("%s %s: damping per site %s (RTN kept on %d/%d), float-model target's ridge "
-                 "per site %s", ctx.scheme.name, self.name,
+                 "per site %s, scales refitted on %d", ctx.scheme.name, self.name,
                  {d: damps.count(d) for d in dict.fromkeys(damps)}, damps.count(None),
-                 len(damps), {r: ridges.count(r) for r in dict.fromkeys(ridges)})
+                 len(damps), {r: ridges.count(r) for r in dict.fromkeys(ridges)},
+                 sum(pick.refit for pick in picks.values()))
         return MethodResult(
             {s: replace(plan, weight_q=picks[s].weight_q) for s, plan in base.items()},
             selection_loss={s: pick.selection_loss for s, pick in picks.items()})

@@ -320,12 +320,15 @@ class GPTQConfig:
     other token (needs ``sequential``). ``all_tokens``: the Hessian and the least-squares
     target from every calibration token instead of the ``data.train_tokens`` the trainers keep
     (a d-wide Hessian wants many more than d tokens; the walk runs them all anyway).
+    ``refit_scales``: every GPTQ rounding also competes, on the selection split, with its
+    per-channel scales refitted by least squares to its codes (core/gptq.refit_row_scales).
     """
 
     sequential: bool = True
     target: str = "layer"
     weighting: str = "uniform"
     all_tokens: bool = False
+    refit_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in BLOCK_TARGETS:

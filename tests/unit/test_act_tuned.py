@@ -131,14 +131,18 @@ def test_act_tuned_end_to_end(tmp_path, tiny_model):  # noqa: F811
 def test_gptq_token_options_end_to_end(tmp_path, tiny_model, monkeypatch):  # noqa: F811
     """``gptq.all_tokens`` rounds on every calibration token (4 windows × 32), not the 64 the
     trainers keep; ``gptq.weighting: residual`` hands token weights to every site but q/k/v;
-    the export of such a fit reloads to the in-memory model."""
+    ``gptq.refit_scales`` lets refitted scales compete and some sites keep them; the export of
+    such a fit reloads to the in-memory model."""
     seen: dict[tuple[bool, str], tuple[int, bool]] = {}
+    refits: list[tuple[bool, bool]] = []
     rounder = gptq_module.gptq_fused_weight_selected
 
     def recording(weight, scales, transform, x, x_sel, scheme, **kwargs):
         seen[(all_tokens, current[0])] = (x.shape[0], kwargs.get("token_weights") is not None)
         current[0] = "next"
-        return rounder(weight, scales, transform, x, x_sel, scheme, **kwargs)
+        choice = rounder(weight, scales, transform, x, x_sel, scheme, **kwargs)
+        refits.append((kwargs["refit"], choice.refit))
+        return choice
 
     monkeypatch.setattr(gptq_module, "gptq_fused_weight_selected", recording)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -146,12 +150,16 @@ def test_gptq_token_options_end_to_end(tmp_path, tiny_model, monkeypatch):  # no
                         generator=torch.Generator().manual_seed(0))
     for all_tokens in (False, True):
         current = ["first"]  # q/k/v of layer 0 is rounded first
+        refits.clear()
         config = load_config(small_config(
             tmp_path, tiny_model, layers=["all"], methods=["smoothrot_max+gptq"],
-            gptq={"target": "model", "weighting": "residual", "all_tokens": all_tokens}))
+            gptq={"target": "model", "weighting": "residual", "all_tokens": all_tokens,
+                  "refit_scales": all_tokens}))
         result = run_fit(config)
         assert seen[(all_tokens, "first")] == (128 if all_tokens else 64, False)
         assert seen[(all_tokens, "next")] == (128 if all_tokens else 64, True)
+        assert {asked for asked, _ in refits} == {all_tokens}
+        assert any(kept for _, kept in refits) == all_tokens
     plans = result.schemes[0].plans["smoothrot_max+gptq"]
     path = export_model(model, plans, tmp_path / "export", fmt="w4a4")
     assert verify_export(path, model, ids, plans=plans)["passed"] is True
