@@ -283,6 +283,14 @@ class Quantizer:
         codes = self._symmetric_codes(xg, qp, ste=False)[..., 0, :].to(torch.int8)
         return codes, qp.scale[..., 0, :]
 
+    @property
+    def scale_is_free(self) -> bool:
+        """Whether every positive scale is a grid this format stores (symmetric int): a
+        rounding's grid can then be read back from its values (:meth:`grid_of`), so its scale may
+        move after rounding. FP4's block scales are e4m3 or powers of two; asymmetric int's grid
+        is refitted from min / max at export."""
+        return self.fmt == "int" and self.symmetric
+
     @torch.no_grad()
     def grid_of(self, xg: torch.Tensor) -> QParams | None:
         """Symmetric int: parameters of a grid grouped ``xg`` already lies on, per group the
@@ -293,7 +301,7 @@ class Quantizer:
         stored with (GPTQ of a least-squares target fits the target's grid; activation-tuned
         scales move the fused weight after rounding); the codes fix it up to float rounding.
         """
-        if not (self.fmt == "int" and self.symmetric):
+        if not self.scale_is_free:
             return None
         qmax = self._qmax
         amax = _absmax(xg)

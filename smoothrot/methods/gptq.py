@@ -28,7 +28,11 @@ from smoothrot.core.gptq import (
     least_squares_target,
     refit_row_scales,
 )
-from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.quantizers import (
+    quantize_activation_spec,
+    quantize_weight_spec,
+    weight_quantizer,
+)
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import output_loss, quantized_output
 from smoothrot.methods.context import SchemeContext
@@ -104,7 +108,8 @@ def gptq_fused_weight_selected(
     by √weight after the per-token activation rounding, which they leave unchanged).
 
     ``refit``: each GPTQ rounding also competes with its per-channel scales refitted to its
-    codes on the same Hessian (:func:`refit_row_scales`, toward the weight it rounded).
+    codes on the same Hessian (:func:`refit_row_scales`, toward the weight it rounded), where
+    the weight format can store a moved scale (``Quantizer.scale_is_free``; else ignored).
     """
     w = weight.detach().float()
     s = None if scales is None else scales.float()
@@ -124,12 +129,15 @@ def gptq_fused_weight_selected(
     rtn = quantize_weight_spec(fused, scheme)
     rtn_loss = loss(rtn)
     best = GPTQChoice(rtn, None, rtn_loss, rtn_loss)
+    refit = refit and weight_quantizer(scheme).scale_is_free  # else the export cannot store it
 
     def consider(wq: torch.Tensor, damp: float, hess: Hessian, goal: torch.Tensor,
                  ridge: float | None = None) -> None:
         nonlocal best
-        for refitted, candidate in ((False, wq),
-                                    *([(True, refit_row_scales(wq, hess, goal))] if refit else [])):
+        candidates = [(False, wq)]
+        if refit:
+            candidates.append((True, refit_row_scales(wq, hess, goal)))
+        for refitted, candidate in candidates:
             value = loss(candidate)
             if value < best.selection_loss:
                 best = GPTQChoice(candidate, damp, value, rtn_loss, ridge, refitted)

@@ -401,7 +401,8 @@ def test_refit_row_scales_fits_each_row_on_the_hessian() -> None:
 
 def test_refit_scales_join_the_selection() -> None:
     """With ``refit`` each GPTQ rounding also competes with its refitted scales: the selection
-    loss never rises, here a refitted rounding wins, and its held-out error is lower too."""
+    loss never rises, here a refitted rounding wins, and its held-out error is lower too; formats
+    that cannot store a moved scale (asymmetric int, FP4) round as without it."""
     scheme = get_scheme("w4a4-mse")
     n = 128
     w = _weight(32, n, 3)
@@ -415,3 +416,8 @@ def test_refit_scales_join_the_selection() -> None:
         return layer_error(x_ho, w, None, FULL, scheme, weight_q=wq).mse
 
     assert held_out(refit.weight_q) < held_out(plain.weight_q)
+    for name in ("w4a4-g128-asym", "nvfp4"):  # grids whose scale the export cannot move
+        other = get_scheme(name)
+        kept = gptq_fused_weight_selected(w, None, FULL, x_cal, x_sel, other)
+        asked = gptq_fused_weight_selected(w, None, FULL, x_cal, x_sel, other, refit=True)
+        assert not asked.refit and torch.equal(asked.weight_q, kept.weight_q)
