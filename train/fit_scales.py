@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", help="export.dir: target folder of the (single) format")
     p.add_argument("--export-method", help="export.method: whose plans are exported (default "
                    "trained; GPTQ methods too, e.g. trained+gptq)")
+    p.add_argument("--export-scheme", help="export.scheme: the fitted scheme whose plans are "
+                   "exported (default the format's own, e.g. w4a4; w4a4-mse into w4a4)")
     p.add_argument("--export-dtype", choices=EXPORT_DTYPES,
                    help="export.dtype: dtype of the exported float tensors")
     p.add_argument("--overwrite", action="store_true",
@@ -137,6 +139,7 @@ def resolve_config(args: argparse.Namespace) -> FitConfig:
         ("export", "formats"): args.export,
         ("export", "dir"): args.export_dir,
         ("export", "method"): args.export_method,
+        ("export", "scheme"): args.export_scheme,
         ("export", "dtype"): args.export_dtype,
     }
     if args.no_perplexity:

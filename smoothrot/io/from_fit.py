@@ -64,7 +64,8 @@ def check_fit_export(cfg: FitConfig) -> dict[str, Path]:
         scheme = _scheme_of(cfg, fmt)
         if scheme not in cfg.schemes:
             raise ExportError(f"export {fmt} needs scheme {scheme} in schemes (--schemes; have "
-                              f"{cfg.schemes}) or export.scheme naming a fitted one")
+                              f"{cfg.schemes}) or export.scheme (--export-scheme) naming a "
+                              "fitted one")
         if fmt == "fused" and method.rounding != "rtn":
             raise ExportError(f"export.method {e.method} rounds weights offline, which the float "
                               "format 'fused' cannot store; export a quantized format")

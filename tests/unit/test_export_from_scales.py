@@ -323,6 +323,9 @@ def test_export_cli_target_carries_clipped_fits_to_research_only(tmp_path, monke
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--export", "w8a8", "--schemes", "w4a4"], "needs scheme w8a8"),
+    (["--export", "w4a4", "--schemes", "w4a4-mse"], "export.scheme (--export-scheme)"),
+    (["--export", "w4a4", "--schemes", "w4a4-mse", "--export-scheme", "w4a4"],
+     "needs scheme w4a4"),
     (["--export", "fused", "w4a4", "--export-dir", "x"], "takes one format"),
     (["--export", "fused", "--export-method", "quantile", "--methods", "joint"],
      "not among the run's methods"),
@@ -337,6 +340,20 @@ def test_fit_scales_checks_export_flags_before_the_run(tmp_path, monkeypatch, ca
     assert fit.main([*argv, "--output-dir", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "No space" not in err
+
+
+def test_fit_scales_export_scheme_flag_names_the_fitted_scheme(tmp_path, monkeypatch, capsys):
+    """``--export w4a4`` of a w4a4-mse-only run passes the early check with --export-scheme
+    and reaches the fit (here a full disk), where without the flag it stops before."""
+    import smoothrot.job
+
+    fit = _import_script("fit_scales")
+    monkeypatch.setattr(smoothrot.job, "run_fit", disk_full)
+    argv = ["--export", "w4a4", "--schemes", "w4a4-mse", "--output-dir", str(tmp_path), "-q"]
+    assert fit.main([*argv, "--export-scheme", "w4a4-mse"]) == 2
+    assert "No space" in capsys.readouterr().err
+    assert fit.main(argv) == 2
+    assert "No space" not in capsys.readouterr().err
 
 
 def test_fit_scales_refuses_an_existing_export_without_overwrite(tmp_path, monkeypatch, capsys):
