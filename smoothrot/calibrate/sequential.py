@@ -264,17 +264,19 @@ def walk_layers(
                     batch.hidden = step.run(batch).cpu()
 
 
-def _site_rows(step: LayerStep, rs: ResolvedSite, specs: dict[str, CaptureSpec],
-               inputs: dict[str, list[_LayerInput]]) -> dict[str, torch.Tensor]:
-    """``rs``'s input rows per split, the layer run on ``inputs`` with whatever hooks are active."""
-    rows = {}
+def _site_rows(step: LayerStep, sites: Sequence[ResolvedSite], specs: dict[str, CaptureSpec],
+               inputs: dict[str, list[_LayerInput]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each site's input rows per split (``{site: {split: rows}}``), from one run of the layer
+    on ``inputs`` with whatever hooks are active (it stops after the last of ``sites``)."""
+    rows: dict[str, dict[str, torch.Tensor]] = {rs.name: {} for rs in sites}
     for split, spec in specs.items():
-        with capture_sites([rs], total_tokens=spec.total_tokens,
+        with capture_sites(sites, total_tokens=spec.total_tokens,
                            keep_index=spec.keep_index) as recorded:
             for batch in inputs[split]:
                 with suppress(StopForward):
                     step.run(batch)
-        rows[split] = recorded[rs.name].tokens()
+        for rs in sites:
+            rows[rs.name][split] = recorded[rs.name].tokens()
     return rows
 
 
@@ -356,16 +358,19 @@ def round_layer(
     ``token_weights`` the :func:`residual_token_weights` of sites that keep to their token."""
     choices: dict[str, GPTQChoice] = {}
     weights = residual_token_weights(step, specs) if token_weights and step.sites else None
+    float_rows = None
+    if float_target:
+        if step.float_inputs is None:
+            raise ValueError("a float-model target needs the float stream: "
+                             "walk_layers(float_stream=True)")
+        # the float layer does not change as sites are rounded: one run captures every site
+        float_rows = _site_rows(step, step.sites, specs, step.float_inputs)
     for rs in step.sites:
         with transformed(step.sites, step.done, scheme):
-            rows = _site_rows(step, rs, specs, step.inputs)
+            rows = _site_rows(step, [rs], specs, step.inputs)[rs.name]
         floats = None
-        if float_target:
-            if step.float_inputs is None:
-                raise ValueError("a float-model target needs the float stream: "
-                                 "walk_layers(float_stream=True)")
-            f = _site_rows(step, rs, specs, step.float_inputs)
-            floats = (f["calibration"], f["selection"])
+        if float_rows is not None:
+            floats = (float_rows[rs.name]["calibration"], float_rows[rs.name]["selection"])
         site_weights = (None if weights is None or rs.site.mixes_tokens
                         else (weights["calibration"], weights["selection"]))
         choices[rs.name] = round_site(rs, rows["calibration"], rows["selection"], floats,

@@ -88,7 +88,8 @@ def input_hessian(x: torch.Tensor) -> Hessian:
 
 @torch.no_grad()
 def least_squares_target(
-    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0
+    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0,
+    hessian: Hessian | None = None,
 ) -> torch.Tensor:
     """The weight W* [m, n] that best maps the inputs ``x`` [T, n] to the outputs ``y`` [T, m].
 
@@ -99,17 +100,20 @@ def least_squares_target(
     error against y (GPTAQ's asymmetric calibration, as a change of target). A ridge toward W,
     ρ relative to mean diag(x̃ᵀx̃) as GPTQ's damping is, keeps few tokens from overfitting W*:
 
-        W*ᵀ = Wᵀ + (x̃ᵀx̃ + ρ·mean diag·I)⁻¹ · x̃ᵀ(y − x̃·Wᵀ)
+        W*ᵀ = Wᵀ + (x̃ᵀx̃ + ρ·mean diag·I)⁻¹ · (x̃ᵀy − x̃ᵀx̃·Wᵀ)
+
+    ``hessian``: x̃ᵀx̃ when the caller already has it (GPTQ rounds W* on it), so the token-long
+    products are one, x̃ᵀy, not three; float64 keeps the difference exact enough.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"least_squares_target needs x [T, n] and y [T, m], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
-    x64, w64 = x.double(), weight.double()
-    h = x64.T @ x64
-    h += ridge * float(torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype,
-                                                        device=h.device)
-    rhs = x64.T @ (y.double() - x64 @ w64.T)
-    return (w64 + torch.linalg.solve(h, rhs).T).to(weight.dtype)
+    h = (input_hessian(x) if hessian is None else hessian).matrix
+    w64 = weight.double()
+    rhs = x.double().T @ y.double() - h @ w64.T
+    damped = h + ridge * float(torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype,
+                                                                 device=h.device)
+    return (w64 + torch.linalg.solve(damped, rhs).T).to(weight.dtype)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

@@ -297,6 +297,10 @@ def test_least_squares_target_fits_the_wanted_outputs() -> None:
                                rtol=0, atol=1e-10)
     far = least_squares_target(w, x, x @ other.T, ridge=1e6)
     assert float((far - w).abs().max()) < 1e-4 < float((other - w).abs().max())
+    # the caller's Hessian gives the same W* as the one computed from x
+    given = least_squares_target(w, x, x @ other.T, ridge=0.5, hessian=input_hessian(x))
+    torch.testing.assert_close(given, least_squares_target(w, x, x @ other.T, ridge=0.5),
+                               rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"needs x \[T, n\] and y \[T, m\]"):
         least_squares_target(w, x, (x @ w.T)[:10])
 
