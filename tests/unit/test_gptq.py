@@ -297,10 +297,15 @@ def test_least_squares_target_fits_the_wanted_outputs() -> None:
                                rtol=0, atol=1e-10)
     far = least_squares_target(w, x, x @ other.T, ridge=1e6)
     assert float((far - w).abs().max()) < 1e-4 < float((other - w).abs().max())
-    # the caller's Hessian gives the same W* as the one computed from x
-    given = least_squares_target(w, x, x @ other.T, ridge=0.5, hessian=input_hessian(x))
-    torch.testing.assert_close(given, least_squares_target(w, x, x @ other.T, ridge=0.5),
-                               rtol=0, atol=1e-12)
+    # x̃ᵀy − x̃ᵀx̃·Wᵀ, with the caller's Hessian or its own, is the textbook x̃ᵀ(y − x̃·Wᵀ)
+    y, h = x @ other.T, x.T @ x
+    textbook = w + torch.linalg.solve(h + 0.5 * h.diagonal().mean() * torch.eye(16, dtype=h.dtype),
+                                      x.T @ (y - x @ w.T)).T
+    for hessian in (None, input_hessian(x)):
+        torch.testing.assert_close(least_squares_target(w, x, y, ridge=0.5, hessian=hessian),
+                                   textbook, rtol=0, atol=1e-12)
+    wrong = least_squares_target(w, x, y, ridge=0.5, hessian=input_hessian(2 * x))
+    assert float((wrong - textbook).abs().max()) > 1e-3  # the given Hessian is the one used
     with pytest.raises(ValueError, match=r"needs x \[T, n\] and y \[T, m\]"):
         least_squares_target(w, x, (x @ w.T)[:10])
 
