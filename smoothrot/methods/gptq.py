@@ -143,15 +143,18 @@ def gptq_fused_weight_selected(
                 best = GPTQChoice(candidate, damp, value, rtn_loss, ridge, refitted)
 
     xt = transform_input(x.detach().float(), s, transform)
-    xq = weighed(quantize_activation_spec(xt, scheme), root_cal)
-    hess = input_hessian(xq if act_aware else weighed(xt, root_cal))
+    inputs = weighed(quantize_activation_spec(xt, scheme) if act_aware else xt, root_cal)
+    hess = input_hessian(inputs)
     for damp in damps:
         consider(gptq_quantize(fused, hess, scheme, damp=damp, **kwargs),  # type: ignore[arg-type]
                  damp, hess, fused)
     if float_inputs is None:
         return best
     y_float = weighed(float_inputs[0].detach().float() @ w.T, root_cal)
-    if not act_aware:  # act-aware GPTQ's Hessian above is already Q_a(X̃')'s
+    if act_aware:  # the inputs and Hessian above are already Q_a(X̃')'s
+        xq = inputs
+    else:
+        xq = weighed(quantize_activation_spec(xt, scheme), root_cal)
         hess = input_hessian(xq)
     for ridge in ridges:
         goal = least_squares_target(fused, xq, y_float, ridge, hess)
