@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from machine import describe  # bench/machine.py (scripts run from bench/)
 
+from smoothrot.allocator import tune_allocator
 from smoothrot.calibrate.capture import batch_size, run_model
 from smoothrot.data.splits import split_windows
 from smoothrot.job import run_fit
@@ -53,6 +54,8 @@ def main() -> None:
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--output-dir", default="outputs/bench_fit")
     args = p.parse_args()
+    # As the CLIs do (before anything is allocated): the forward passes and the job share it.
+    tune_allocator()
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config)
     cfg.output_dir = args.output_dir

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from smoothrot.allocator import tune_allocator
 from smoothrot.schema.export import (  # torch-free, so --help stays instant
     ACTIVATION_QUANTIZERS,
     EXPORT_DTYPES,
@@ -151,6 +152,7 @@ def run_verify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # process-wide, so here at the edge (smoothrot/allocator.py)
     previous = os.environ.get("TQDM_DISABLE")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when each bar is created

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
+from smoothrot.allocator import tune_allocator
 from smoothrot.schema.config import (
     DEFAULT_METHODS,
     FitConfig,
@@ -217,6 +218,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # process-wide, so here at the edge (smoothrot/allocator.py)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Progress bars follow the smoothrot logger's level (smoothrot/progress.py); set it here too,
