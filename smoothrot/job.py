@@ -25,7 +25,7 @@ from smoothrot.core.quantizers import check_group_size
 from smoothrot.core.stats import weight_absmax
 from smoothrot.data.splits import split_windows, text_hash
 from smoothrot.distributed import launch, merge_records, shard_spec
-from smoothrot.evaluate import LayerError, Reference, layer_error, perplexity
+from smoothrot.evaluate import LayerError, Reference, layer_errors, perplexity
 from smoothrot.methods.context import SchemeContext, SiteData
 from smoothrot.methods.registry import Method, MethodResult, baselines, get_method, run_order
 from smoothrot.methods.search import Choice
@@ -142,35 +142,49 @@ def _heldout_output(rs: ResolvedSite, x: torch.Tensor) -> Reference:
     return ref
 
 
-def _plan_key(plan: SitePlan) -> tuple:
-    """What a site's held-out error depends on besides the scheme: equal keys, equal errors."""
+def _input_key(plan: SitePlan) -> tuple:
+    """What a plan's transformed input X·diag(s)⁻¹·R depends on: equal keys, equal inputs."""
     scales = None if plan.scales is None else plan.scales.detach().cpu().numpy().tobytes()
-    weight_q = None if plan.weight_q is None else id(plan.weight_q)  # alive as long as the plan
-    return scales, plan.rotation, weight_q, plan.act_clip
+    return scales, plan.rotation
 
 
-def _heldout_errors(ctx: SchemeContext, methods: list[str]) -> dict[str, dict[str, LayerError]]:
-    """Held-out layer error of every site under each method's plan (X·Wᵀ from calibration).
+def _heldout_errors(contexts: list[SchemeContext], results: list[SchemeResult],
+                    timer: Timer) -> None:
+    """Held-out layer error of every site under each reported method's plan, for every scheme
+    (X·Wᵀ from calibration), into each result's ``errors``.
 
     Methods often pick the same scales at a site (a quantile method at q = 1 is SmoothRot-max;
-    ~a quarter of the policy methods' picks repeat another's on SmolLM2): each distinct plan is
-    scored once.
+    ~a quarter of the policy methods' picks repeat another's on SmolLM2), and a plan is often
+    the same under every scheme (Hadamard-only, SmoothRot-max, scales shared across schemes):
+    each distinct transformed input is computed once per site, and each distinct
+    (input, scheme, offline weight, clip) scored once.
     """
-    errors: dict[str, dict[str, LayerError]] = {m: {} for m in methods}
-    with ctx.stage("held-out errors"):
-        for rs in ctx.sites:
-            site = ctx.data[rs.name]
-            scored: dict[tuple, LayerError] = {}
-            for m in methods:
-                plan = ctx.results[m].plans[rs.name]
-                key = _plan_key(plan)
-                if key not in scored:
-                    scored[key] = layer_error(
-                        site.heldout_x, ctx.weights[rs.name], plan.scales,
-                        ctx.transform(rs, plan), with_act_clip(ctx.scheme, plan.act_clip),
-                        weight_q=plan.weight_q, reference=site.heldout_ref)
-                errors[m][rs.name] = scored[key]
-    return errors
+    for result in results:
+        result.errors = {m: {} for m in result.results}
+    with timer.stage("held-out errors (all schemes)"):
+        for rs in contexts[0].sites:
+            site = contexts[0].data[rs.name]
+            # input key -> variant key -> (scheme, weight_q) and the (result, method)s it scores
+            groups: dict[tuple, dict[tuple, tuple]] = {}
+            for ctx, result in zip(contexts, results, strict=True):
+                for m in result.results:
+                    plan = result.results[m].plans[rs.name]
+                    scheme = with_act_clip(ctx.scheme, plan.act_clip)
+                    # weight_q: alive as long as the plan, so its id names it
+                    variant = (scheme, None if plan.weight_q is None else id(plan.weight_q))
+                    entry = groups.setdefault(_input_key(plan), {}).setdefault(
+                        variant, (plan, scheme, []))
+                    entry[2].append((result, m))
+            for variants in groups.values():
+                plan = next(iter(variants.values()))[0]
+                errors = layer_errors(
+                    site.heldout_x, contexts[0].weights[rs.name], plan.scales,
+                    SchemeContext.transform(rs, plan),
+                    [(scheme, p.weight_q) for p, scheme, _ in variants.values()],
+                    reference=site.heldout_ref)
+                for (_, _, scored), error in zip(variants.values(), errors, strict=True):
+                    for result, m in scored:
+                        result.errors[m][rs.name] = error
 
 
 def _perplexity(ctx: SchemeContext, method: str) -> float:
@@ -182,19 +196,24 @@ def _perplexity(ctx: SchemeContext, method: str) -> float:
     return ppl
 
 
-def _run_scheme(ctx: SchemeContext, methods: list[Method], reported: set[str]) -> SchemeResult:
-    """Fit every method in order, then measure the requested ones (and the baseline)."""
+def _fit_scheme(ctx: SchemeContext, methods: list[Method], reported: set[str]) -> SchemeResult:
+    """Fit every method in order; the result keeps the reported ones (and the baseline)."""
     result = SchemeResult(scheme=ctx.scheme.name)
     for method in methods:  # each stage logs itself and has its own bar
         ctx.results[method.name] = method.fit(ctx)
         if method.name in reported:
             result.results[method.name] = ctx.results[method.name]
-    result.errors = _heldout_errors(ctx, list(result.results))
-    wanted = ctx.cfg.perplexity_filter(ctx.scheme.name)
-    if ctx.cfg.perplexity:
-        result.perplexity = {m: _perplexity(ctx, m) for m in result.results
-                             if wanted is None or m in wanted}
     return result
+
+
+def _measure(contexts: list[SchemeContext], results: list[SchemeResult], timer: Timer) -> None:
+    """Held-out errors of every scheme's methods, then the perplexities the config asks for."""
+    _heldout_errors(contexts, results, timer)
+    for ctx, result in zip(contexts, results, strict=True):
+        wanted = ctx.cfg.perplexity_filter(ctx.scheme.name)
+        if ctx.cfg.perplexity:
+            result.perplexity = {m: _perplexity(ctx, m) for m in result.results
+                                 if wanted is None or m in wanted}
 
 
 def _check_sites(sites: list[ResolvedSite], cfg: FitConfig) -> None:
@@ -257,11 +276,10 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> FitResult:
         with timer.stage("float perplexity"):
             float_ppl = perplexity(model, windows["evaluation"], desc="float ppl")
     across: dict[str, object] = {}  # work every scheme shares (SchemeContext.shared)
-    results = [
-        _run_scheme(SchemeContext(scheme, model, sites, data, windows, cfg, timer, resume,
-                                  schemes, across), methods, reported)
-        for scheme in schemes
-    ]
+    contexts = [SchemeContext(scheme, model, sites, data, windows, cfg, timer, resume, schemes,
+                              across) for scheme in schemes]
+    results = [_fit_scheme(ctx, methods, reported) for ctx in contexts]
+    _measure(contexts, results, timer)
     return FitResult(
         config=cfg,
         model_name=cfg.model.name,

@@ -38,28 +38,31 @@ def quantized_output(
     (NVFP4 takes its global scale per candidate).
     """
     x_t = transform_input(x, scales, transform)
-    if weight_q is not None:
-        x_q = quantize_activation_spec(x_t, scheme, ste=ste, batch_dims=batch_dims)
-        return x_q @ weight_q.transpose(-1, -2)
-    return quantized_product(x_t, transform_weight(weight, scales, transform), scheme, ste=ste,
-                             batch_dims=batch_dims)
+    w_t = None if weight_q is not None else transform_weight(weight, scales, transform)
+    return quantized_product(x_t, w_t, scheme, ste=ste, batch_dims=batch_dims, weight_q=weight_q)
 
 
 def quantized_product(
     x_t: torch.Tensor,
-    w_t: torch.Tensor,
+    w_t: torch.Tensor | None,
     scheme: QuantScheme,
     *,
     ste: bool = False,
     batch_dims: int = 0,
+    weight_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Q_a(X')·Q_w(W')ᵀ of an already transformed input X' and weight W'.
+    """Q_a(X')·Q_w(W')ᵀ of an already transformed input X' and weight W'; ``weight_q``, a
+    weight quantized offline, replaces Q_w(W') (``w_t`` is then unused).
 
     Without ``ste`` (nothing to differentiate) per-row int schemes take the exact int8 GEMM
     (:func:`~smoothrot.core.quantizers.integer_product`); otherwise, or where it does not apply,
     the float product of the dequantized tensors. Split from :func:`quantized_output` so several
-    schemes can score one transformed candidate (search.py).
+    schemes can score one transformed input (the search's candidates, the held-out errors).
     """
+    if weight_q is not None:
+        x_q = quantize_activation_spec(x_t, scheme, ste=ste, batch_dims=batch_dims)
+        return x_q @ weight_q.transpose(-1, -2)
+    assert w_t is not None, "quantized_product needs w_t or weight_q"
     if not ste:
         product = integer_product(x_t, w_t, activation_quantizer(scheme), weight_quantizer(scheme))
         if product is not None:

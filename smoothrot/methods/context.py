@@ -64,7 +64,10 @@ class SchemeContext:
     _shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.weights = {rs.name: rs.weight.detach().cpu().float() for rs in self.sites}
+        # One CPU float32 copy of the site weights for every scheme of the run.
+        self.weights = self.shared(
+            "site weights", lambda: {rs.name: rs.weight.detach().cpu().float()
+                                     for rs in self.sites}, across=True)
         if self.scheme not in self.schemes:
             self.schemes = (*self.schemes, self.scheme)
 
