@@ -133,11 +133,12 @@ def _masked_by_channel(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     ~2.4× cheaper than a top-k over all n rows (2048 × 1536, ~40 of 2048 passing per channel).
     Zero padding is safe where the mask is ``values > floor`` with ``floor >= 0``.
     """
-    counts = mask.sum(dim=0)
+    channel, row = mask.t().nonzero(as_tuple=True)  # channel-major, rows ascending
+    # Counted from the few kept indices: a column sum of the [n, channels] mask costs more.
+    counts = torch.bincount(channel, minlength=values.shape[1])
     depth = int(counts.max()) if counts.numel() else 0
     out = values.new_zeros(values.shape[1], depth)
     if depth:
-        channel, row = mask.t().nonzero(as_tuple=True)  # channel-major, rows ascending
         first = torch.cumsum(counts, 0) - counts
         out[channel, torch.arange(channel.numel(), device=values.device) - first[channel]] = (
             values[row, channel])

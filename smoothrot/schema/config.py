@@ -117,7 +117,9 @@ class TrainConfig:
     0 trains every step. ``share_across_schemes``: the scales trained under the run's first
     scheme are reused by a later scheme at every site where they beat that scheme's starting
     point on its selection loss (the rest are trained): on SmolLM2 the scales trained under
-    W4A4 and W8A8 score alike under either scheme (bench/README.md).
+    W4A4 and W8A8 score alike under either scheme (bench/README.md). ``bf16_grads``: the
+    backward GEMMs of the fake-quant product in bfloat16 on CPUs with native bfloat16 (AMX,
+    AVX512-BF16; losses.Bf16GradProduct); the loss, validation and every score stay float32.
     """
 
     steps: int = 24
@@ -130,6 +132,7 @@ class TrainConfig:
     min_delta: float = 0.0
     progress_bar: bool = False
     share_across_schemes: bool = False
+    bf16_grads: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0:

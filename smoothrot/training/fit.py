@@ -38,6 +38,7 @@ from smoothrot.distributed import (
     trainer_kwargs,
     world_size,
 )
+from smoothrot.losses import native_bf16
 from smoothrot.schema.config import TrainConfig
 from smoothrot.schema.quant import QuantScheme
 from smoothrot.training.checkpoints import RunCheckpoints, tensor_digest
@@ -71,9 +72,10 @@ class TrainProblem:
     start_loss: float | None = None
     data_digest: str | None = None
 
-    def key(self, cfg: TrainConfig) -> str:
+    def key(self, cfg: TrainConfig, bf16_grads: bool = False) -> str:
         """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
-        depends on it): equal keys, same trajectory."""
+        depends on it): equal keys, same trajectory. ``bf16_grads``: whether the run computes
+        the product's gradients in bfloat16 (``cfg.bf16_grads`` where the machine has them)."""
         data = self.data_digest or data_digest(self.train_x, self.val_x)
         tensors = tensor_digest(self.weight.float(), self.init_scales.double()) + data
         transform = repr(self.rotate)  # a frozen dataclass: its repr is its identity
@@ -82,7 +84,7 @@ class TrainProblem:
         return (f"{tensors}|{self.scheme!r}|rotate={transform}|lr={cfg.lr}|"
                 f"batch={cfg.batch_tokens}|val_every={cfg.val_every}|bound={cfg.log_bound}|"
                 f"schedule={schedule}|patience={cfg.patience}/{cfg.min_delta}|seed={self.seed}|"
-                f"start={self.start_loss!r}")
+                f"start={self.start_loss!r}|bf16_grads={bf16_grads}")
 
 
 def data_digest(train_x: torch.Tensor, val_x: torch.Tensor) -> str:
@@ -107,7 +109,9 @@ def fit_scales(
     Ctrl-C raises KeyboardInterrupt (Lightning alone would exit the process); ``callbacks`` are
     extra Lightning callbacks (tests use one to interrupt).
     """
-    key = problem.key(cfg)
+    # Where the CPU has native bfloat16 GEMMs (GPUs train fast enough in float32).
+    bf16_grads = cfg.bf16_grads and accelerator == "cpu" and native_bf16()
+    key = problem.key(cfg, bf16_grads)
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     files = ckpt = None
     if folder is not None:
@@ -127,7 +131,8 @@ def fit_scales(
     module = ScaleFitModule(problem.weight, problem.init_scales, problem.scheme, problem.rotate,
                             cfg.lr, cfg.log_bound, key, schedule=cfg.schedule,
                             total_steps=cfg.steps, patience=cfg.patience,
-                            min_delta=cfg.min_delta, start_loss=problem.start_loss)
+                            min_delta=cfg.min_delta, start_loss=problem.start_loss,
+                            bf16_grads=bf16_grads)
     # The sampler reads the step when an epoch starts, after the Trainer below exists.
     train, val = _loaders(problem, cfg, first_step=lambda: trainer.global_step)
     all_callbacks = list(callbacks or [])

@@ -49,6 +49,7 @@ class ScaleFitModule(L.LightningModule):
         patience: int = 0,
         min_delta: float = 0.0,
         start_loss: float | None = None,
+        bf16_grads: bool = False,
     ) -> None:
         super().__init__()
         # Only plain values go into the checkpoint, so it loads with torch.load(weights_only=True)
@@ -61,6 +62,7 @@ class ScaleFitModule(L.LightningModule):
         self.total_steps = max(total_steps, 1)
         self.patience = patience
         self.min_delta = min_delta
+        self.bf16_grads = bf16_grads  # the product's gradients in bfloat16 (losses.py)
         self.register_buffer("weight", weight.detach().float(), persistent=False)
         self.log_scales = LogScales(init_scales, log_bound)
         self.register_buffer("best_scales", self.log_scales.scales())
@@ -76,7 +78,7 @@ class ScaleFitModule(L.LightningModule):
         x, y = batch
         # Straight-through rounding only where there is a gradient to pass.
         y_q = quantized_output(x, self.weight, self.log_scales(), self.rotate, self.scheme,
-                               ste=stage == "train")
+                               ste=stage == "train", bf16_grads=self.bf16_grads)
         loss = output_loss(y, y_q)
         if stage == "val":
             self.val_loss.update(loss, weight=x.shape[0])
