@@ -106,6 +106,9 @@ def layer_errors(
     return out
 
 
+_NLL_CHUNK_BYTES = 16 << 20  # logits per cross-entropy call (bench/README.md)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "ppl"
@@ -118,11 +121,15 @@ def perplexity(
         logits = model(input_ids=batch, use_cache=False).logits.float()
         # Next-token targets; the last position has none (ignored), so the [tokens, vocab] logits
         # are read in place rather than copied without their last row.
-        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100)
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
-            ignore_index=-100)
-        total_nll += float(nll)
+        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1)
+        flat = logits.reshape(-1, logits.shape[-1])
+        # In row chunks whose log-softmax stays under the allocator's mmap threshold
+        # (allocator.py): a whole batch's copy is a fresh mapping faulted in page by page.
+        rows = max(1, _NLL_CHUNK_BYTES // (flat.shape[1] * flat.element_size()))
+        for lo in range(0, flat.shape[0], rows):
+            total_nll += float(torch.nn.functional.cross_entropy(
+                flat[lo : lo + rows], targets[lo : lo + rows], reduction="sum",
+                ignore_index=-100))
         total_tokens += batch[:, 1:].numel()
     value = math.exp(total_nll / total_tokens)
     if not math.isfinite(value):
