@@ -164,7 +164,8 @@ def _heldout_errors(contexts: list[SchemeContext], results: list[SchemeResult],
     with timer.stage("held-out errors (all schemes)"):
         for rs in contexts[0].sites:
             site = contexts[0].data[rs.name]
-            # input key -> variant key -> (scheme, weight_q) and the (result, method)s it scores
+            # input key -> (scheme, weight_q id) -> (a plan with that input, the scheme, and
+            # the (result, method)s that variant scores)
             groups: dict[tuple, dict[tuple, tuple]] = {}
             for ctx, result in zip(contexts, results, strict=True):
                 for m in result.results:

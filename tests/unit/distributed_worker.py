@@ -24,7 +24,9 @@ from smoothrot.training.fit import TrainProblem, fit_scales
 QUANTILES = (0.9, 0.99, 0.999, 1.0)
 # Rank 0's share of the observer rows: uneven on purpose (313 vs 687 rows).
 OBSERVER_SPLIT = 313
-TRAIN = TrainConfig(steps=12, lr=0.05, batch_tokens=64, val_every=4)
+# float32 gradients: two ranks' halves of a batch then sum to the one-process gradient up to
+# float32 rounding (bfloat16 gradients, train.bf16_grads, round each half on its own)
+TRAIN = TrainConfig(steps=12, lr=0.05, batch_tokens=64, val_every=4, bf16_grads=False)
 
 
 def observer_data() -> torch.Tensor:
