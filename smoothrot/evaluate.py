@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchmetrics import MeanSquaredError
 
 from smoothrot.core.transform import SiteTransform, transform_input, transform_weight
 from smoothrot.losses import quantized_product
@@ -84,7 +83,8 @@ def layer_errors(
     weights_q = [None if w_q is None else w_q.float() for _, w_q in variants]
     w_t = (transform_weight(w, s, transform) if any(w_q is None for w_q in weights_q)
            else None)
-    errors = [MeanSquaredError() for _ in variants]
+    # Float32 sums of squared errors, accumulated as torchmetrics' MeanSquaredError does.
+    sse = [torch.zeros((), dtype=torch.float32, device=x.device) for _ in variants]
     energy = 0.0
     for start in range(0, x.shape[0], batch_tokens):
         xb = x[start : start + batch_tokens].float()
@@ -94,13 +94,15 @@ def layer_errors(
         else:
             y = reference.y[start : start + batch_tokens].float()
         x_t = transform_input(xb, s, transform)
-        for (scheme, _), w_q, err in zip(variants, weights_q, errors, strict=True):
-            err.update(quantized_product(x_t, w_t, scheme, weight_q=w_q), y)
+        for i, ((scheme, _), w_q) in enumerate(zip(variants, weights_q, strict=True)):
+            # A fresh product: its error is formed in place, no [tokens, out] temporaries.
+            error = quantized_product(x_t, w_t, scheme, weight_q=w_q).sub_(y)
+            sse[i] = sse[i] + error.square_().sum()
     if reference is not None:
         energy = reference.energy
     out = []
-    for err in errors:
-        mse = float(err.compute())
+    for total in sse:
+        mse = float(total / (x.shape[0] * w.shape[0]))
         out.append(LayerError(mse=mse,
                               relative=mse / max(energy / x.shape[0] / w.shape[0], 1e-30)))
     return out

@@ -190,7 +190,9 @@ def _heldout_errors(contexts: list[SchemeContext], results: list[SchemeResult],
 
 def _perplexity(ctx: SchemeContext, method: str) -> float:
     """Perplexity of the model with every site transformed and quantized as ``method`` says."""
-    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme):
+    integer_gemm = TARGETS[ctx.cfg.target].integer_gemm  # the target's GEMM arithmetic
+    with ctx.stage("perplexity"), transformed(ctx.sites, ctx.results[method].plans, ctx.scheme,
+                                              integer_gemm=integer_gemm):
         ppl = perplexity(ctx.model, ctx.windows["evaluation"],
                          desc=f"{ctx.scheme.name} {method} ppl")
     log.info("%s %s perplexity %.3f", ctx.scheme.name, method, ppl)

@@ -83,7 +83,12 @@ class SymmetricIntSTE(torch.autograd.Function):
         raw = clip * amax / steps
         scale = raw.clamp(min=tiny)
         u = xg / scale
-        if pre_clamp:  # clamp first, then round: the gradient passes where u is in range
+        inside = None
+        if not isinstance(clip, torch.Tensor) and steps <= clip * qmax:
+            # |u| ≤ steps/clip ≤ qmax: no code reaches the clamp (vLLM's max|x|/qmax grid), so
+            # neither the clamp nor its mask is computed and every gradient passes.
+            codes = u.round()
+        elif pre_clamp:  # clamp first, then round: the gradient passes where u is in range
             inside = (u >= lo) & (u <= qmax)
             codes = u.clamp(lo, qmax).round_()
         else:  # round, then clamp: it passes where the rounded value is in range
@@ -99,11 +104,11 @@ class SymmetricIntSTE(torch.autograd.Function):
         xg, u, codes, inside, top, live = ctx.saved_tensors
         # out = codes(u)·scale with u = x/scale: ∂out/∂x = 1 where the clamp passes, and
         # ∂out/∂scale = codes − u (where it passes); the scale is clip·max|x|/steps.
-        grad_x = torch.where(inside, grad, 0.0)
+        grad_x = grad.clone() if inside is None else torch.where(inside, grad, 0.0)
         grad_scale = (grad * codes).sum(dim=-1, keepdim=True) - (grad_x * u).sum(dim=-1,
                                                                                  keepdim=True)
         grad_amax = torch.where(live, grad_scale, 0.0) * ctx.clip / ctx.steps
-        grad_x = grad_x.scatter_add(-1, top, torch.sign(xg.gather(-1, top)) * grad_amax)
+        grad_x.scatter_add_(-1, top, torch.sign(xg.gather(-1, top)) * grad_amax)
         return grad_x, None, None, None, None
 
 
@@ -372,29 +377,44 @@ class Quantizer:
 _INT32_SAFE_N = 2**31 // 2**14
 
 
+def integer_applies(x: torch.Tensor, x_quantizer: Quantizer, w_quantizer: Quantizer) -> bool:
+    """Whether :func:`integer_product` computes Q(x)·Q(w)ᵀ of such an ``x``: both sides
+    :attr:`~Quantizer.per_row_int8`, float32 on the CPU (where the int8 GEMM is ~5–10× faster
+    than float32), and a reduction short enough for int32 sums."""
+    return (x_quantizer.per_row_int8 and w_quantizer.per_row_int8 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.shape[-1] <= _INT32_SAFE_N)
+
+
 def integer_product(
     x: torch.Tensor, w: torch.Tensor, x_quantizer: Quantizer, w_quantizer: Quantizer
 ) -> torch.Tensor | None:
     """Q(x)·Q(w)ᵀ for ``x`` [..., T, n] and ``w`` [..., m, n] from an int8 GEMM with int32
-    accumulation, or None where that does not apply (a side not :attr:`per_row_int8`, or not
-    on the CPU, where it is ~5× faster than float32; half-precision inputs: float path).
+    accumulation, or None where that does not apply (:func:`integer_applies`; half-precision
+    inputs take the float path).
 
     Exact where the float32 product of the dequantized tensors rounds (sums of up to n products
     of codes): results agree with ``Q(x) @ Q(w).T`` to float32 rounding, not bit for bit.
     """
-    if not (x_quantizer.per_row_int8 and w_quantizer.per_row_int8 and x.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32 and x.dim() == w.dim()
-            and x.shape[-1] <= _INT32_SAFE_N):
+    if not (integer_applies(x, x_quantizer, w_quantizer) and w.dtype == torch.float32
+            and x.dim() == w.dim()):
         return None
-    cx, sx = x_quantizer.codes(x)
-    cw, sw = w_quantizer.codes(w)
-    if cx.dim() == 2:
-        acc = torch._int_mm(cx, cw.T)
+    return codes_product(*x_quantizer.codes(x), *w_quantizer.codes(w))
+
+
+def codes_product(
+    cx: torch.Tensor, sx: torch.Tensor, cw: torch.Tensor, sw: torch.Tensor
+) -> torch.Tensor:
+    """(cx·sx)·(cw·sw)ᵀ for int8 codes ``cx`` [..., T, n], ``cw`` [..., m, n] and their per-row
+    float32 scales [..., T, 1], [..., m, 1]: the integer sums of one int8 GEMM (int32), then the
+    scales, as an integer backend's epilogue applies them."""
+    if cx.shape[:-2].numel() == 1:  # one product (the common case): no stacking copy
+        acc = torch._int_mm(cx.reshape(cx.shape[-2:]), cw.reshape(cw.shape[-2:]).T)
     else:  # batched candidates [*batch, T, n] x [*batch, m, n]: one GEMM each
         acc = torch.stack([torch._int_mm(a, b.T)
                            for a, b in zip(cx.flatten(0, -3), cw.flatten(0, -3), strict=True)])
-        acc = acc.reshape(*cx.shape[:-1], cw.shape[-2])
-    return acc.float().mul_(sx).mul_(sw.transpose(-1, -2))
+    acc = acc.reshape(*cx.shape[:-1], cw.shape[-2])
+    # int32 · float32 promotes to float32: the sums are converted and scaled in one pass.
+    return torch.mul(acc, sx).mul_(sw.transpose(-1, -2))
 
 
 def weight_quantizer(scheme: QuantScheme) -> Quantizer:

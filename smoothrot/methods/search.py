@@ -62,7 +62,8 @@ def candidate_losses(
     s = scales.float()[:, None, :]
     x_t = transform_input(x, s, transform)
     w_t = transform_weight(weight, s, transform)
-    return torch.stack([(y - quantized_product(x_t, w_t, scheme, batch_dims=1)).pow(2)
+    # Each product is a fresh tensor: its error is formed in place ((ŷ − y)² = (y − ŷ)² exactly).
+    return torch.stack([quantized_product(x_t, w_t, scheme, batch_dims=1).sub_(y).square_()
                         .sum(dim=-1).mean(dim=-1) for scheme in schemes])
 
 

@@ -17,6 +17,11 @@ target                  activation quantization (dynamic, per token)         act
                         ``smoothrot.load_pretrained`` only
 ======================  ==================================================  ==================
 
+The perplexity of a quantized model is computed with the target's GEMM arithmetic too: ``vllm``
+and ``research`` run each W4A4 / W8A8 linear as an int8 GEMM with int32 sums and float32
+per-token × per-channel scales (vLLM's integer kernels; on the CPU), ``compressed-tensors`` as a
+float32 product of the dequantized tensors (its forward). The two agree to float32 rounding.
+
 Sources and the backend × format table: docs/deployment.md.
 """
 
@@ -39,6 +44,9 @@ class Target:
     # dense_rotate): compressed-tensors' grid has half-way points at the row maximum, where
     # 1e-7 differences between two exact rotations decide the code.
     dense_rotation: bool = False
+    # Quantized linears as integer kernels compute them (surgery/hooks.py IntegerForward):
+    # int32 sums of codes, then the scales; else float32 on the dequantized tensors.
+    integer_gemm: bool = True
 
     def scheme(self, scheme: QuantScheme) -> QuantScheme:
         """``scheme`` with this target's arithmetic (int activation grid)."""
@@ -53,7 +61,7 @@ TARGETS: dict[str, Target] = {
     "compressed-tensors": Target(
         "compressed-tensors", "compressed-tensors", False,
         "transformers + compressed-tensors: int activations max/((2^b-1)/2), no activation clip",
-        dense_rotation=True),
+        dense_rotation=True, integer_gemm=False),
     "research": Target("research", "max", True,
                        "research: per-site activation clips, smoothrot.load_pretrained only"),
 }

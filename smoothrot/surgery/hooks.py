@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from smoothrot.arch.sites import ResolvedSite, architecture_of
-from smoothrot.core.quantizers import quantize_activation_spec, quantize_weight_spec
+from smoothrot.core.quantizers import (
+    Quantizer,
+    activation_quantizer,
+    codes_product,
+    integer_applies,
+    quantize_activation_spec,
+    quantize_weight_spec,
+    weight_quantizer,
+)
 from smoothrot.core.transform import IDENTITY, SiteTransform
 from smoothrot.schema.quant import QuantScheme, with_act_clip
 from smoothrot.surgery.fuse import fuse_site, linear_weights_q
@@ -34,6 +42,41 @@ class OnlineInputTransform:
         return (x, *args[1:])
 
 
+class IntegerForward:
+    """A quantized linear's forward as an integer W4A4 / W8A8 backend computes it: x·R
+    quantized per token to int8 codes, one int8 GEMM with the weight's codes (int32 sums),
+    then the per-token and per-channel scales and the bias in float32.
+
+    Equal to the float product of the fake-quantized tensors (the pre-hook path) up to float32
+    rounding, and on the CPU ~10× cheaper than that float32 GEMM (bench/README.md).
+    """
+
+    def __init__(self, linear: nn.Linear, transform: SiteTransform, x_quantizer: Quantizer,
+                 w_codes: torch.Tensor, w_scales: torch.Tensor) -> None:
+        self.transform = transform
+        self.x_quantizer = x_quantizer
+        self.w_codes, self.w_scales = w_codes, w_scales
+        self.bias = linear.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x_t = self.transform.rotate_input(x)
+        flat = x_t.reshape(-1, x_t.shape[-1])
+        y = codes_product(*self.x_quantizer.codes(flat), self.w_codes, self.w_scales)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class _ForwardHandle:
+    """Removes an :class:`IntegerForward` installed as a linear's instance ``forward``."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.linear = linear
+
+    def remove(self) -> None:
+        self.linear.__dict__.pop("forward", None)
+
+
 def online_transform(rs: ResolvedSite, plan: SitePlan) -> SiteTransform:
     """What a site's pre-hook must still rotate at run time (identity for offline rotations)."""
     return rs.transform.with_rotation(plan.rotation) if plan.rotation.is_online() else IDENTITY
@@ -43,34 +86,54 @@ def apply_plans(
     sites: Sequence[ResolvedSite],
     plans: Mapping[str, SitePlan],
     scheme: QuantScheme | None = None,
-) -> list[torch.utils.hooks.RemovableHandle]:
+    *,
+    integer_gemm: bool = False,
+) -> list[torch.utils.hooks.RemovableHandle | _ForwardHandle]:
     """Transform every site with a plan; with ``scheme``, fake-quantize weights and inputs too.
 
     All sites are fused before any weight is quantized: a linear can be both a group member
     (columns transformed) and a source (rows divided, e.g. up_proj, v_proj), and it must be
-    quantized once, in its final form. Returns the hook handles (online rotation / activation
-    quantization), one per linear of every planned site.
+    quantized once, in its final form. With ``integer_gemm`` (the target's arithmetic,
+    schema/target.py), where the scheme is per-row int on both sides (W4A4, W8A8) and the weight
+    float32 on the CPU, the linear then runs as :class:`IntegerForward` (the weight still holds
+    its dequantized RTN); otherwise a pre-hook rotates and fake-quantizes the input of the float
+    linear. Returns the handles (hooks, integer forwards), one per linear
+    of every planned site.
     """
     active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
     weights_q = linear_weights_q(sites, plans)  # checked before anything is changed
     for rs, plan in active:
         fuse_site(rs, plan.scales, plan.rotation)
+    integer: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
     for rs, plan in active:
         if plan.weight_q is not None:
             with torch.no_grad():
                 for linear in rs.linears:
                     linear.weight.copy_(weights_q[linear].to(linear.weight))
         elif scheme is not None:
+            wq = weight_quantizer(scheme)
             with torch.no_grad():
                 for linear in rs.linears:
-                    linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
-    handles = []
+                    if integer_gemm and integer_applies(linear.weight,
+                                                        activation_quantizer(scheme), wq):
+                        codes, scales = integer[linear] = wq.codes(linear.weight)
+                        linear.weight.copy_(codes * scales)  # = quantize_weight_spec's values
+                    else:
+                        linear.weight.copy_(quantize_weight_spec(linear.weight, scheme))
+    handles: list[torch.utils.hooks.RemovableHandle | _ForwardHandle] = []
     for rs, plan in active:
-        if plan.rotation.is_online() or scheme is not None:
-            hook = OnlineInputTransform(
-                online_transform(rs, plan),
-                None if scheme is None else with_act_clip(scheme, plan.act_clip))
-            handles += [linear.register_forward_pre_hook(hook) for linear in rs.linears]
+        if not (plan.rotation.is_online() or scheme is not None):
+            continue
+        act_scheme = None if scheme is None else with_act_clip(scheme, plan.act_clip)
+        for linear in rs.linears:
+            if linear in integer:
+                assert act_scheme is not None
+                linear.forward = IntegerForward(linear, online_transform(rs, plan),
+                                                activation_quantizer(act_scheme), *integer[linear])
+                handles.append(_ForwardHandle(linear))
+            else:
+                hook = OnlineInputTransform(online_transform(rs, plan), act_scheme)
+                handles.append(linear.register_forward_pre_hook(hook))
     return handles
 
 
@@ -90,8 +153,11 @@ def transformed(
     sites: Sequence[ResolvedSite],
     plans: Mapping[str, SitePlan],
     scheme: QuantScheme | None = None,
+    *,
+    integer_gemm: bool = False,
 ) -> Iterator[None]:
-    """Temporarily apply :func:`apply_plans`; weights and hooks are restored on exit."""
+    """Temporarily apply :func:`apply_plans`; weights, hooks and forwards are restored on
+    exit."""
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for rs in sites:
         if rs.name in plans:
@@ -99,7 +165,7 @@ def transformed(
                 saved.setdefault(id(p), (p, p.detach().clone()))
     handles: list = []
     try:
-        handles = apply_plans(sites, plans, scheme)
+        handles = apply_plans(sites, plans, scheme, integer_gemm=integer_gemm)
         yield
     finally:
         for h in handles:

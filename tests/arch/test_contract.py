@@ -21,7 +21,7 @@ from smoothrot.schema.config import HeadRotationConfig
 from smoothrot.schema.quant import get_scheme
 from smoothrot.schema.rotation import Rotation
 from smoothrot.surgery.head_rotation import apply_head_rotations, head_layout
-from smoothrot.surgery.hooks import apply_plans, transformed
+from smoothrot.surgery.hooks import IntegerForward, apply_plans, transformed
 from smoothrot.surgery.plan import SitePlan
 from smoothrot.surgery.residual import rotate_residual
 from smoothrot.training.head_rotation import learn_head_rotations
@@ -145,6 +145,26 @@ class TestArchitectureContract:
         assert torch.isfinite(w4).all() and torch.isfinite(w8).all()
         assert _rel(w4, ref) > 1e-3
         assert _rel(w8, ref) < 0.1 * _rel(w4, ref)
+
+    @pytest.mark.parametrize("scheme", ["w4a4", "w8a8"])
+    def test_integer_gemm_forward_matches_the_fake_quantized_one(self, arch, scheme):
+        """vLLM's arithmetic (int8 GEMM of the codes, then the scales; biases included) gives
+        the float fake-quantized model's logits up to float32 rounding (amplified downstream by
+        flipped codes), far below the quantization error itself; forwards restored on exit."""
+        model = tiny_model(arch)
+        ids = _ids()
+        ref = _logits(model, ids)
+        sites = resolve_sites(model, ["all"])
+        plans = _random_plans(sites, torch.float32, spread=0.3)
+        with transformed(sites, plans, get_scheme(scheme)):
+            fake = _logits(model, ids)
+        with transformed(sites, plans, get_scheme(scheme), integer_gemm=True):
+            linears = [linear for rs in sites for linear in rs.linears]
+            assert all(isinstance(linear.forward, IntegerForward) for linear in linears)
+            integer = _logits(model, ids)
+        assert not any("forward" in linear.__dict__ for linear in linears)
+        assert torch.equal(_logits(model, ids), ref)
+        assert _rel(integer, fake) < 0.05 * _rel(fake, ref)
 
     def test_transformed_restores_every_parameter(self, arch):
         model = tiny_model(arch)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
+from smoothrot.surgery.hooks import IntegerForward
 from tests.unit.test_bad_inputs import small_config, tiny_model  # noqa: F401 (fixture)
 from train.fit_scales import main
 
@@ -62,3 +66,25 @@ def test_a_mapping_with_a_bad_key_or_value_fails_in_one_line(capsys, tmp_path,
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize(("target", "integer"), [("vllm", True), ("compressed-tensors", False)])
+def test_perplexity_in_the_targets_gemm_arithmetic(tmp_path, tiny_model, monkeypatch,  # noqa: F811
+                                                   target: str, integer: bool) -> None:
+    """vLLM's integer kernels: each quantized linear of a perplexity pass runs as an int8 GEMM
+    of the codes (IntegerForward); compressed-tensors' forward multiplies the dequantized float
+    tensors (the pre-hook path)."""
+    calls: list[int] = []
+    original = IntegerForward.__call__
+
+    def counted(self: IntegerForward, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[-1])
+        return original(self, x)
+
+    monkeypatch.setattr(IntegerForward, "__call__", counted)
+    config = small_config(tmp_path, tiny_model, methods=["hadamard"], perplexity=True,
+                          target=target)
+    assert main(["--config", str(config), "--quiet"]) == 0
+    ppl = json.loads((tmp_path / "out" / "report.json").read_text())["schemes"]["w4a4"]
+    assert ppl["perplexity"]["hadamard"] > 1
+    assert bool(calls) is integer
