@@ -82,7 +82,7 @@ class ScaleFitModule(L.LightningModule):
         loss = output_loss(y, y_q)
         if stage == "val":
             self.val_loss.update(loss, weight=x.shape[0])
-        else:
+        elif self.trainer.progress_bar_callback is not None:  # the log only feeds the bar
             self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
