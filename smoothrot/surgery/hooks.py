@@ -97,8 +97,7 @@ def apply_plans(
     schema/target.py), where the scheme is per-row int on both sides (W4A4, W8A8) and the weight
     float32 on the CPU, the linear then runs as :class:`IntegerForward` (the weight still holds
     its dequantized RTN); otherwise a pre-hook rotates and fake-quantizes the input of the float
-    linear. Returns the handles (hooks, integer forwards), one per linear
-    of every planned site.
+    linear. Returns the handles (hooks, integer forwards), one per linear of every planned site.
     """
     active = [(rs, plans[rs.name]) for rs in sites if rs.name in plans]
     weights_q = linear_weights_q(sites, plans)  # checked before anything is changed

