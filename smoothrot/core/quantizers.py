@@ -84,9 +84,7 @@ class SymmetricIntSTE(torch.autograd.Function):
         scale = raw.clamp(min=tiny)
         u = xg / scale
         inside = None
-        if not isinstance(clip, torch.Tensor) and steps <= clip * qmax:
-            # |u| ≤ steps/clip ≤ qmax: no code reaches the clamp (vLLM's max|x|/qmax grid), so
-            # neither the clamp nor its mask is computed and every gradient passes.
+        if _clamp_free(clip, steps, qmax):  # neither the clamp nor its mask: every gradient passes
             codes = u.round()
         elif pre_clamp:  # clamp first, then round: the gradient passes where u is in range
             inside = (u >= lo) & (u <= qmax)
@@ -113,6 +111,13 @@ class SymmetricIntSTE(torch.autograd.Function):
 
 
 FORMATS: tuple[str, ...] = QUANT_FORMATS
+
+
+def _clamp_free(clip: float | torch.Tensor, steps: float, qmax: int) -> bool:
+    """Whether symmetric RTN at scale clip·max|x|/steps keeps every code in range: a fixed clip
+    ≥ steps/qmax gives |x|/scale ≤ steps/clip ≤ qmax (vLLM's max|x|/qmax grid at clip 1), so the
+    clamp to the codes' range would change nothing."""
+    return not isinstance(clip, torch.Tensor) and steps <= clip * qmax
 
 
 def _absmax(xg: torch.Tensor) -> torch.Tensor:
@@ -293,9 +298,9 @@ class Quantizer:
 
     @property
     def _codes_in_range(self) -> bool:
-        """Symmetric int at a fixed clip ≥ steps/qmax (vLLM's max grid, clip 1): |x|/scale ≤
-        steps/clip ≤ qmax for every x of the fitted row, so RTN never reaches the clamp."""
-        return not self.mse_clip and self._steps <= self.clip * self._qmax
+        """Whether RTN at the fitted scale never reaches the clamp (:func:`_clamp_free` at the
+        fixed clip; the MSE clip picks ratios below 1)."""
+        return not self.mse_clip and _clamp_free(self.clip, self._steps, self._qmax)
 
     @property
     def scale_is_free(self) -> bool:

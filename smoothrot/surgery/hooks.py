@@ -110,11 +110,10 @@ def apply_plans(
                 for linear in rs.linears:
                     linear.weight.copy_(weights_q[linear].to(linear.weight))
         elif scheme is not None:
-            wq = weight_quantizer(scheme)
+            aq, wq = activation_quantizer(scheme), weight_quantizer(scheme)
             with torch.no_grad():
                 for linear in rs.linears:
-                    if integer_gemm and integer_applies(linear.weight,
-                                                        activation_quantizer(scheme), wq):
+                    if integer_gemm and integer_applies(linear.weight, aq, wq):
                         codes, scales = integer[linear] = wq.codes(linear.weight)
                         linear.weight.copy_(codes * scales)  # = quantize_weight_spec's values
                     else:
