@@ -21,10 +21,11 @@ import torch
 from smoothrot.core.policies import smoothing_scales
 from smoothrot.methods.context import SchemeContext
 from smoothrot.methods.registry import Method, MethodResult
-from smoothrot.methods.search import Choice, grid_losses
+from smoothrot.methods.search import Choice, grid_losses, windowed_grid
 from smoothrot.progress import progress
 
-Tables = Mapping[str, torch.Tensor]  # site → selection loss [len(alphas), len(quantiles)]
+# site → selection loss [len(alphas), len(quantiles)]; +inf where a window left it unscored
+Tables = Mapping[str, torch.Tensor]
 Picker = Callable[[Tables, Sequence[float], Sequence[float]], dict[str, Choice]]
 
 
@@ -73,16 +74,19 @@ def pick_joint(tables: Tables, alphas: Sequence[float], quantiles: Sequence[floa
 def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
     """Every site's selection-loss table under ``ctx.scheme``, computed once per run for all
     its schemes (they score the same rotated candidates)."""
+    def score(alphas: Sequence[float], quantiles: Sequence[float]) -> dict[str, torch.Tensor]:
+        return {
+            rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
+                                 ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
+                                 alphas, quantiles, ctx.schemes, rs.name, rs.transform,
+                                 ctx.data[rs.name].selection_y)
+            for rs in progress(ctx.sites, desc=f"grid search ({len(alphas)}×{len(quantiles)})")
+        }
+
     def compute() -> dict[str, dict[str, torch.Tensor]]:
         search = ctx.cfg.search
         with ctx.timer.stage("search (all schemes)"):
-            tables = {
-                rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
-                                     ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
-                                     search.alphas, search.quantiles, ctx.schemes, rs.name,
-                                     rs.transform)
-                for rs in progress(ctx.sites, desc="grid search")
-            }
+            tables = windowed_grid(score, search.alphas, search.quantiles, search.alpha_window)
         return {scheme.name: {site: t[i] for site, t in tables.items()}
                 for i, scheme in enumerate(ctx.schemes)}
     return ctx.shared("policy grid", compute, across=True)[ctx.scheme.name]

@@ -9,13 +9,17 @@ Every candidate (α, q) of a site is scored by the same fake-quant output loss u
 * joint (global): one (α, q) for all sites;
 * joint (per site): each site its own (α, q).
 
+With a window (``search.alpha_window``, :func:`windowed_grid`) the q < 1 candidates are scored
+only near SmoothRot-max's α; the rest of the table is +inf, which no pick can choose.
+
 Once a site's scales are fixed, :func:`select_act_clip` picks its activation clip ratio from
 ``search.act_clips`` by the same loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +94,10 @@ def grid_losses(
     schemes: Sequence[QuantScheme],
     site: str,
     transform: SiteTransform = FULL,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection loss for every scheme and (α, q): [len(schemes), len(alphas), len(quantiles)]
-    (float64).
+    (float64); ``y``, X·Wᵀ of the selection tokens when the caller holds it.
 
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
     per device type by ``_CHUNK_ELEMENTS``; every scheme scores the same transformed candidates
@@ -101,13 +106,47 @@ def grid_losses(
     """
     w = weight.float()
     x = x_sel.float()
-    y = x @ w.T
+    y = x @ w.T if y is None else y
     scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
     chunk = max(1, budget // max(1, x.numel() + w.numel()))
     losses = [candidate_losses(x, y, w, part, schemes, transform) for part in scales.split(chunk)]
     return torch.cat(losses, dim=1).double().reshape(len(schemes), len(alphas), len(quantiles))
+
+
+# Scores the grid (α's × q's) of every site: {site: losses [schemes, α's, q's]}.
+GridScorer = Callable[[Sequence[float], Sequence[float]], dict[str, torch.Tensor]]
+
+
+def windowed_grid(score: GridScorer, alphas: Sequence[float], quantiles: Sequence[float],
+                  window: float | None) -> dict[str, torch.Tensor]:
+    """Every site's selection-loss table [schemes, len(alphas), len(quantiles)], coarse to fine.
+
+    Without a ``window`` the whole grid is scored. With one, first the q = 1 column (every α:
+    what SmoothRot-max and α-per-site pick from), then q < 1 only at the α's within ``window``
+    of each scheme's SmoothRot-max α; unscored entries are +inf. Each entry's loss does not
+    depend on which others are scored, so a pick inside the window is the whole grid's pick.
+    """
+    if window is None:
+        return score(alphas, quantiles)
+    alphas, quantiles = list(alphas), list(quantiles)
+    at_max = score(alphas, [1.0])  # site -> [schemes, α's, 1]
+    mean = torch.stack(list(at_max.values())).mean(dim=0)[..., 0]  # [schemes, α's]
+    centers = [alphas[int(i)] for i in mean.argmin(dim=1)]
+    near = [a for a in alphas if any(abs(a - c) <= window + 1e-9 for c in centers)]
+    lower = [q for q in quantiles if q < 1.0]
+    fine = score(near, lower) if lower else {}
+    rows = torch.tensor([alphas.index(a) for a in near])[:, None]
+    cols = torch.tensor([quantiles.index(q) for q in lower])
+    tables = {}
+    for site, column in at_max.items():
+        table = column.new_full((column.shape[0], len(alphas), len(quantiles)), math.inf)
+        table[:, :, quantiles.index(1.0)] = column[..., 0]
+        if lower:
+            table[:, rows, cols] = fine[site]
+        tables[site] = table
+    return tables
 
 
 @torch.no_grad()
@@ -119,20 +158,21 @@ def select_act_clip(
     scheme: QuantScheme,
     transform: SiteTransform = FULL,
     weight_q: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """The activation clip ratio of ``clips`` with the lowest selection loss, and that loss.
 
     Per-token 4-bit grids are set by each token's largest entry, so the bulk of the entries get
     a few levels only; clipping the largest ones (scale ``clip·max|x|``) trades their error for
     a finer grid. The weight (``weight_q``, or the scheme's RTN of the fused weight) is fixed.
-    Ties go to the first candidate.
+    Ties go to the first candidate; ``y``: X·Wᵀ of the selection tokens, if already known.
     """
     w = weight.float()
     x = x_sel.float()
     s = None if scales is None else scales.float()
     w_q = (quantize_weight_spec(transform_weight(w, s, transform), scheme) if weight_q is None
            else weight_q.float())
-    y = x @ w.T
+    y = x @ w.T if y is None else y
     losses = [float(output_loss(y, quantized_output(x, w, s, transform, with_act_clip(scheme, c),
                                                     weight_q=w_q)))
               for c in clips]

@@ -79,11 +79,18 @@ class DataConfig:
 @dataclass
 class SearchConfig:
     """Grids for the smoothing strength α, the activation quantile q and, once the scales are
-    fixed, each site's activation clip ratio (``[1.0]``: no clipping, the paper's setting)."""
+    fixed, each site's activation clip ratio (``[1.0]``: no clipping, the paper's setting).
+
+    ``alpha_window``: score the q < 1 candidates only at the α's within this distance of
+    SmoothRot-max's α (the best α at q = 1 over all sites, under any scheme of the run); the
+    q = 1 column is always scored for every α. None scores the whole grid. Every policy method
+    then picks what it would pick from the whole grid wherever its choice lies in the window.
+    """
 
     alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     quantiles: list[float] = field(default_factory=lambda: [0.99, 0.995, 0.999, 0.9999, 1.0])
     act_clips: list[float] = field(default_factory=lambda: [1.0])
+    alpha_window: float | None = None
 
     def __post_init__(self) -> None:
         if not self.alphas or not self.quantiles:
@@ -94,6 +101,11 @@ class SearchConfig:
         for q in self.quantiles:
             if not 0.0 < q <= 1.0:
                 raise ConfigError(f"search.quantiles contains {q}; q must be in (0, 1]")
+        window = self.alpha_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int | float)
+                                   or not window >= 0):
+            raise ConfigError(f"search.alpha_window={self.alpha_window!r} must be null (the "
+                              "whole grid) or a distance in α >= 0, e.g. 0.1")
         if not self.act_clips:
             raise ConfigError("search.act_clips must not be empty; [1.0] turns clipping off")
         for c in self.act_clips:

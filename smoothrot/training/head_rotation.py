@@ -174,7 +174,7 @@ def learn_head_rotations(model: nn.Module, sites: list[ResolvedSite],
         record = records["calibration"][rs.name]
         weight = rs.weight.detach().float().cpu()  # the trainer moves it with the module
         tie = rs.transform.tied_max
-        init = smoothing_scales(tie(record.absmax.value()), tie(weight_absmax(weight)),
+        init = smoothing_scales(tie(record.max_abs()), tie(weight_absmax(weight)),
                                 cfg.alpha, site=rs.name)
         problem = HeadRotationProblem(weight, init, rs.transform, layout, scheme, record.tokens(),
                                       records["selection"][rs.name].tokens(),

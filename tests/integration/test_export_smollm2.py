@@ -39,7 +39,7 @@ def setup(smollm2):
     with capture_sites(sites, total_tokens=windows["calibration"].numel(), keep_rows=False,
                        quantiles=[0.99]) as rec:
         run_model(model, windows["calibration"], 4, "calib")
-    plans = {rs.name: SitePlan(smoothing_scales(rec[rs.name].absmax.value(),
+    plans = {rs.name: SitePlan(smoothing_scales(rec[rs.name].max_abs(),
                                                 weight_absmax(rs.weight), 0.5), rs.rotation)
              for rs in sites}
     return model, tok, sites, plans, windows["evaluation"], windows["calibration"]

@@ -94,7 +94,7 @@ def _first_two_layers(model, tok):
     stats = capture_splits(model, sites, {"calibration": CaptureSpec(
         specs["calibration"].windows, quantiles=(1.0,))}, 4)["calibration"]
     plans = {rs.name: SitePlan(smoothing_scales(
-        rs.transform.tied_max(stats[rs.name].absmax.value()),
+        rs.transform.tied_max(stats[rs.name].max_abs()),
         rs.transform.tied_max(weight_absmax(rs.weight.detach())), 0.5, site=rs.name),
         rs.rotation) for rs in sites}
     return scheme, plans, walk_layers(model, sites, scheme, specs, 2, "test")
@@ -188,7 +188,7 @@ def test_learned_head_rotations_on_real_layers(smollm2, ids):
     rotations = {}
     for rs in sites:
         tie, weight = rs.transform.tied_max, rs.weight.detach()
-        init = smoothing_scales(tie(records["calibration"][rs.name].absmax.value()),
+        init = smoothing_scales(tie(records["calibration"][rs.name].max_abs()),
                                 tie(weight_absmax(weight)), 0.6, site=rs.name)
         problem = HeadRotationProblem(weight, init, rs.transform, layout, get_scheme("w4a4"),
                                       records["calibration"][rs.name].tokens(),
@@ -220,7 +220,7 @@ def test_next_token_kl_training_on_real_layers(smollm2):
     records = capture_splits(model, sites, {"calibration": CaptureSpec(
         windows["calibration"], quantiles=())}, 4)["calibration"]
     scheme = get_scheme("w4a4")
-    init = {rs.name: smoothing_scales(records[rs.name].absmax.value(),
+    init = {rs.name: smoothing_scales(records[rs.name].max_abs(),
                                       weight_absmax(rs.weight.detach()), 0.6, site=rs.name)
             for rs in sites}
     problem = KLProblem(model, sites, init, {rs.name: rs.transform for rs in sites},

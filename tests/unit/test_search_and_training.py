@@ -107,6 +107,54 @@ def test_alpha_only_is_the_argmin_of_independently_scored_max_policies():
     assert len({c.alpha for c in picked.values()}) > 1, "per-site α, not one global α"
 
 
+def test_windowed_grid_scores_q_below_one_near_the_max_alpha_only():
+    """Coarse to fine on real losses: the q = 1 column for every α, then q < 1 only within the
+    window of each scheme's SmoothRot-max α; scored entries equal the whole grid's, the rest
+    are +inf, and every picker whose whole-grid pick lies in the window picks it again."""
+    alphas, quantiles = [0.2, 0.35, 0.5, 0.65, 0.8], [0.9, 0.99, 1.0]
+    data = {f"site{seed}": outlier_data(tokens=512, seed=seed) for seed in range(3)}
+    stats = {site: stats_of(x, quantiles) for site, (x, _) in data.items()}
+    calls = []
+
+    def score(a, q):
+        calls.append((list(a), list(q)))
+        return {site: grid_losses(x, w, stats[site], weight_absmax(w), a, q, [W4A4, W8A8], site)
+                for site, (x, w) in data.items()}
+
+    whole = score(alphas, quantiles)
+    calls.clear()
+    windowed = search.windowed_grid(score, alphas, quantiles, 0.15)
+    centers = {pick_max({s: t[i] for s, t in whole.items()}, alphas, quantiles)["site0"].alpha
+               for i in range(2)}
+    near = [a for a in alphas if any(abs(a - c) <= 0.15 + 1e-9 for c in centers)]  # a grid step
+    assert calls == [(alphas, [1.0]), (near, [0.9, 0.99])] and len(near) < len(alphas)
+    for site, table in windowed.items():
+        scored = torch.isfinite(table)
+        assert scored[:, :, -1].all()  # q = 1: every α
+        for i, a in enumerate(alphas):
+            row = scored[:, i, :-1]
+            assert bool(row.all()) == bool(row.any()) == (a in near)
+        assert torch.equal(table[scored], whole[site][scored])
+    pickers = (pick_max, pick_alpha_only, pick_quantile, pick_joint, pick_joint_global)
+    for i in range(2):
+        full = {s: t[i] for s, t in whole.items()}
+        cut = {s: t[i] for s, t in windowed.items()}
+        for pick in pickers:
+            expected = pick(full, alphas, quantiles)
+            if all(c.q == 1.0 or c.alpha in near for c in expected.values()):
+                assert pick(cut, alphas, quantiles) == expected, pick.__name__
+    assert search.windowed_grid(score, alphas, quantiles, None).keys() == whole.keys()
+    assert calls[-1] == (alphas, quantiles)  # no window: the whole grid at once
+
+
+@pytest.mark.parametrize("window", [-0.1, True, "0.1"])
+def test_alpha_window_must_be_a_distance(window):
+    from smoothrot.schema.config import ConfigError, SearchConfig
+
+    with pytest.raises(ConfigError, match="alpha_window"):
+        SearchConfig(alpha_window=window)
+
+
 @pytest.mark.parametrize(
     ("scheme", "transform"),
     [
@@ -179,6 +227,11 @@ def test_trained_scales_improve_selection_and_are_deterministic(tmp_path):
     s1, best1 = fit_scales(problem, cfg)
     s2, best2 = fit_scales(problem, cfg, checkpoint_dir=tmp_path / "ck")
     assert torch.equal(s1, s2) and best1 == best2
+    # The selection split's reference handed in (as the job does) is the one it would compute.
+    s3, best3 = fit_scales(replace(problem, val_y=val_x @ w.T), cfg)
+    assert torch.equal(s1, s3) and best1 == best3
+    _, best4 = fit_scales(replace(problem, val_y=torch.zeros_like(val_x @ w.T)), cfg)
+    assert best4 != best1  # and it is the one validation scores against
     assert (tmp_path / "ck" / "last.ckpt").is_file()
     assert torch.isfinite(s1).all() and (s1 > 0).all()
     assert best1 < init_val  # training found something better than the policy

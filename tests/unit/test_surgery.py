@@ -251,6 +251,27 @@ def test_capture_keeps_the_indexed_rows_across_batches(llama):
             capture_sites(sites, total_tokens=30):
         run_model(llama, windows, 2, "test")
 
+
+@pytest.mark.parametrize("quantiles", [(0.9, 1.0), (0.5,), ()])
+def test_capture_reads_the_max_off_the_quantile_buffer(llama, quantiles):
+    """With quantiles the per-channel max comes from their buffer (no second observer), with ()
+    from a max observer; both equal max |x| of the captured rows, and no statistics refuse."""
+    from smoothrot.calibrate.capture import capture_sites, run_model
+
+    sites = resolve_sites(llama, ["down_proj", "o_proj"])
+    windows = torch.randint(0, 128, (5, 8))
+    with capture_sites(sites, total_tokens=40, quantiles=quantiles) as records:
+        run_model(llama, windows, 2, "test")
+    for rs in sites:
+        rec = records[rs.name]
+        assert (rec.absmax is None) == bool(quantiles)
+        assert torch.equal(rec.max_abs(), rec.tokens().abs().amax(dim=0))
+    with capture_sites(sites, total_tokens=40, quantiles=None) as records:
+        run_model(llama, windows, 2, "test")
+    with pytest.raises(ValueError, match="no statistics"):
+        records[sites[0].name].max_abs()
+
+
 def test_fold_into_layernorm_divides_bias_too(llama):
     from smoothrot.arch.sites import ResolvedSite
     from smoothrot.arch.tables import SmoothingSite
