@@ -115,13 +115,11 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
         stats[1.0] = rec.max_abs()
         tie = rs.transform.tied_max  # tied (GQA o_proj) scales: max over the tied channels
         heldout_x = ho_rec[rs.name].tokens()
-        selection_x = sel_rec[rs.name].tokens()
         data[rs.name] = SiteData(
             act_stats={q: tie(v) for q, v in stats.items()},
             weight_stat=tie(weight_absmax(rs.weight.detach().cpu())),
             train_x=rec.tokens(),
-            selection_x=selection_x,
-            selection_y=selection_x @ rs.weight.detach().cpu().float().T,
+            selection_x=sel_rec[rs.name].tokens(),
             heldout_x=heldout_x,
             heldout_ref=_heldout_output(rs, heldout_x),
         )

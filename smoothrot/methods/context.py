@@ -34,9 +34,6 @@ class SiteData:
     train_x: torch.Tensor
     selection_x: torch.Tensor
     heldout_x: torch.Tensor
-    # X·Wᵀ of selection_x: the target of every selection loss (the grid's candidates, the
-    # activation clips, training's validation, the reuse of scales across schemes), once a site.
-    selection_y: torch.Tensor
     # X·Wᵀ of heldout_x: computed once in calibration (it also checks the outputs are finite),
     # the reference of every method's held-out error under every scheme.
     heldout_ref: Reference
@@ -106,8 +103,7 @@ class SchemeContext:
             return {
                 rs.name: replace(plans[rs.name], act_clip=select_act_clip(
                     self.data[rs.name].selection_x, self.weights[rs.name], plans[rs.name].scales,
-                    grid, self.scheme, self.transform(rs, plans[rs.name]),
-                    y=self.data[rs.name].selection_y)[0])
+                    grid, self.scheme, self.transform(rs, plans[rs.name]))[0])
                 for rs in progress(self.sites, desc=f"{self.scheme.name} {desc} clips")
             }
 

@@ -78,8 +78,7 @@ def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
         return {
             rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
                                  ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
-                                 alphas, quantiles, ctx.schemes, rs.name, rs.transform,
-                                 ctx.data[rs.name].selection_y)
+                                 alphas, quantiles, ctx.schemes, rs.name, rs.transform)
             for rs in progress(ctx.sites, desc=f"grid search ({len(alphas)}×{len(quantiles)})")
         }
 

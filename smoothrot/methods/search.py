@@ -94,10 +94,9 @@ def grid_losses(
     schemes: Sequence[QuantScheme],
     site: str,
     transform: SiteTransform = FULL,
-    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection loss for every scheme and (α, q): [len(schemes), len(alphas), len(quantiles)]
-    (float64); ``y``, X·Wᵀ of the selection tokens when the caller holds it.
+    (float64).
 
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
     per device type by ``_CHUNK_ELEMENTS``; every scheme scores the same transformed candidates
@@ -106,7 +105,7 @@ def grid_losses(
     """
     w = weight.float()
     x = x_sel.float()
-    y = x @ w.T if y is None else y
+    y = x @ w.T
     scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
@@ -158,21 +157,20 @@ def select_act_clip(
     scheme: QuantScheme,
     transform: SiteTransform = FULL,
     weight_q: torch.Tensor | None = None,
-    y: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """The activation clip ratio of ``clips`` with the lowest selection loss, and that loss.
 
     Per-token 4-bit grids are set by each token's largest entry, so the bulk of the entries get
     a few levels only; clipping the largest ones (scale ``clip·max|x|``) trades their error for
     a finer grid. The weight (``weight_q``, or the scheme's RTN of the fused weight) is fixed.
-    Ties go to the first candidate; ``y``: X·Wᵀ of the selection tokens, if already known.
+    Ties go to the first candidate.
     """
     w = weight.float()
     x = x_sel.float()
     s = None if scales is None else scales.float()
     w_q = (quantize_weight_spec(transform_weight(w, s, transform), scheme) if weight_q is None
            else weight_q.float())
-    y = x @ w.T if y is None else y
+    y = x @ w.T
     losses = [float(output_loss(y, quantized_output(x, w, s, transform, with_act_clip(scheme, c),
                                                     weight_q=w_q)))
               for c in clips]

@@ -30,10 +30,9 @@ GLOBAL_FACTORS = tuple(2.0 ** (k / 16) for k in range(16))
 
 @torch.no_grad()
 def best_global_factor(scales: torch.Tensor, x_sel: torch.Tensor, weight: torch.Tensor,
-                       scheme: QuantScheme, transform: SiteTransform,
-                       y: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                       scheme: QuantScheme, transform: SiteTransform) -> tuple[torch.Tensor, float]:
     """``c·scales`` for the c of :data:`GLOBAL_FACTORS` (1 included) with the lowest selection
-    loss, and that loss (``y``: X·Wᵀ of ``x_sel``, if already known).
+    loss, and that loss.
 
     Training normalizes log s (core/scales.py) because the loss of an equivariant scheme does
     not depend on c. Under MXFP4 it does, with period 2 in c and several local minima, and the
@@ -42,7 +41,7 @@ def best_global_factor(scales: torch.Tensor, x_sel: torch.Tensor, weight: torch.
     """
     x = x_sel.float()
     w = weight.float()
-    y = x @ w.T if y is None else y
+    y = x @ w.T
     losses = [candidate_loss(x, y, w, scales * c, scheme, transform) for c in GLOBAL_FACTORS]
     best = min(range(len(losses)), key=losses.__getitem__)
     return scales * GLOBAL_FACTORS[best], losses[best]
@@ -70,8 +69,8 @@ def _reused(ctx: SchemeContext, rs: ResolvedSite, start: MethodResult, scheme: Q
     if shared is None or ctx.scheme == ctx.schemes[0] or not scheme.scale_equivariant:
         return None  # (a scheme that is not scale-equivariant also searches a global factor)
     plan, data = start.plans[rs.name], ctx.data[rs.name]
-    x, y = data.selection_x.float(), data.selection_y
-    w, transform = ctx.weights[rs.name], ctx.transform(rs, plan)
+    x, w, transform = data.selection_x.float(), ctx.weights[rs.name], ctx.transform(rs, plan)
+    y = x @ w.T
     loss = candidate_loss(x, y, w, shared[rs.name], scheme, transform)
     start_loss = _known_loss(start, rs.name, scheme, ctx.scheme)
     if start_loss is None:
@@ -104,7 +103,6 @@ class Trained(Method):
                     ctx.weights[rs.name], plan.scales, scheme, data.train_x, data.selection_x,
                     ctx.transform(rs, plan), seed=ctx.cfg.seed + rs.layer_index,
                     start_loss=_known_loss(start, rs.name, scheme, ctx.scheme),
-                    val_y=data.selection_y,
                     data_digest=ctx.shared(f"data digest {rs.name}", lambda data=data: data_digest(
                         data.train_x, data.selection_x), across=True))
                 scales[rs.name], losses[rs.name] = fit_scales(
@@ -113,7 +111,7 @@ class Trained(Method):
                 if not problem.scheme.scale_equivariant:
                     scales[rs.name], losses[rs.name] = best_global_factor(
                         scales[rs.name], data.selection_x, problem.weight, problem.scheme,
-                        problem.rotate, data.selection_y)
+                        problem.rotate)
         if ctx.cfg.train.share_across_schemes:
             if ctx.scheme == ctx.schemes[0]:
                 ctx.across[_SHARED] = scales

@@ -59,8 +59,7 @@ class TrainProblem:
     token order. ``start_loss``, the selection loss of ``init_scales`` when it is already known
     (the search scored them), replaces the validation of the starting point. ``data_digest``,
     :func:`data_digest` of the token sets when the caller already has it (several schemes
-    train on the same tokens; hashing them is ~30 ms a site). ``val_y``, X·Wᵀ of ``val_x`` when
-    the caller already holds it (the selection split's reference, computed once a site).
+    train on the same tokens; hashing them is ~30 ms a site).
     """
 
     weight: torch.Tensor
@@ -72,7 +71,6 @@ class TrainProblem:
     seed: int = 0
     start_loss: float | None = None
     data_digest: str | None = None
-    val_y: torch.Tensor | None = None
 
     def key(self, cfg: TrainConfig, bf16_grads: bool = False) -> str:
         """Identity of this run under ``cfg`` except its length (``steps``, unless the schedule
@@ -173,15 +171,14 @@ def _loaders(
                     "shares weigh tokens unequally, so steps differ from a 1-process run",
                     cfg.batch_tokens, world_size())
     train_x, val_x = problem.train_x, problem.val_x
-    val_y = val_x @ w.T if problem.val_y is None else problem.val_y
     sampler = EpochTokenSampler(train_x.shape[0], cfg.batch_tokens, cfg.val_every, problem.seed,
                                 first_step=first_step, part=rank(), parts=world_size())
     train = DataLoader(TensorDataset(train_x, train_x @ w.T), batch_size=None, sampler=sampler)
     lo, hi = shard_bounds(val_x.shape[0])
     # Slices of 4096 rows: each batch is two views, not 4096 rows fetched and stacked one by one.
-    val_x, val_y = val_x[lo:hi], val_y[lo:hi]
+    val_x = val_x[lo:hi]
     chunks = [slice(i, i + _VAL_BATCH) for i in range(0, val_x.shape[0], _VAL_BATCH)]
-    val = DataLoader(TensorDataset(val_x, val_y), batch_size=None, sampler=chunks)
+    val = DataLoader(TensorDataset(val_x, val_x @ w.T), batch_size=None, sampler=chunks)
     return train, val
 
 
