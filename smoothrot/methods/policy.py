@@ -74,13 +74,18 @@ def pick_joint(tables: Tables, alphas: Sequence[float], quantiles: Sequence[floa
 def policy_grid(ctx: SchemeContext) -> dict[str, torch.Tensor]:
     """Every site's selection-loss table under ``ctx.scheme``, computed once per run for all
     its schemes (they score the same rotated candidates)."""
+    targets: dict[str, torch.Tensor] = {}  # X·Wᵀ of each site's selection tokens, for the search
+
     def score(alphas: Sequence[float], quantiles: Sequence[float]) -> dict[str, torch.Tensor]:
-        return {
-            rs.name: grid_losses(ctx.data[rs.name].selection_x, ctx.weights[rs.name],
-                                 ctx.data[rs.name].act_stats, ctx.data[rs.name].weight_stat,
-                                 alphas, quantiles, ctx.schemes, rs.name, rs.transform)
-            for rs in progress(ctx.sites, desc=f"grid search ({len(alphas)}×{len(quantiles)})")
-        }
+        tables = {}
+        for rs in progress(ctx.sites, desc=f"grid search ({len(alphas)}×{len(quantiles)})"):
+            x, w = ctx.data[rs.name].selection_x, ctx.weights[rs.name]
+            if rs.name not in targets:
+                targets[rs.name] = x.float() @ w.T
+            tables[rs.name] = grid_losses(x, w, ctx.data[rs.name].act_stats,
+                                          ctx.data[rs.name].weight_stat, alphas, quantiles,
+                                          ctx.schemes, rs.name, rs.transform, targets[rs.name])
+        return tables
 
     def compute() -> dict[str, dict[str, torch.Tensor]]:
         search = ctx.cfg.search

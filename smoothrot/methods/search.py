@@ -94,9 +94,10 @@ def grid_losses(
     schemes: Sequence[QuantScheme],
     site: str,
     transform: SiteTransform = FULL,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection loss for every scheme and (α, q): [len(schemes), len(alphas), len(quantiles)]
-    (float64).
+    (float64); ``y``: X·Wᵀ of the selection tokens, where the caller scores the site twice.
 
     All candidates of the site are scored in batched tensor ops, in chunks whose size is bounded
     per device type by ``_CHUNK_ELEMENTS``; every scheme scores the same transformed candidates
@@ -105,7 +106,7 @@ def grid_losses(
     """
     w = weight.float()
     x = x_sel.float()
-    y = x @ w.T
+    y = x @ w.T if y is None else y
     scales = torch.stack([smoothing_scales(act_stats[q], weight_stat, alpha, site=site).float()
                           for alpha in alphas for q in quantiles])
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS["cpu"])
