@@ -57,6 +57,9 @@ def main() -> None:
     # As the CLIs do (before anything is allocated): the forward passes and the job share it.
     tune_allocator()
     logging.basicConfig(level=logging.WARNING)
+    import lightning.pytorch  # noqa: F401 - sets its loggers to INFO on import: quiet them after
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # as the CLI does
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = load_config(args.config)
     cfg.output_dir = args.output_dir
     cfg.perplexity = not args.no_perplexity

@@ -226,6 +226,9 @@ def to_markdown(result: FitResult, plots: list[str]) -> str:
     md.append("Layer errors are measured on held-out tokens (never used for any choice); "
               "α, q and early stopping are chosen on the selection split; perplexity is on the "
               "disjoint evaluation text with every selected site fake-quantized.")
+    if (window := result.config.search.alpha_window) is not None:
+        md.append(f"The (α, q) grid is searched coarse to fine: q < 1 only at the α's within "
+                  f"{window:g} of SmoothRot-max's α (search.alpha_window; null searches it all).")
     md.append(f"\n**Target: {target_line(result)}.** Every number below is computed with this "
               "target's quantizer arithmetic (docs/deployment.md).")
     if result.config.residual_rotation:

@@ -125,8 +125,10 @@ def windowed_grid(score: GridScorer, alphas: Sequence[float], quantiles: Sequenc
 
     Without a ``window`` the whole grid is scored. With one, first the q = 1 column (every α:
     what SmoothRot-max and α-per-site pick from), then q < 1 only at the α's within ``window``
-    of each scheme's SmoothRot-max α; unscored entries are +inf. Each entry's loss does not
-    depend on which others are scored, so a pick inside the window is the whole grid's pick.
+    of each scheme's SmoothRot-max α; unscored entries are +inf. ``quantiles`` holds 1.0 (as
+    :class:`~smoothrot.schema.config.SearchConfig` ensures). Each entry is scored as in the whole
+    grid (bit for bit in the CPU's one-candidate chunks), so a pick inside the window is the
+    whole grid's pick.
     """
     if window is None:
         return score(alphas, quantiles)

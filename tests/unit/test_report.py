@@ -111,6 +111,13 @@ def test_report_says_when_the_residual_stream_is_rotated():
     assert "residual stream is rotated (R1" in to_markdown(result, [])
 
 
+def test_report_says_when_the_grid_was_searched_coarse_to_fine():
+    result = _result()
+    assert "coarse to fine" not in to_markdown(result, [])
+    result.config.search.alpha_window = 0.1
+    assert "q < 1 only at the α's within 0.1 of SmoothRot-max's α" in to_markdown(result, [])
+
+
 def test_report_and_summary_say_when_head_rotations_were_learned():
     result = _result()
     assert "R2" not in to_markdown(result, []) and "R2" not in summary_table(result)
