@@ -136,6 +136,7 @@ def test_windowed_grid_scores_q_below_one_near_the_max_alpha_only():
             assert bool(row.all()) == bool(row.any()) == (a in near)
         assert torch.equal(table[scored], whole[site][scored])
     pickers = (pick_max, pick_alpha_only, pick_quantile, pick_joint, pick_joint_global)
+    checked = 0
     for i in range(2):
         full = {s: t[i] for s, t in whole.items()}
         cut = {s: t[i] for s, t in windowed.items()}
@@ -143,6 +144,8 @@ def test_windowed_grid_scores_q_below_one_near_the_max_alpha_only():
             expected = pick(full, alphas, quantiles)
             if all(c.q == 1.0 or c.alpha in near for c in expected.values()):
                 assert pick(cut, alphas, quantiles) == expected, pick.__name__
+                checked += 1
+    assert checked == 2 * len(pickers)  # every pick of this data lies in the window
     assert search.windowed_grid(score, alphas, quantiles, None).keys() == whole.keys()
     assert calls[-1] == (alphas, quantiles)  # no window: the whole grid at once
 
