@@ -26,6 +26,7 @@ from smoothrot.calibrate.capture import batch_size, run_model
 from smoothrot.data.splits import split_windows
 from smoothrot.job import run_fit
 from smoothrot.models import load_model
+from smoothrot.progress import quiet_libraries
 from smoothrot.report import summary_table, write_outputs
 from smoothrot.schema.config import load_config
 
@@ -57,9 +58,6 @@ def main() -> None:
     # As the CLIs do (before anything is allocated): the forward passes and the job share it.
     tune_allocator()
     logging.basicConfig(level=logging.WARNING)
-    import lightning.pytorch  # noqa: F401 - sets its loggers to INFO on import: quiet them after
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # as the CLI does
-        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = load_config(args.config)
     cfg.output_dir = args.output_dir
     cfg.perplexity = not args.no_perplexity
@@ -73,7 +71,8 @@ def main() -> None:
     before = forward_times(model, calib, cfg.data.seq_len)
 
     start = time.perf_counter()
-    result = run_fit(cfg)
+    with quiet_libraries(quiet=False, verbose=False):  # no Lightning banner per site, as the CLI
+        result = run_fit(cfg)
     total = time.perf_counter() - start
     after = forward_times(model, calib, cfg.data.seq_len)
     forward = statistics.median(before + after)

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from pathlib import Path
 
 from smoothrot.allocator import tune_allocator
+from smoothrot.progress import quiet_libraries
 from smoothrot.schema.config import (
     DEFAULT_METHODS,
     FitConfig,
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars follow the smoothrot logger's level (smoothrot/progress.py); set it here too,
     # since basicConfig is a no-op when the caller configured logging already.
     logging.getLogger("smoothrot").setLevel(level)
-    with (warnings.catch_warnings(), _quiet_libraries(args.quiet, args.verbose),
+    with (warnings.catch_warnings(), quiet_libraries(args.quiet, args.verbose),
           _sigterm_as_interrupt(), ExitStack() as held):
         if not args.verbose:  # third-party chatter only; smoothrot's own warnings stay visible
             warnings.filterwarnings("ignore", module=r"(transformers|torch|lightning|"
@@ -249,29 +250,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _quiet_libraries(quiet: bool, verbose: bool) -> Iterator[None]:
-    """Lightning's and transformers' loggers and bars at the CLI's verbosity, restored after
-    (main() also runs in-process, in tests)."""
-    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; ours go after
-    from transformers.utils import logging as hf_logging
-
-    names = ("lightning", "lightning.pytorch", "lightning.fabric")
-    levels = {name: logging.getLogger(name).level for name in names}
-    bars = hf_logging.is_progress_bar_enabled()
-    for name in names:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for name, value in levels.items():
-            logging.getLogger(name).setLevel(value)
-        if quiet and bars:
-            hf_logging.enable_progress_bar()
 
 
 def _run(args: argparse.Namespace, held: ExitStack) -> int:
