@@ -111,8 +111,8 @@ def _calibrate(model, sites: list[ResolvedSite], windows: dict[str, torch.Tensor
     data = {}
     for rs in sites:
         rec = calib_rec[rs.name]
+        # search.quantiles holds 1.0 (SearchConfig): the max, the quantile buffer's top
         stats = {q: rec.quantiles.value(q) for q in cfg.search.quantiles}
-        stats[1.0] = rec.max_abs()
         tie = rs.transform.tied_max  # tied (GQA o_proj) scales: max over the tied channels
         heldout_x = ho_rec[rs.name].tokens()
         data[rs.name] = SiteData(

@@ -109,19 +109,20 @@ def capture_sites(
     for rs in sites:
         n = rs.in_features
         rec = SiteRecord(capacity=total_tokens if keep_index is None else keep_index.numel())
+        observer: AbsQuantileObserver | AbsMaxObserver | None = None
         if quantiles:  # the max is the quantile buffer's top: no second observer
-            rec.quantiles = AbsQuantileObserver(n, quantiles, total_tokens)
+            observer = rec.quantiles = AbsQuantileObserver(n, quantiles, total_tokens)
         elif quantiles is not None:  # () records the max only
-            rec.absmax = AbsMaxObserver(n)
+            observer = rec.absmax = AbsMaxObserver(n)
         records[rs.name] = rec
         offset = [0]
 
         def hook(_mod: nn.Module, args: tuple, rec: SiteRecord = rec, name: str = rs.name,
-                 offset: list[int] = offset) -> None:
+                 offset: list[int] = offset,
+                 observer: AbsQuantileObserver | AbsMaxObserver | None = observer) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
             start = offset[0]
             offset[0] += x.shape[0]
-            observer = rec.quantiles or rec.absmax
             if observer is not None:
                 try:
                     observer.update(x)

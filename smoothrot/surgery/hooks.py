@@ -123,14 +123,15 @@ def apply_plans(
         if not (plan.rotation.is_online() or scheme is not None):
             continue
         act_scheme = None if scheme is None else with_act_clip(scheme, plan.act_clip)
+        transform = online_transform(rs, plan)
         for linear in rs.linears:
             if linear in integer:
                 assert act_scheme is not None
-                linear.forward = IntegerForward(linear, online_transform(rs, plan),
+                linear.forward = IntegerForward(linear, transform,
                                                 activation_quantizer(act_scheme), *integer[linear])
                 handles.append(_ForwardHandle(linear))
             else:
-                hook = OnlineInputTransform(online_transform(rs, plan), act_scheme)
+                hook = OnlineInputTransform(transform, act_scheme)
                 handles.append(linear.register_forward_pre_hook(hook))
     return handles
 
